@@ -1,0 +1,157 @@
+"""The `p2p-fl` command: node, launch, centralized.
+
+Only this module reads flags. Errors a user can fix print one line and exit 2; a stack
+trace means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import tomllib
+
+from p2p_fl.config import ConfigError, PeerConfig, Topology, dump_topology, load_topology, parse_topology
+from p2p_fl.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as err:
+        print(f"p2p-fl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("p2p-fl: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2p-fl", description="Serverless peer-to-peer federated learning.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    node = sub.add_parser("node", help="run one institution's node")
+    node.add_argument("--config", required=True, type=Path, help="topology file (TOML)")
+    node.add_argument("--name", required=True, help="this node's name in the topology")
+    node.add_argument("--data", help="this site's data: a MedMNIST-style .npz or an image folder "
+                      "(default: this site's shard of the topology's dataset)")
+    node.add_argument("--out", type=Path, help="output folder (default: runs/<name>)")
+    node.add_argument("--events", action="store_true", help="print progress as JSON lines on stdout (for launch)")
+    node.set_defaults(func=cmd_node)
+
+    launch = sub.add_parser("launch", help="run a whole federation on this machine, one process per site")
+    launch.add_argument("topology", type=Path, help="topology file, e.g. topologies/ring-3.toml")
+    launch.add_argument("--out", type=Path, help="output folder (default: runs/<federation>-<time>)")
+    launch.add_argument("--data", help="dataset to partition: builtin:pneumoniamnist, an .npz or an image folder")
+    launch.add_argument("--peers", type=int, help="number of sites (renames them site-1..N)")
+    launch.add_argument("--rounds", type=int, help="cycles (cwt) or rounds")
+    launch.add_argument("--local-epochs", type=int, help="epochs per visit/round at each site")
+    launch.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA")
+    launch.add_argument("--seed", type=int, help="seed for partition, ring order and model init")
+    launch.set_defaults(func=cmd_launch)
+
+    central = sub.add_parser("centralized", help="train the same model on pooled data (the reference)")
+    central.add_argument("--config", type=Path, default=None,
+                         help="take model, training settings and dataset from this topology (default: the defaults)")
+    central.add_argument("--data", help="dataset (default: the topology's)")
+    central.add_argument("--epochs", type=int, help="epochs (default: rounds x local_epochs of the topology)")
+    central.add_argument("--seed", type=int, help="seed (default: the topology's)")
+    central.add_argument("--out", type=Path, help="output folder (default: runs/centralized-<time>)")
+    central.set_defaults(func=cmd_centralized)
+    return parser
+
+
+def _setup_runtime(threads: int | None = None) -> None:
+    """Thread limits and the shared compilation cache, before JAX starts."""
+    from p2p_fl.learn.runtime import configure_jax
+
+    env_threads = os.environ.get("P2P_FL_THREADS")
+    configure_jax(threads=threads or (int(env_threads) if env_threads else None),
+                  cache_dir=os.environ.get("P2P_FL_XLA_CACHE"))
+
+
+def _check_model(topology: Topology, source: Path) -> None:
+    from p2p_fl.learn import MODELS
+
+    if topology.training.model not in MODELS:
+        raise ConfigError(f"{source}: training.model {topology.training.model!r} is not one of {', '.join(MODELS)}")
+
+
+def cmd_node(args) -> int:
+    _setup_runtime()
+    from p2p_fl.data import load_dataset, partition_dataset
+    from p2p_fl.node import run_node
+
+    topology = load_topology(args.config)
+    _check_model(topology, args.config)
+    topology.peer(args.name)  # refuse an unknown name before loading anything
+    out = args.out or Path("runs") / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stderr)])
+    if args.data:
+        data = load_dataset(args.data)
+    else:
+        shards = partition_dataset(load_dataset(topology.data.dataset), len(topology.peers),
+                                   topology.data.partition, topology.seed)
+        data = shards[topology.names.index(args.name)]
+    common_test = None
+    if topology.data.test:
+        h, w, c = data.image_shape
+        common_test = load_dataset(topology.data.test, image_size=h, channels=c).test
+
+    def emit(event: dict) -> None:
+        if args.events:
+            print(json.dumps(event), flush=True)
+        elif event.get("event") in ("trained", "done"):
+            logging.info("%s", json.dumps(event))
+
+    run_node(topology, args.name, data, out, common_test=common_test, emit=emit)
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from p2p_fl.launch import run_launch, with_overrides
+
+    topology = load_topology(args.topology)
+    try:
+        topology = with_overrides(topology, peers=args.peers, rounds=args.rounds, local_epochs=args.local_epochs,
+                                  partition=args.partition, seed=args.seed, dataset=args.data)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    # Overrides obey the same rules as the file.
+    topology = parse_topology(tomllib.loads(dump_topology(topology)), source=f"{args.topology} (with overrides)")
+    _check_model(topology, args.topology)
+    out = args.out or Path("runs") / f"{topology.federation}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        summary = run_launch(topology, out)
+    except RuntimeError as err:
+        print(f"p2p-fl: error: {err}", file=sys.stderr)
+        return 1
+    print(f"results: {out / 'summary.json'}")
+    return 0 if summary["nodes"] else 1
+
+
+def cmd_centralized(args) -> int:
+    _setup_runtime()
+    from p2p_fl.centralized import run_centralized
+
+    if args.config:
+        topology = load_topology(args.config)
+        _check_model(topology, args.config)
+    else:
+        topology = Topology(federation="centralized", protocol="local", peers=(PeerConfig("central"),))
+    out = args.out or Path("runs") / f"centralized-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_centralized(topology, out, dataset=args.data, epochs=args.epochs, seed=args.seed)
+    f = summary["final"]
+    print(f"centralized {topology.training.model}, {summary['epochs']} epochs, {summary['wall_s']:.1f} s: "
+          f"test AUC {f['test_auc']:.4f}, acc@0.5 {f['test_acc']:.4f}, loss {f['test_loss']:.4f}")
+    print(f"results: {out / 'summary.json'}")
+    return 0

@@ -1,0 +1,224 @@
+"""Topology files: one TOML file describes one federation, read by every node and by launch.
+
+A wrong file is refused at start-up with one line naming the field (`ConfigError`).
+Protocols are chosen from a fixed table, never by importing names found in a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+PROTOCOLS = ("swt", "cwt", "local")
+RING_PROTOCOLS = ("swt", "cwt")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+RING_ORDERS = ("listed", "shuffle")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ADDRESS = re.compile(r"^tcp://[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$|^ipc://.+$|^inproc://.+$")
+
+
+class ConfigError(ValueError):
+    """A topology file that cannot run; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    model: str = "small-cnn"
+    rounds: int = 5  # ring cycles (cwt), or rounds of local training (local)
+    local_epochs: int = 1
+    batch_size: int = 64
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    # Cosine decay over the whole run (all hops of a ring): late hops move the model
+    # less, so the last sites of a skewed ring cannot drag it to their labels.
+    lr_schedule: str = "cosine"
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    order: str = "shuffle"  # "listed": the peers' order every cycle; "shuffle": seeded per cycle
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "builtin:pneumoniamnist"  # used by launch to make the shards
+    partition: str = "iid"  # iid | dirichlet:ALPHA | quantity:ALPHA
+    test: str = "builtin:pneumoniamnist"  # common test set every node evaluates on ("" for none)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    ack_timeout_s: float = 2.0  # resend a hand-off not acknowledged within this
+    handoff_timeout_s: float = 60.0  # then skip the successor that never acknowledged
+    run_timeout_s: float = 3600.0  # a node gives up waiting after this
+    max_message_mb: int = 512
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    address: str = ""  # "" in templates: launch fills in a loopback address
+
+
+@dataclass(frozen=True)
+class Topology:
+    federation: str
+    protocol: str
+    peers: tuple[PeerConfig, ...]
+    seed: int = 0
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    ring: RingConfig = field(default_factory=RingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.peers]
+
+    def peer(self, name: str) -> PeerConfig:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        raise ConfigError(f"--name {name!r} is not a peer of this topology (peers: {', '.join(self.names)})")
+
+
+_SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "data": DataConfig, "network": NetworkConfig}
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Reads and checks a topology file; raises ConfigError naming the field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such topology file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    return parse_topology(raw, source=str(path))
+
+
+def parse_topology(raw: dict, source: str = "<topology>") -> Topology:
+    """Builds a checked Topology from a parsed TOML table."""
+
+    def fail(message: str):
+        raise ConfigError(f"{source}: {message}")
+
+    top_fields = {"federation", "protocol", "seed", "peers", *_SECTIONS}
+    for key in raw:
+        if key not in top_fields:
+            fail(f"unknown field {key!r} (known: {', '.join(sorted(top_fields))})")
+    for key in ("federation", "protocol", "peers"):
+        if key not in raw:
+            fail(f"missing field {key!r}")
+    federation = _typed(raw, "federation", str, "", fail)
+    if not _NAME.match(federation):
+        fail(f"federation {federation!r} must be 1-63 letters, digits, '_', '.', '-'")
+    protocol = _typed(raw, "protocol", str, "", fail)
+    if protocol not in PROTOCOLS:
+        fail(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    seed = _typed(raw, "seed", int, "", fail) if "seed" in raw else 0
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            fail(f"[{name}] must be a table")
+        sections[name] = _build(cls, table, name, fail)
+    peers = _parse_peers(raw["peers"], fail)
+    topology = Topology(federation=federation, protocol=protocol, peers=peers, seed=seed, **sections)
+    _check_semantics(topology, fail)
+    return topology
+
+
+def _parse_peers(raw_peers, fail) -> tuple[PeerConfig, ...]:
+    if not isinstance(raw_peers, list) or not raw_peers:
+        fail("[[peers]] must list at least one peer")
+    peers = []
+    for i, table in enumerate(raw_peers):
+        if not isinstance(table, dict):
+            fail(f"peers[{i}] must be a table")
+        peer = _build(PeerConfig, table, f"peers[{i}]", fail)
+        if not _NAME.match(peer.name):
+            fail(f"peers[{i}].name {peer.name!r} must be 1-63 letters, digits, '_', '.', '-'")
+        if peer.address and not _ADDRESS.match(peer.address):
+            fail(f"peers[{i}].address {peer.address!r} is not like tcp://HOST:PORT")
+        peers.append(peer)
+    names = [p.name for p in peers]
+    for name in names:
+        if names.count(name) > 1:
+            fail(f"peers: duplicate name {name!r}")
+    return tuple(peers)
+
+
+def _check_semantics(t: Topology, fail) -> None:
+    tr = t.training
+    if tr.rounds < 1:
+        fail(f"training.rounds must be >= 1, got {tr.rounds}")
+    if t.protocol == "swt" and tr.rounds != 1:
+        fail(f"training.rounds must be 1 for swt (one pass round the ring), got {tr.rounds}; use protocol = \"cwt\" for cycles")
+    if tr.local_epochs < 1:
+        fail(f"training.local_epochs must be >= 1, got {tr.local_epochs}")
+    if tr.batch_size < 1:
+        fail(f"training.batch_size must be >= 1, got {tr.batch_size}")
+    if not tr.learning_rate > 0:
+        fail(f"training.learning_rate must be > 0, got {tr.learning_rate}")
+    _choice(tr.optimizer, OPTIMIZERS, "training.optimizer", fail)
+    _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule", fail)
+    _choice(t.ring.order, RING_ORDERS, "ring.order", fail)
+    if t.protocol in RING_PROTOCOLS and len(t.peers) < 2:
+        fail(f"a {t.protocol} ring needs at least 2 peers, got {len(t.peers)}")
+    net = t.network
+    for key in ("ack_timeout_s", "handoff_timeout_s", "run_timeout_s"):
+        if not getattr(net, key) > 0:
+            fail(f"network.{key} must be > 0")
+    if net.handoff_timeout_s < net.ack_timeout_s:
+        fail("network.handoff_timeout_s must be >= network.ack_timeout_s")
+
+
+def _choice(value, options, key, fail) -> None:
+    if value not in options:
+        fail(f"{key} {value!r} is not one of {', '.join(options)}")
+
+
+def _build(cls, table: dict, section: str, fail):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            fail(f"unknown field {section}.{key} (known: {', '.join(sorted(known))})")
+        values[key] = _typed(table, key, hints[key], section + ".", fail)
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values:
+            fail(f"missing field {section}.{f.name}")
+    return cls(**values)
+
+
+def _typed(table: dict, key: str, kind: type, prefix: str, fail):
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        fail(f"{prefix}{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def dump_topology(t: Topology) -> str:
+    """The TOML text of a topology (launch writes the one it actually ran)."""
+    table = {
+        "federation": t.federation,
+        "protocol": t.protocol,
+        "seed": t.seed,
+        **{name: dataclasses.asdict(getattr(t, name)) for name in _SECTIONS},
+        "peers": [dataclasses.asdict(p) for p in t.peers],
+    }
+    return tomli_w.dumps(table)

@@ -1,0 +1,221 @@
+"""Wire format: one msgpack header frame plus one raw frame per tensor.
+
+Everything about message types, frame layout and limits lives here (as Majordomo keeps
+them in MDP.py). `encode` builds the frames; `decode` returns a checked `Message` or raises
+`WireError` with the reason, and never touches anything it has not checked.
+
+Frame 0 (msgpack map):
+    v        protocol version (int)
+    type     one of MESSAGE_TYPES
+    fed      federation id (str)
+    from     sender name (str)
+    round    round / hop index (int >= 0)
+    seq      per-sender sequence number (int >= 0), increasing
+    tensors  list of [name, dtype, shape] in the model's order (may be empty)
+    meta     small map of scalars (str -> int/float/str/bool/None)
+Frames 1..n: the raw little-endian bytes of each tensor, C order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# Message types. Each protocol uses a subset; the header decoder refuses anything else.
+MODEL = "model"  # a model handed to the next site of a ring (round = hop to train)
+ACK = "ack"  # receipt of a model/final message (round and meta.ack_seq echo it)
+FINAL = "final"  # the finished model, sent to every site at the end of a ring run
+MESSAGE_TYPES = frozenset({MODEL, ACK, FINAL})
+TENSOR_TYPES = frozenset({MODEL, FINAL})
+
+MAX_HEADER_BYTES = 256 * 1024
+MAX_ROUND = 1_000_000
+MAX_META_ITEMS = 32
+ALLOWED_DTYPES = frozenset({"float32", "float16", "int32", "uint32", "uint64"})
+
+TensorSpec = Sequence[tuple[str, str, tuple[int, ...]]]
+
+
+class WireError(ValueError):
+    """A message that must be dropped; the message says which field broke which rule."""
+
+
+@dataclass(frozen=True)
+class Message:
+    type: str
+    federation: str
+    sender: str
+    round: int
+    seq: int
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(
+    type: str,
+    *,
+    federation: str,
+    sender: str,
+    round: int,
+    seq: int,
+    tensors: Mapping[str, np.ndarray] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> list:
+    """Builds the frames of one message; tensor frames are views, not copies.
+
+    Returns:
+        A list: the packed header (bytes) followed by one buffer per tensor, ready for
+        `socket.send_multipart(frames, copy=False)`.
+    """
+    if type not in MESSAGE_TYPES:
+        raise ValueError(f"unknown message type {type!r}")
+    tensors = tensors or {}
+    arrays = [np.ascontiguousarray(a) for a in tensors.values()]
+    header = {
+        "v": PROTOCOL_VERSION,
+        "type": type,
+        "fed": federation,
+        "from": sender,
+        "round": int(round),
+        "seq": int(seq),
+        "tensors": [[n, str(a.dtype), list(a.shape)] for n, a in zip(tensors, arrays)],
+        "meta": dict(meta or {}),
+    }
+    return [msgpack.packb(header, use_bin_type=True)] + [memoryview(a).cast("B") for a in arrays]
+
+
+def decode(
+    frames: Sequence,
+    *,
+    federation: str,
+    senders: frozenset[str] | set[str],
+    tensor_spec: TensorSpec,
+    authenticated_sender: str | None = None,
+) -> Message:
+    """Checks every field of a received message, then returns it.
+
+    Args:
+        frames: the message parts (bytes, memoryviews or zmq.Frame), without routing id.
+        federation: the only federation id accepted.
+        senders: the names of the peers of the topology.
+        tensor_spec: (name, dtype, shape) of the model, in order; tensor-carrying messages
+            must match it exactly.
+        authenticated_sender: the peer name the transport authenticated (CURVE User-Id);
+            when given, the header's sender must equal it.
+
+    Raises:
+        WireError: with a one-line reason; the caller drops the message and counts it.
+    """
+    if not frames:
+        raise WireError("empty message")
+    header_bytes = _buffer(frames[0])
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(header_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
+    header = _unpack_header(header_bytes)
+    msg_type = _field(header, "type", str)
+    if msg_type not in MESSAGE_TYPES:
+        raise WireError(f"unknown type {msg_type[:40]!r}")
+    version = _field(header, "v", int)
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
+    fed = _field(header, "fed", str)
+    if fed != federation:
+        raise WireError(f"federation {fed[:60]!r} is not {federation!r}")
+    sender = _field(header, "from", str)
+    if sender not in senders:
+        raise WireError(f"sender {sender[:60]!r} is not a peer of the topology")
+    if authenticated_sender is not None and sender != authenticated_sender:
+        raise WireError(f"sender {sender!r} is not the authenticated peer {authenticated_sender!r}")
+    round_ = _field(header, "round", int)
+    if not 0 <= round_ <= MAX_ROUND:
+        raise WireError(f"round {round_} out of range")
+    seq = _field(header, "seq", int)
+    if seq < 0:
+        raise WireError(f"negative seq {seq}")
+    meta = _field(header, "meta", dict)
+    _check_meta(meta)
+    listed = _field(header, "tensors", list)
+    expected = tensor_spec if msg_type in TENSOR_TYPES else ()
+    tensors = _decode_tensors(listed, frames[1:], expected)
+    return Message(msg_type, fed, sender, round_, seq, tensors, meta)
+
+
+def spec_of(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The (name, dtype, shape) spec of a flat weight dict, in its order."""
+    return [(n, str(a.dtype), tuple(a.shape)) for n, a in tensors.items()]
+
+
+def message_bytes(frames: Sequence) -> int:
+    """Bytes a message occupies on the wire (payload only, framing excluded)."""
+    return sum(len(_buffer(f)) for f in frames)
+
+
+def _buffer(frame) -> memoryview:
+    if hasattr(frame, "buffer"):  # zmq.Frame received with copy=False
+        return frame.buffer
+    return memoryview(frame)
+
+
+def _unpack_header(raw: memoryview) -> dict:
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0,
+            max_str_len=MAX_HEADER_BYTES, max_array_len=4096, max_map_len=64,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise WireError(f"header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise WireError("header is not a map")
+    return header
+
+
+def _field(header: dict, key: str, kind: type):
+    if key not in header:
+        raise WireError(f"header field {key!r} missing")
+    value = header[key]
+    # bool is an int subclass; a round of True is still malformed.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise WireError(f"header field {key!r} is {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def _check_meta(meta: dict) -> None:
+    if len(meta) > MAX_META_ITEMS:
+        raise WireError(f"meta has {len(meta)} items, at most {MAX_META_ITEMS}")
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            raise WireError("meta key is not a string")
+        if value is not None and not isinstance(value, (int, float, str, bool)):
+            raise WireError(f"meta[{key[:40]!r}] is {type(value).__name__}, expected a scalar")
+
+
+def _decode_tensors(listed: list, payload: Sequence, expected: TensorSpec) -> dict[str, np.ndarray]:
+    if len(listed) != len(expected):
+        raise WireError(f"{len(listed)} tensors listed, expected {len(expected)}")
+    if len(payload) != len(expected):
+        raise WireError(f"{len(payload)} tensor frames, expected {len(expected)}")
+    tensors = {}
+    for entry, (name, dtype, shape), frame in zip(listed, expected, payload):
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise WireError("tensor entry is not [name, dtype, shape]")
+        got_name, got_dtype, got_shape = entry
+        if got_name != name:
+            raise WireError(f"tensor {str(got_name)[:60]!r} where {name!r} was expected")
+        if got_dtype != dtype or dtype not in ALLOWED_DTYPES:
+            raise WireError(f"tensor {name!r} has dtype {str(got_dtype)[:20]!r}, expected {dtype!r}")
+        if not isinstance(got_shape, list) or tuple(got_shape) != tuple(shape):
+            raise WireError(f"tensor {name!r} has shape {got_shape!r}, expected {list(shape)}")
+        buf = _buffer(frame)
+        np_dtype = np.dtype(dtype)
+        if len(buf) != np_dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise WireError(f"tensor {name!r} frame has {len(buf)} bytes, not its shape's size")
+        array = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+        if np_dtype.kind == "f" and not np.isfinite(array).all():
+            raise WireError(f"tensor {name!r} holds NaN or Inf")
+        tensors[name] = array
+    return tensors

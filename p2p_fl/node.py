@@ -1,0 +1,223 @@
+"""One institution's process: its data, its learner, its peer, and the protocol driving them.
+
+This is the only place that has side effects: it trains (on a worker thread, so the peer
+keeps answering while JAX computes), sends, writes metrics and results, and reports
+progress. Protocols decide; the node carries out what they return.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from p2p_fl.config import RING_PROTOCOLS, Topology
+from p2p_fl.data import Dataset, Split, load_dataset
+from p2p_fl.learn import Learner
+from p2p_fl.net import Peer, WireError, spec_of
+from p2p_fl.protocols import Finish, LocalProtocol, RingProtocol, Send, Train, ring_schedule
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+Emit = Callable[[dict], None]
+
+
+def learning_rate_at(topology: Topology, progress: float) -> float:
+    """The learning rate for a step that starts at `progress` (0..1) of the whole run."""
+    base = topology.training.learning_rate
+    if topology.training.lr_schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base
+
+
+def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, ...]) -> Learner:
+    """Every site builds the same initial model from the federation's seed."""
+    t = topology.training
+    return Learner(
+        t.model, num_classes=num_classes, image_shape=image_shape, optimizer=t.optimizer,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, batch_size=t.batch_size,
+        augment=t.augment, seed=topology.seed,
+    )
+
+
+def make_protocol(topology: Topology, me: str):
+    t = topology
+    if t.protocol in RING_PROTOCOLS:
+        schedule = ring_schedule(t.names, t.training.rounds, t.ring.order, t.seed)
+        return RingProtocol(me, schedule, ack_timeout_s=t.network.ack_timeout_s,
+                            handoff_timeout_s=t.network.handoff_timeout_s)
+    if t.protocol == "local":
+        return LocalProtocol(me, t.training.rounds)
+    raise ValueError(f"protocol {t.protocol!r} has no implementation")
+
+
+def run_node(
+    topology: Topology,
+    name: str,
+    data: Dataset,
+    out_dir: Path,
+    *,
+    common_test: Split | None = None,
+    emit: Emit = lambda event: None,
+) -> dict:
+    """Runs one site until its protocol finishes; writes metrics.jsonl and result.json.
+
+    Args:
+        topology: the federation (every node reads the same one).
+        name: this site's peer name.
+        data: this site's own train/val/test data (the test split is its local test set).
+        out_dir: where this node writes its files.
+        common_test: the test set shared by the whole study (None: local test only).
+        emit: receives progress events (dicts) for a live display.
+
+    Returns:
+        The result dict also written to out_dir/result.json.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    me = topology.peer(name)
+    learner = make_learner(topology, data.num_classes, data.image_shape)
+    protocol = make_protocol(topology, name)
+    peer = None
+    if topology.protocol != "local":
+        others = {p.name: p.address for p in topology.peers if p.name != name}
+        missing = [n for n, a in others.items() if not a] + ([name] if not me.address else [])
+        if missing:
+            raise ValueError(f"peers {', '.join(missing)} have no address in the topology; use launch or fill in [[peers]].address")
+        peer = Peer(name, me.address, others, topology.federation, learner.weight_spec(),
+                    max_message_bytes=topology.network.max_message_mb * 2**20)
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+    emit({"event": "state", "state": "waiting", "samples": len(data.train)})
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{name}")
+    queue: list = protocol.start(time.monotonic())
+    training: tuple[Train, concurrent.futures.Future] | None = None
+    waiting_train: list[Train] = []
+    final: Finish | None = None
+    deadline = started + topology.network.run_timeout_s
+
+    def train(step: Train) -> tuple[dict, dict]:
+        if step.weights is not None:
+            learner.set_weights(step.weights)
+            learner.reset_optimizer()  # the arriving model was shaped by another site's moments
+        lr = learning_rate_at(topology, step.progress)
+        t0 = time.monotonic()
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            emit({"event": "epoch", "round": step.round, "epoch": epoch + 1,
+                  "epochs": topology.training.local_epochs, "loss": loss, **step.meta})
+
+        losses = learner.fit(data.train.images, data.train.labels,
+                             epochs=topology.training.local_epochs, learning_rate=lr, on_epoch=on_epoch)
+        val = learner.evaluate(data.val.images, data.val.labels)
+        record = {"round": step.round, **step.meta, "lr": lr, "train_loss": losses[-1],
+                  "val_loss": val["loss"], "val_auc": val["auc"], "train_s": time.monotonic() - t0}
+        return learner.get_weights(), record
+
+    try:
+        while final is None:
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"{name}: run did not finish within network.run_timeout_s={topology.network.run_timeout_s}")
+            for action in queue:
+                if isinstance(action, Send):
+                    peer.send(action.to, action.type, action.round, action.weights, action.meta)
+                elif isinstance(action, Train):
+                    waiting_train.append(action)
+                elif isinstance(action, Finish):
+                    final = action
+            queue = []
+            if training is None and waiting_train:
+                step = waiting_train.pop(0)
+                emit({"event": "state", "state": "training", "round": step.round, **step.meta})
+                training = (step, executor.submit(train, step))
+            if training is not None and training[1].done():
+                step, future = training
+                training = None
+                weights, record = future.result()  # a training error is a bug: let it raise
+                record["bytes_sent"] = peer.bytes_sent if peer else 0
+                record["elapsed_s"] = time.monotonic() - started
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                emit({"event": "trained", **record})
+                queue += protocol.on_trained(step.round, weights, time.monotonic())
+                if not waiting_train and not queue:
+                    emit({"event": "state", "state": "sending" if peer else "waiting"})
+                continue
+            if peer is not None:
+                for msg in peer.receive(POLL_S if training is None else POLL_S / 5):
+                    try:
+                        queue += protocol.on_message(msg, time.monotonic())
+                    except WireError as err:
+                        peer.drop("refused", f"{msg.type} from {msg.sender}: {err}")
+                queue += protocol.on_tick(time.monotonic())
+            elif training is not None:
+                time.sleep(POLL_S / 5)
+        # Let the last acks/finals drain before the sockets close.
+        for action in queue:
+            if isinstance(action, Send):
+                peer.send(action.to, action.type, action.round, action.weights, action.meta)
+    finally:
+        executor.shutdown(wait=True)
+        if peer is not None:
+            peer.close()
+
+    emit({"event": "state", "state": "evaluating"})
+    if final.weights is not None:
+        learner.set_weights(final.weights)
+    result = _evaluate(learner, data, common_test)
+    result.update({
+        "name": name,
+        "protocol": topology.protocol,
+        "samples": len(data.train),
+        "bytes_sent": peer.bytes_sent if peer else 0,
+        "messages_sent": peer.messages_sent if peer else 0,
+        "bytes_received": peer.bytes_received if peer else 0,
+        "dropped": dict(peer.dropped) if peer else {},
+        "wall_s": time.monotonic() - started,
+        **{f"final_{k}": v for k, v in final.meta.items()},
+    })
+    _write_json_atomic(out_dir / "result.json", result)
+    np.savez(out_dir / "final_model.npz", **learner.get_weights())
+    emit({"event": "done", **{k: result[k] for k in ("test_auc", "test_acc", "test_loss", "bytes_sent", "wall_s")}})
+    return result
+
+
+def _evaluate(learner: Learner, data: Dataset, common_test: Split | None) -> dict:
+    """Final metrics: common test set (the headline) and this site's own test shard.
+
+    The decision threshold reported beside 0.5 is chosen on this site's validation data.
+    """
+    result = {}
+    test_sets = {"test": common_test, "local_test": data.test}
+    for prefix, split in test_sets.items():
+        if split is None or len(split) == 0:
+            continue
+        report = learner.evaluate(split.images, split.labels, data.val.images, data.val.labels)
+        result.update({f"{prefix}_{k}": _plain(v) for k, v in report.items()})
+    if common_test is None:  # the local test set is then the headline
+        result.update({k.removeprefix("local_"): v for k, v in list(result.items())})
+    return result
+
+
+def _plain(value):
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,45 @@
+"""What a protocol asks its node to do. Protocols return these; only the node acts on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send one message to peer `to`."""
+
+    to: str
+    type: str
+    round: int
+    weights: Weights | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Train:
+    """Train locally for one hop/round, starting from `weights` (None: the node's own model).
+
+    `progress` is the fraction of the whole run done before this step (for LR schedules).
+    """
+
+    round: int
+    weights: Weights | None
+    progress: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The run is over for this node; `weights` is its final model."""
+
+    weights: Weights | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+Action = Send | Train | Finish

@@ -1,0 +1,32 @@
+"""Local-only training: each site trains alone on its own data, nothing is exchanged.
+
+The baseline every federated result is compared with: what one hospital gets by itself.
+"""
+
+from __future__ import annotations
+
+from p2p_fl.protocols.actions import Action, Finish, Train, Weights
+
+
+class LocalProtocol:
+    """Trains `rounds` rounds back to back; same interface as the networked protocols."""
+
+    def __init__(self, me: str, rounds: int):
+        self.me = me
+        self.rounds = rounds
+        self.finished = False
+
+    def start(self, now: float) -> list[Action]:
+        return [Train(0, None, progress=0.0)]
+
+    def on_message(self, msg, now: float) -> list[Action]:
+        return []
+
+    def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
+        if round + 1 < self.rounds:
+            return [Train(round + 1, None, progress=(round + 1) / self.rounds)]
+        self.finished = True
+        return [Finish(weights, meta={"rounds": self.rounds})]
+
+    def on_tick(self, now: float) -> list[Action]:
+        return []

@@ -1,0 +1,67 @@
+"""Topology files: the shipped ones parse; every wrong file is refused naming the field."""
+
+from pathlib import Path
+
+import pytest
+
+from p2p_fl.config import ConfigError, dump_topology, load_topology, parse_topology
+
+TOPOLOGIES = sorted((Path(__file__).parent.parent / "topologies").glob("*.toml"))
+MINIMAL = 'federation = "f"\nprotocol = "cwt"\n[[peers]]\nname = "a"\n[[peers]]\nname = "b"\n'
+
+
+def load_text(tmp_path, text):
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    return load_topology(path)
+
+
+@pytest.mark.parametrize("path", TOPOLOGIES, ids=lambda p: p.name)
+def test_shipped_topologies_parse_and_round_trip(path):
+    topology = load_topology(path)
+    import tomllib
+    assert parse_topology(tomllib.loads(dump_topology(topology))) == topology
+
+
+def test_shipped_set_is_complete():
+    assert {p.name for p in TOPOLOGIES} >= {"ring-3.toml", "ring-10.toml", "swt-3.toml", "local-3.toml"}
+    assert len(load_topology(TOPOLOGIES[0].parent / "ring-10.toml").peers) == 10
+
+
+def test_defaults_fill_missing_sections(tmp_path):
+    t = load_text(tmp_path, MINIMAL)
+    assert t.training.model == "small-cnn" and t.training.rounds >= 1 and t.seed == 0
+    assert t.names == ["a", "b"]
+
+
+@pytest.mark.parametrize("text, field", [
+    ("colour = 1\n" + MINIMAL, "unknown field 'colour'"),
+    (MINIMAL.replace('protocol = "cwt"', 'protocol = "telepathy"'), "protocol 'telepathy'"),
+    (MINIMAL + "[training]\nrounds = 0\n", "training.rounds"),
+    (MINIMAL + "[training]\nrounds = 'five'\n", "training.rounds must be int"),
+    (MINIMAL + "[training]\nlearning_rte = 0.1\n", "unknown field training.learning_rte"),
+    (MINIMAL + "[training]\noptimizer = 'lbfgs'\n", "training.optimizer"),
+    (MINIMAL.replace('name = "b"', 'name = "a"'), "duplicate name 'a'"),
+    (MINIMAL.replace('name = "b"', 'name = "b"\naddress = "http://x"'), "peers[1].address"),
+    (MINIMAL.replace('name = "b"', 'name = "b c"'), "peers[1].name"),
+    (MINIMAL.replace('name = "b"', 'nam = "b"'), "unknown field peers[1].nam"),
+    ('federation = "f"\nprotocol = "cwt"\n[[peers]]\nname = "a"\n', "at least 2 peers"),
+    ('protocol = "cwt"\n[[peers]]\nname = "a"\n', "missing field 'federation'"),
+    (MINIMAL.replace('"cwt"', '"swt"') + "[training]\nrounds = 3\n", "must be 1 for swt"),
+    (MINIMAL + "[network]\nack_timeout_s = -1\n", "network.ack_timeout_s"),
+    ("federation = \n", "not valid TOML"),
+])
+def test_wrong_files_are_refused_naming_the_field(tmp_path, text, field):
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")) as err:
+        load_text(tmp_path, text)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_missing_file_is_one_clear_line(tmp_path):
+    with pytest.raises(ConfigError, match="no such topology file"):
+        load_topology(tmp_path / "nope.toml")
+
+
+def test_unknown_node_name_lists_the_peers(tmp_path):
+    with pytest.raises(ConfigError, match="peers: a, b"):
+        load_text(tmp_path, MINIMAL).peer("z")

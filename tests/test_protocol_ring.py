@@ -1,0 +1,111 @@
+"""The ring state machine, driven by hand: no sockets, a fake clock."""
+
+import numpy as np
+import pytest
+
+from p2p_fl.net import wire
+from p2p_fl.protocols import Finish, RingProtocol, Send, Train, ring_schedule
+
+W = {"w": np.zeros(2, np.float32)}
+
+
+def message(type_, sender, round_, tensors=None, **meta):
+    return wire.Message(type_, "fed", sender, round_, seq=0, tensors=tensors or {}, meta=meta)
+
+
+def ring(me, schedule, ack=1.0, handoff=10.0):
+    return RingProtocol(me, schedule, ack_timeout_s=ack, handoff_timeout_s=handoff)
+
+
+def test_schedule_listed_repeats_the_order_every_cycle():
+    assert ring_schedule(["a", "b", "c"], 2, "listed", seed=0) == ["a", "b", "c"] * 2
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_shuffled_schedule_visits_every_site_once_per_cycle_and_never_twice_in_a_row(seed):
+    peers = [f"s{i}" for i in range(5)]
+    schedule = ring_schedule(peers, 4, "shuffle", seed)
+    for c in range(4):
+        assert sorted(schedule[c * 5:(c + 1) * 5]) == peers
+    assert all(x != y for x, y in zip(schedule, schedule[1:]))
+    assert schedule == ring_schedule(peers, 4, "shuffle", seed)
+
+
+def test_first_site_trains_the_others_wait():
+    assert isinstance(ring("a", ["a", "b"]).start(0)[0], Train)
+    assert ring("b", ["a", "b"]).start(0) == []
+
+
+def test_a_full_cwt_run_between_three_state_machines():
+    """Routes every Send between three protocols; the model visits the schedule in order."""
+    schedule = ring_schedule(["a", "b", "c"], 2, "shuffle", seed=1)
+    sites = {n: ring(n, schedule) for n in "abc"}
+    inbox = [(n, a) for n in "abc" for a in sites[n].start(0)]
+    trained, finals = [], {}
+    while inbox:
+        site, action = inbox.pop(0)
+        if isinstance(action, Train):
+            trained.append(site)
+            weights = {"w": np.full(2, action.round, np.float32)}
+            inbox += [(site, a) for a in sites[site].on_trained(action.round, weights, 0)]
+        elif isinstance(action, Send):
+            msg = message(action.type, site, action.round, action.weights, **action.meta)
+            inbox += [(action.to, a) for a in sites[action.to].on_message(msg, 0)]
+        elif isinstance(action, Finish):
+            finals[site] = action.weights
+    assert trained == schedule
+    assert set(finals) == {"a", "b", "c"}
+    for weights in finals.values():  # everyone ends with the model of the last hop
+        np.testing.assert_array_equal(weights["w"], np.full(2, len(schedule) - 1))
+
+
+def test_holder_keeps_and_resends_the_model_until_acknowledged():
+    p = ring("a", ["a", "b"], ack=1.0)
+    p.start(0)
+    [send] = p.on_trained(0, W, now=0)
+    assert (send.to, send.type, send.round) == ("b", wire.MODEL, 1)
+    assert p.on_tick(0.5) == []
+    [again] = p.on_tick(1.5)
+    assert again.weights is W and again.round == 1
+    p.on_message(message(wire.ACK, "b", 1, of=wire.MODEL), now=2)
+    assert p.on_tick(10) == []
+
+
+def test_a_silent_successor_is_skipped_and_the_model_goes_on():
+    p = ring("a", ["a", "b", "c"], ack=1.0, handoff=5.0)
+    p.start(0)
+    p.on_trained(0, W, now=0)
+    actions = p.on_tick(6.0)
+    sends = [a for a in actions if isinstance(a, Send) and a.type == wire.MODEL]
+    assert [(s.to, s.round) for s in sends] == [("c", 2)]
+    assert p.skipped == ["b"]
+
+
+def test_duplicate_model_is_acknowledged_but_not_trained_twice():
+    p = ring("b", ["a", "b"])
+    first = p.on_message(message(wire.MODEL, "a", 1, W), 0)
+    assert [type(a) for a in first] == [Send, Train]
+    again = p.on_message(message(wire.MODEL, "a", 1, W), 1)
+    assert [type(a) for a in again] == [Send] and again[0].type == wire.ACK
+
+
+def test_model_for_a_hop_that_is_not_ours_is_refused():
+    p = ring("b", ["a", "b", "c"])
+    with pytest.raises(wire.WireError, match="not b's"):
+        p.on_message(message(wire.MODEL, "a", 2, W), 0)
+
+
+def test_final_model_for_the_wrong_round_is_refused():
+    p = ring("b", ["a", "b"])
+    with pytest.raises(wire.WireError, match="expected 2"):
+        p.on_message(message(wire.FINAL, "a", 7, W), 0)
+
+
+def test_last_holder_finishes_only_when_every_site_has_the_final_model():
+    p = ring("b", ["a", "b", "c", "a", "b"])
+    p.on_message(message(wire.MODEL, "a", 4, W), 0)
+    actions = p.on_trained(4, W, 0)
+    assert sorted(a.to for a in actions) == ["a", "c"] and all(a.type == wire.FINAL for a in actions)
+    assert p.on_message(message(wire.ACK, "a", 5, of=wire.FINAL), 0) == []
+    [finish] = p.on_message(message(wire.ACK, "c", 5, of=wire.FINAL), 0)
+    assert isinstance(finish, Finish) and finish.weights is W
