@@ -15,6 +15,8 @@ from pathlib import Path
 
 import tomli_w
 
+from p2p_fl.data import parse_partition
+
 PROTOCOLS = ("swt", "cwt", "local")
 RING_PROTOCOLS = ("swt", "cwt")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -174,6 +176,10 @@ def _check_semantics(t: Topology, fail) -> None:
     _choice(tr.optimizer, OPTIMIZERS, "training.optimizer", fail)
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule", fail)
     _choice(t.ring.order, RING_ORDERS, "ring.order", fail)
+    try:
+        parse_partition(t.data.partition)
+    except ValueError as err:
+        fail(f"data.partition: {err}")
     if t.protocol in RING_PROTOCOLS and len(t.peers) < 2:
         fail(f"a {t.protocol} ring needs at least 2 peers, got {len(t.peers)}")
     net = t.network

@@ -103,7 +103,9 @@ def node_env(num_nodes: int) -> dict[str, str]:
 
 def run_launch(topology: Topology, out: Path, *, console: Console | None = None) -> dict:
     """Runs the federation; returns the summary (also written to OUT/summary.json)."""
-    console = console or Console(stderr=False)
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 140)  # a log file has no width; keep tables readable
     topology, shard_paths = prepare(topology, out, console)
     started = time.monotonic()
     events: queue.Queue = queue.Queue()
@@ -119,31 +121,37 @@ def run_launch(topology: Topology, out: Path, *, console: Console | None = None)
         threading.Thread(target=_pump_events, args=(peer.name, procs[peer.name], events), daemon=True).start()
 
     status = {p.name: {"state": "starting"} for p in topology.peers}
-    failed = []
+    failed: list[str] = []
+    # A terminal gets a live table; a log (CI, a pipe) gets one line per finished round.
+    live = Live(_status_table(topology, status, started), console=console, refresh_per_second=4) \
+        if console.is_terminal else None
     try:
-        with Live(_status_table(topology, status, started), console=console, refresh_per_second=4,
-                  transient=False, auto_refresh=console.is_terminal) as live:
-            while any(p.poll() is None for p in procs.values()) or not events.empty():
-                try:
-                    name, event = events.get(timeout=0.25)
-                except queue.Empty:
-                    pass
-                else:
-                    _apply_event(status[name], event)
-                    if not console.is_terminal and event.get("event") in ("trained", "done"):
-                        console.print(_event_line(name, event))
-                for name, proc in procs.items():
-                    if proc.poll() not in (None, 0) and name not in failed:
-                        failed.append(name)
-                        status[name]["state"] = f"failed ({proc.returncode})"
-                        console.print(f"[red]{name} exited with {proc.returncode}; see {out / name / 'node.log'}[/]")
-                if console.is_terminal:
-                    live.update(_status_table(topology, status, started))
+        if live:
+            live.start()
+        while any(p.poll() is None for p in procs.values()) or not events.empty():
+            try:
+                name, event = events.get(timeout=0.25)
+            except queue.Empty:
+                pass
+            else:
+                _apply_event(status[name], event)
+                if live is None and event.get("event") in ("trained", "done"):
+                    console.print(_event_line(name, event))
+            for name, proc in procs.items():
+                if proc.poll() not in (None, 0) and name not in failed:
+                    failed.append(name)
+                    status[name]["state"] = f"failed ({proc.returncode})"
+                    console.print(f"[red]{name} exited with {proc.returncode}; see {out / name / 'node.log'}[/]")
+            if live:
+                live.update(_status_table(topology, status, started))
     except KeyboardInterrupt:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         raise
+    finally:
+        if live:
+            live.stop()
     summary = collect_summary(topology, out, time.monotonic() - started)
     console.print(results_table(summary))
     if failed:
