@@ -1,4 +1,4 @@
-"""The `p2p-fl` command: node, launch, centralized.
+"""The `p2p-fl` command: node, launch, keygen, centralized.
 
 Only this module reads flags. Errors a user can fix print one line and exit 2; a stack
 trace means a bug.
@@ -18,6 +18,7 @@ import tomllib
 
 from p2p_fl.config import ConfigError, PeerConfig, Topology, dump_topology, load_topology, parse_topology
 from p2p_fl.data import DataError
+from p2p_fl.net import Curve, KeyFileError, load_secret_key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, KeyFileError) as err:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--name", required=True, help="this node's name in the topology")
     node.add_argument("--data", help="this site's data: a MedMNIST-style .npz or an image folder "
                       "(default: this site's shard of the topology's dataset)")
+    node.add_argument("--key", type=Path, help="this node's secret key file from `p2p-fl keygen` "
+                      "(default: keys/<name>.key_secret)")
     node.add_argument("--out", type=Path, help="output folder (default: runs/<name>)")
     node.add_argument("--events", action="store_true", help="print progress as JSON lines on stdout (for launch)")
     node.set_defaults(func=cmd_node)
@@ -56,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA")
     launch.add_argument("--seed", type=int, help="seed for partition, ring order and model init")
     launch.set_defaults(func=cmd_launch)
+
+    keygen = sub.add_parser("keygen", help="create this institution's CURVE key pair")
+    keygen.add_argument("--name", required=True, help="the institution's peer name")
+    keygen.add_argument("--out", type=Path, default=Path("keys"), help="folder for the key files (default: keys/)")
+    keygen.set_defaults(func=cmd_keygen)
 
     central = sub.add_parser("centralized", help="train the same model on pooled data (the reference)")
     central.add_argument("--config", type=Path, default=None,
@@ -102,6 +110,7 @@ def cmd_node(args) -> int:
         shards = partition_dataset(load_dataset(topology.data.dataset), len(topology.peers),
                                    topology.data.partition, topology.seed)
         data = shards[topology.names.index(args.name)]
+    curve = node_curve(topology, args.name, args.key or Path("keys") / f"{args.name}.key_secret", args.config)
     common_test = None
     if topology.data.test:
         h, w, c = data.image_shape
@@ -113,7 +122,31 @@ def cmd_node(args) -> int:
         elif event.get("event") in ("trained", "done"):
             logging.info("%s", json.dumps(event))
 
-    run_node(topology, args.name, data, out, common_test=common_test, emit=emit)
+    run_node(topology, args.name, data, out, curve=curve, common_test=common_test, emit=emit)
+    return 0
+
+
+def node_curve(topology: Topology, name: str, key_path: Path, source: Path) -> Curve | None:
+    """This node's CURVE keys, checked against the topology; None only if it says insecure."""
+    if topology.network.insecure:
+        return None
+    unkeyed = [f"peers[{i}] ({p.name})" for i, p in enumerate(topology.peers) if not p.public_key]
+    if unkeyed:
+        raise ConfigError(f"{source}: {', '.join(unkeyed)} has no public_key; run `p2p-fl keygen` at each "
+                          "site and list the keys, or set network.insecure = true to debug without CURVE")
+    public, secret = load_secret_key(key_path)
+    if public != topology.peer(name).public_key:
+        raise ConfigError(f"{key_path}: its public key is not the one {source} lists for {name!r}")
+    return Curve(public, secret, {p.name: p.public_key for p in topology.peers if p.name != name})
+
+
+def cmd_keygen(args) -> int:
+    from p2p_fl.net import generate_keypair, load_public_key
+
+    public_path, secret_path = generate_keypair(args.out, args.name)
+    print(f"secret key: {secret_path} (mode 600; never share it)")
+    print(f"public key: {public_path}; put this line in the topology's [[peers]] entry for {args.name}:")
+    print(f'public_key = "{load_public_key(public_path)}"')
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import tomli_w
 
 from p2p_fl.data import parse_partition
+from p2p_fl.net.keys import is_public_key
 
 PROTOCOLS = ("swt", "cwt", "local")
 RING_PROTOCOLS = ("swt", "cwt")
@@ -64,12 +65,15 @@ class NetworkConfig:
     handoff_timeout_s: float = 60.0  # then skip the successor that never acknowledged
     run_timeout_s: float = 3600.0  # a node gives up waiting after this
     max_message_mb: int = 512
+    # Plaintext, unauthenticated ZeroMQ: for debugging only; every node warns at start.
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
 class PeerConfig:
     name: str
     address: str = ""  # "" in templates: launch fills in a loopback address
+    public_key: str = ""  # Z85 CURVE key from `p2p-fl keygen`; launch makes fresh ones
 
 
 @dataclass(frozen=True)
@@ -153,11 +157,17 @@ def _parse_peers(raw_peers, fail) -> tuple[PeerConfig, ...]:
             fail(f"peers[{i}].name {peer.name!r} must be 1-63 letters, digits, '_', '.', '-'")
         if peer.address and not _ADDRESS.match(peer.address):
             fail(f"peers[{i}].address {peer.address!r} is not like tcp://HOST:PORT")
+        if peer.public_key and not is_public_key(peer.public_key):
+            fail(f"peers[{i}].public_key does not parse as a 40-character Z85 CURVE key")
         peers.append(peer)
     names = [p.name for p in peers]
     for name in names:
         if names.count(name) > 1:
             fail(f"peers: duplicate name {name!r}")
+    keys = [p.public_key for p in peers if p.public_key]
+    for key in keys:
+        if keys.count(key) > 1:
+            fail(f"peers: public key {key[:8]}... is listed for two peers")
     return tuple(peers)
 
 

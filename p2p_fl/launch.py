@@ -1,7 +1,7 @@
 """`p2p-fl launch`: a whole federation on one machine, one OS process per site.
 
-It partitions the data into one shard file per site (each node reads only its own), picks
-free loopback ports, writes the topology it actually runs to OUT/topology.toml, starts the
+It partitions the data into one shard file per site (each node reads only its own), makes a
+CURVE key pair per site under OUT/keys/, picks free loopback ports, writes the topology it actually runs to OUT/topology.toml, starts the
 nodes, shows their progress live, and collects their results into OUT/summary.json.
 """
 
@@ -26,6 +26,7 @@ from rich.table import Table
 
 from p2p_fl.config import PeerConfig, Topology, dump_topology, parse_topology
 from p2p_fl.data import load_dataset, partition_dataset, save_npz
+from p2p_fl.net import generate_keypair, load_public_key
 
 XLA_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "p2p_fl" / "xla"
 
@@ -80,7 +81,15 @@ def prepare(topology: Topology, out: Path, console: Console) -> tuple[Topology, 
         paths[peer.name] = shard_dir / f"{peer.name}.npz"
         save_npz(shard, paths[peer.name])
     ports = free_ports(len(topology.peers))
-    peers = tuple(PeerConfig(p.name, f"tcp://127.0.0.1:{port}") for p, port in zip(topology.peers, ports))
+    public_keys = {p.name: "" for p in topology.peers}
+    if not topology.network.insecure:  # fresh identities for a local simulation
+        for p in topology.peers:
+            public_path = out / "keys" / f"{p.name}.key"
+            if not public_path.exists():  # a rerun into the same OUT keeps its keys
+                public_path, _ = generate_keypair(out / "keys", p.name)
+            public_keys[p.name] = load_public_key(public_path)
+    peers = tuple(PeerConfig(p.name, f"tcp://127.0.0.1:{port}", public_keys[p.name])
+                  for p, port in zip(topology.peers, ports))
     topology = dataclasses.replace(topology, peers=peers)
     text = dump_topology(topology)
     parse_topology(tomllib.loads(text), source=str(out / "topology.toml"))  # same rules as any file
@@ -115,7 +124,8 @@ def run_launch(topology: Topology, out: Path, *, console: Console | None = None)
         node_out = out / peer.name
         node_out.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "p2p_fl", "node", "--config", str(out / "topology.toml"),
-               "--name", peer.name, "--data", str(shard_paths[peer.name]), "--out", str(node_out), "--events"]
+               "--name", peer.name, "--data", str(shard_paths[peer.name]), "--out", str(node_out),
+               "--key", str(out / "keys" / f"{peer.name}.key_secret"), "--events"]
         with (node_out / "node.log").open("wb") as log_file:
             procs[peer.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env)
         threading.Thread(target=_pump_events, args=(peer.name, procs[peer.name], events), daemon=True).start()

@@ -21,7 +21,7 @@ import numpy as np
 from p2p_fl.config import RING_PROTOCOLS, Topology
 from p2p_fl.data import Dataset, Split, load_dataset
 from p2p_fl.learn import Learner
-from p2p_fl.net import Peer, WireError, spec_of
+from p2p_fl.net import Curve, Peer, WireError
 from p2p_fl.protocols import Finish, LocalProtocol, RingProtocol, Send, Train, ring_schedule
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def run_node(
     data: Dataset,
     out_dir: Path,
     *,
+    curve: Curve | None,
     common_test: Split | None = None,
     emit: Emit = lambda event: None,
 ) -> dict:
@@ -75,6 +76,7 @@ def run_node(
         name: this site's peer name.
         data: this site's own train/val/test data (the test split is its local test set).
         out_dir: where this node writes its files.
+        curve: this node's CURVE keys and its peers' (None only for `insecure = true`).
         common_test: the test set shared by the whole study (None: local test only).
         emit: receives progress events (dicts) for a live display.
 
@@ -92,7 +94,7 @@ def run_node(
         missing = [n for n, a in others.items() if not a] + ([name] if not me.address else [])
         if missing:
             raise ValueError(f"peers {', '.join(missing)} have no address in the topology; use launch or fill in [[peers]].address")
-        peer = Peer(name, me.address, others, topology.federation, learner.weight_spec(),
+        peer = Peer(name, me.address, others, topology.federation, learner.weight_spec(), curve=curve,
                     max_message_bytes=topology.network.max_message_mb * 2**20)
     metrics_path = out_dir / "metrics.jsonl"
     metrics_path.write_text("")

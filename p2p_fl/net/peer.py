@@ -11,10 +11,13 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from p2p_fl.net import wire
 
@@ -23,6 +26,44 @@ log = logging.getLogger(__name__)
 # Queue depth per connection; a model is one message, so a few suffice and memory stays bounded.
 SEND_HWM = 64
 LINGER_MS = 2000
+ZAP_DOMAIN = "p2p_fl"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """CURVE identities: this node's key pair and the public key of every peer, by name."""
+
+    public: str
+    secret: str
+    peer_keys: Mapping[str, str]
+
+
+class _TopologyAuthenticator(ThreadAuthenticator):
+    """ZAP handler admitting only the topology's keys; the User-Id it sets is the peer's name.
+
+    A refused key is counted on every attempt and logged once (a refused client keeps
+    reconnecting, and one line per attempt would flood the log).
+    """
+
+    def __init__(self, context: zmq.Context, names_by_key: Mapping[str, str], refused: collections.Counter, node: str):
+        super().__init__(context, log=logging.getLogger(__name__ + ".zap"))
+        self._names_by_key = dict(names_by_key)
+        self._refused = refused
+        self._node = node
+        self._logged: set[str] = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        z85_key = key.decode("ascii")
+        if z85_key in self._names_by_key:
+            return True
+        self._refused["unknown-key"] += 1
+        if z85_key not in self._logged:
+            self._logged.add(z85_key)
+            log.warning("%s: refused connection from unknown key %s", self._node, z85_key)
+        return False
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self._names_by_key[z85.encode(client_public_key).decode("ascii")]
 
 
 class Peer:
@@ -34,8 +75,8 @@ class Peer:
         peers: name -> address of every other node it may talk to.
         federation: the federation id every message must carry.
         tensor_spec: (name, dtype, shape) of the model's tensors, in order.
+        curve: CURVE keys; None only with the topology's explicit `insecure = true`.
         max_message_bytes: refuse larger inbound frames at the socket (ZMQ_MAXMSGSIZE).
-        context: a zmq.Context to share (tests use one per process); a new one otherwise.
     """
 
     def __init__(
@@ -46,24 +87,46 @@ class Peer:
         federation: str,
         tensor_spec: wire.TensorSpec,
         *,
+        curve: Curve | None,
         max_message_bytes: int = 512 * 1024 * 1024,
-        context: zmq.Context | None = None,
     ):
         self.name = name
         self.federation = federation
         self.tensor_spec = list(tensor_spec)
         self.peer_names = frozenset(peers)
-        self._own_context = context is None
-        self._ctx = context or zmq.Context()
+        self.dropped: collections.Counter[str] = collections.Counter()
+        # One context per peer: the ZAP handler belongs to a context.
+        self._ctx = zmq.Context()
+        self._auth = None
+        if curve is not None:
+            missing = sorted(set(peers) - set(curve.peer_keys))
+            if missing:
+                raise ValueError(f"no public key for peers {', '.join(missing)}")
+            names_by_key = {curve.peer_keys[p]: p for p in peers}
+            self._auth = _TopologyAuthenticator(self._ctx, names_by_key, self.dropped, name)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self._auth)
+        else:
+            log.warning("%s: INSECURE: CURVE is off (insecure = true); traffic is plaintext and "
+                        "unauthenticated. Use this for debugging only.", name)
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if curve is not None:
+            self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+            self._router.curve_secretkey = curve.secret.encode("ascii")
+            self._router.curve_publickey = curve.public.encode("ascii")
+            self._router.curve_server = True
         self._router.bind(address)
         self._dealers: dict[str, zmq.Socket] = {}
         for peer, peer_address in peers.items():
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, LINGER_MS)
             sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+            if curve is not None:
+                sock.curve_secretkey = curve.secret.encode("ascii")
+                sock.curve_publickey = curve.public.encode("ascii")
+                sock.curve_serverkey = curve.peer_keys[peer].encode("ascii")
             sock.connect(peer_address)
             self._dealers[peer] = sock
         self._poller = zmq.Poller()
@@ -74,7 +137,6 @@ class Peer:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.bytes_received = 0
-        self.dropped: collections.Counter[str] = collections.Counter()
 
     def send(
         self,
@@ -111,16 +173,21 @@ class Peer:
                 frames = self._router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return messages
-            message = self._check(frames[1:])  # frames[0] is the ROUTER routing id
+            message = self._check(frames[1:])  # frames[0] is the ROUTER's routing id
             if message is not None:
                 messages.append(message)
 
     def _check(self, frames) -> wire.Message | None:
         self.bytes_received += wire.message_bytes(frames)
+        # With CURVE the ZAP handler set User-Id to the authenticated peer's name; the
+        # header's sender must be that peer, or a site could speak for another.
+        authenticated = frames[0].get("User-Id") if self._auth is not None and frames else None
+        if self._auth is not None and not authenticated:
+            return self.drop("unauthenticated", "message without an authenticated User-Id")
         try:
             message = wire.decode(
                 frames, federation=self.federation, senders=self.peer_names,
-                tensor_spec=self.tensor_spec,
+                tensor_spec=self.tensor_spec, authenticated_sender=authenticated,
             )
         except wire.WireError as err:
             return self.drop("malformed", str(err))
@@ -138,5 +205,6 @@ class Peer:
         for sock in self._dealers.values():
             sock.close()
         self._router.close()
-        if self._own_context:
-            self._ctx.term()
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
