@@ -109,3 +109,11 @@ def test_last_holder_finishes_only_when_every_site_has_the_final_model():
     assert p.on_message(message(wire.ACK, "a", 5, of=wire.FINAL), 0) == []
     [finish] = p.on_message(message(wire.ACK, "c", 5, of=wire.FINAL), 0)
     assert isinstance(finish, Finish) and finish.weights is W
+
+
+def test_a_site_that_held_none_of_the_previous_hops_cannot_inject_a_model():
+    p = ring("c", ["a", "b", "c", "d", "e", "c"])
+    with pytest.raises(wire.WireError, match="held none"):
+        p.on_message(message(wire.MODEL, "d", 2, W), 0)
+    # after b was skipped, a (two hops back) may hand hop 2 on
+    assert isinstance(p.on_message(message(wire.MODEL, "a", 2, W), 0)[1], Train)

@@ -69,6 +69,7 @@ class RingProtocol:
         self.handoff_timeout_s = handoff_timeout_s
         self.last_round_accepted = -1
         self.skipped: list[str] = []
+        self.duplicates = 0
         self.finished = False
         self._pending: list[_Pending] = []
         self._final: Weights | None = None
@@ -97,9 +98,15 @@ class RingProtocol:
             return [ack, Finish(dict(msg.tensors), meta=dict(msg.meta))]
         if msg.type == wire.MODEL:
             if msg.round <= self.last_round_accepted:
-                return [ack]  # a resend of a hop we already took
+                self.duplicates += 1
+                return [ack]  # a resend of a hop we already took: its ack was lost
             if msg.round >= self.num_hops or self.schedule[msg.round] != self.me:
                 raise wire.WireError(f"hop {msg.round} is not {self.me}'s to train")
+            # Only a site that held one of the hops just before may hand this one on (skips
+            # of dead successors included); anyone else is injecting a model.
+            previous = self.schedule[max(0, msg.round - self.cycle_length):msg.round]
+            if msg.sender not in previous:
+                raise wire.WireError(f"{msg.sender} held none of the hops before {msg.round}")
             self.last_round_accepted = msg.round
             return [ack, self._train(msg.round, dict(msg.tensors))]
         raise wire.WireError(f"unexpected {msg.type} message in a ring")
