@@ -1,0 +1,499 @@
+"""Training and inference of one site's model, after Flax's examples/mnist train.py.
+
+The pure core is ``loss_fn``, ``train_step`` and ``train_epoch``: one epoch is
+a single jitted call that shuffles and augments on the device and runs
+``lax.scan`` over the batches, so no Python runs per step. ``Learner`` wraps
+them with the state a site keeps (weights, BatchNorm statistics, optimizer
+state, PRNG key) and the flat ``dict[str, np.ndarray]`` view of the weights
+that crosses into the federation.
+
+Example:
+    >>> learner = Learner("small-cnn", num_classes=2, image_shape=(28, 28, 1))
+    >>> losses = learner.fit(images, labels, epochs=2)          # doctest: +SKIP
+    >>> peer.set_weights(learner.get_weights())                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from p2p_fl.learn import metrics
+from p2p_fl.learn.models import build_model, count_params
+
+# Random shifts of up to this many pixels in each direction augment training.
+MAX_SHIFT_PX = 2
+
+
+def make_optimizer(name: str = "adam", learning_rate: float = 1e-3,
+                   weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> optax.GradientTransformation:
+    """Builds an optimizer whose hyperparameters live in its state.
+
+    ``optax.inject_hyperparams`` keeps the learning rate (and the other
+    numeric hyperparameters) in ``opt_state.hyperparams``, so changing it
+    between epochs does not recompile the training step.
+
+    Args:
+      name: ``"adam"`` and ``"sgd"`` (weight decay added to the gradient as
+        an L2 term) or ``"adamw"`` (decoupled weight decay).
+      learning_rate: initial learning rate.
+      weight_decay: weight decay coefficient.
+      momentum: SGD momentum (ignored by the Adam variants).
+
+    Returns:
+      The optax gradient transformation.
+
+    Raises:
+      ValueError: unknown optimizer name.
+    """
+    if name == "adam":
+        factory, hyperparams = _adam_with_l2, {"weight_decay": weight_decay}
+    elif name == "adamw":
+        factory, hyperparams = optax.adamw, {"weight_decay": weight_decay}
+    elif name == "sgd":
+        factory, hyperparams = _sgd_with_l2, {"weight_decay": weight_decay,
+                                              "momentum": momentum}
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: adam, adamw, sgd")
+    return optax.inject_hyperparams(factory)(learning_rate=learning_rate, **hyperparams)
+
+
+def _adam_with_l2(learning_rate, weight_decay):
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+
+
+def _sgd_with_l2(learning_rate, weight_decay, momentum):
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum))
+
+
+# Learners configured alike share one optimizer object, hence one compiled
+# training epoch (the optimizer is a static argument of the jit).
+_shared_optimizer = functools.lru_cache(maxsize=None)(make_optimizer)
+
+
+class TrainState(NamedTuple):
+    """Everything a training step reads and replaces (a pytree)."""
+
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    key: jax.Array
+
+
+def to_float_images(images: jax.Array) -> jax.Array:
+    """uint8 pixels to float32 in [0, 1]; float images pass through as float32."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+def random_shift(images: jax.Array, key: jax.Array, max_shift: int = MAX_SHIFT_PX
+                 ) -> jax.Array:
+    """Shifts each NHWC image by up to ``max_shift`` pixels, repeating the edge."""
+    _, height, width, channels = images.shape
+    pad = (max_shift, max_shift)
+    padded = jnp.pad(images, ((0, 0), pad, pad, (0, 0)), mode="edge")
+    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * max_shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
+                                     (height, width, channels))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy: sigmoid for a single logit, softmax otherwise."""
+    if logits.shape[-1] == 1:
+        return optax.sigmoid_binary_cross_entropy(
+            logits[:, 0], labels.astype(logits.dtype)).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
+            images: jax.Array, labels: jax.Array, dropout_key: jax.Array
+            ) -> tuple[jax.Array, nnx.State]:
+    """Training loss of one batch and the BatchNorm statistics it updates.
+
+    Args:
+      params: model parameters (differentiated).
+      batch_stats: BatchNorm running statistics before the batch.
+      graphdef: the model's structure from ``nnx.split``.
+      images: (B, H, W, C) float32 images.
+      labels: (B,) int32 labels.
+      dropout_key: PRNG key for dropout.
+
+    Returns:
+      (loss, batch statistics after the batch).
+    """
+    # copy=True: BatchNorm writes its statistics into this traced copy, not
+    # into Variables created outside the gradient's trace.
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits = model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+    return cross_entropy(logits, labels), nnx.state(model, nnx.BatchStat)
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
+               step_key: jax.Array, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, augment: bool
+               ) -> tuple[TrainState, jax.Array]:
+    """One optimizer step on one batch of raw (uint8 or float) images.
+
+    Returns:
+      (new state, batch loss). ``state.key`` is left alone: the epoch owns it.
+    """
+    shift_key, dropout_key = jax.random.split(step_key)
+    images = to_float_images(images)
+    if augment:
+        images = random_shift(images, shift_key)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, graphdef, images, labels, dropout_key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, batch_stats, opt_state, state.key), loss
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "batch_size", "augment"),
+                   donate_argnames=("state",))
+def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
+                graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                batch_size: int, augment: bool) -> tuple[TrainState, jax.Array]:
+    """One shuffled pass over device-resident data, as a single compiled program.
+
+    The last ``len(images) % batch_size`` samples of the shuffled order are
+    dropped so that every batch has the same shape.
+
+    Args:
+      state: the training state (donated: do not use it after the call).
+      images: (N, H, W, C) uint8 or float images on the device.
+      labels: (N,) int32 labels on the device.
+      graphdef: the model's structure.
+      tx: the optimizer.
+      batch_size: samples per step, at most N.
+      augment: whether to apply random shifts.
+
+    Returns:
+      (new state with an advanced key, mean training loss over the batches).
+    """
+    key, shuffle_key, steps_key = jax.random.split(state.key, 3)
+    num_batches = images.shape[0] // batch_size
+    order = jax.random.permutation(shuffle_key, images.shape[0])
+    batch_indices = order[:num_batches * batch_size].reshape(num_batches, batch_size)
+    step_keys = jax.random.split(steps_key, num_batches)
+
+    def body(state, batch):
+        indices, step_key = batch
+        return train_step(state, images[indices], labels[indices], step_key,
+                          graphdef=graphdef, tx=tx, augment=augment)
+
+    state, losses = jax.lax.scan(body, state, (batch_indices, step_keys))
+    return state._replace(key=key), losses.mean()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def predict_step(params: nnx.State, batch_stats: nnx.State, images: jax.Array, *,
+                 graphdef: nnx.GraphDef) -> jax.Array:
+    """Class probabilities of one batch in inference mode.
+
+    Returns:
+      (B,) positive-class probabilities for a single-logit model, else (B, K).
+    """
+    model = nnx.merge(graphdef, params, batch_stats)
+    logits = model(to_float_images(images), train=False)
+    if logits.shape[-1] == 1:
+        return jax.nn.sigmoid(logits[:, 0])
+    return jax.nn.softmax(logits)
+
+
+def _leaf_name(path: tuple) -> str:
+    """'conv1/kernel' from a pytree path into an nnx.State."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey) and key.name != "value":
+            parts.append(key.name)  # 'value' is a Variable's payload, not a name.
+    return "/".join(parts)
+
+
+def _leaf_names(tree) -> list[str]:
+    return [_leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _check_array(name: str, value, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    value = np.asarray(value)
+    if value.dtype != dtype or value.shape != shape:
+        raise ValueError(f"tensor {name!r} is {value.dtype}{list(value.shape)}, "
+                         f"expected {dtype}{list(shape)}")
+    return value
+
+
+def _check_names(kind: str, given, expected) -> None:
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing:
+        raise ValueError(f"{kind} lacks tensor {missing[0]!r} ({len(missing)} missing)")
+    if unexpected:
+        raise ValueError(f"{kind} has unknown tensor {unexpected[0]!r} "
+                         f"({len(unexpected)} unknown)")
+
+
+class Learner:
+    """One site's model, its training state, and its weights as a flat dict.
+
+    Args:
+      model: a name from ``models.MODELS``.
+      num_classes: number of classes (2: one logit, sigmoid).
+      image_shape: (height, width, channels) of the square input images.
+      optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"``.
+      learning_rate: initial learning rate.
+      weight_decay: weight decay coefficient.
+      batch_size: training batch size (reduced to the shard size if larger).
+      augment: random shifts of up to ``MAX_SHIFT_PX`` pixels while training.
+      seed: seeds the initial weights and every later random draw, so equal
+        seeds and data give bit-identical training.
+    """
+
+    def __init__(self, model: str = "small-cnn", *, num_classes: int = 2,
+                 image_shape: tuple[int, int, int] = (28, 28, 1), optimizer: str = "adam",
+                 learning_rate: float = 1e-3, weight_decay: float = 0.0,
+                 batch_size: int = 64, augment: bool = True, seed: int = 0):
+        height, width, channels = image_shape
+        if height != width:
+            raise ValueError(f"images must be square, got image_shape={image_shape}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_name = model
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape)
+        self.batch_size = batch_size
+        self.augment = augment
+        module = build_model(model, num_classes=num_classes, in_channels=channels,
+                             image_size=height, seed=seed)
+        self.num_params = count_params(module)
+        # The filters must cover the whole module: models keep no other state.
+        self._graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+        self._tx = _shared_optimizer(optimizer, learning_rate, weight_decay)
+        self._state = TrainState(params, batch_stats, self._tx.init(params),
+                                 jax.random.key(seed))
+        self._param_names = _leaf_names(params)
+        self._stat_names = _leaf_names(batch_stats)
+        self._spec = sorted(
+            (name, str(leaf.dtype), tuple(leaf.shape))
+            for name, leaf in zip(self._param_names + self._stat_names,
+                                  jax.tree_util.tree_leaves((params, batch_stats))))
+
+    # -- training and inference ------------------------------------------------
+
+    def fit(self, images: np.ndarray, labels: np.ndarray, epochs: int = 1,
+            learning_rate: float | None = None,
+            on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+        """Trains on a shard for some epochs.
+
+        Args:
+          images: (N, H, W, C) or, for one channel, (N, H, W); uint8 pixels
+            or floats in [0, 1].
+          labels: (N,) or (N, 1) integer labels.
+          epochs: passes over the shard.
+          learning_rate: if given, the optimizer's learning rate from now on
+            (no recompilation).
+          on_epoch: called as ``on_epoch(epoch_index, mean_loss)`` after each
+            epoch, e.g. for a progress display.
+
+        Returns:
+          The mean training loss of each epoch.
+        """
+        images = self._checked_images(images)
+        labels = self._checked_labels(labels, len(images))
+        if len(images) == 0:
+            raise ValueError("fit needs at least one image")
+        # One transfer per fit; every epoch reads the data on the device.
+        images, labels = jnp.asarray(images), jnp.asarray(labels)
+        if learning_rate is not None:
+            self._state = self._state._replace(
+                opt_state=_with_learning_rate(self._state.opt_state, learning_rate))
+        batch_size = min(self.batch_size, images.shape[0])
+        losses = []
+        for epoch in range(epochs):
+            self._state, loss = train_epoch(
+                self._state, images, labels, graphdef=self._graphdef, tx=self._tx,
+                batch_size=batch_size, augment=self.augment)
+            losses.append(float(loss))
+            if on_epoch is not None:
+                on_epoch(epoch, losses[-1])
+        return losses
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Class probabilities in inference mode (running BatchNorm statistics).
+
+        The last batch is padded to ``batch_size`` so one compiled program
+        serves every batch.
+
+        Args:
+          images: images as for ``fit``.
+          batch_size: images per compiled call.
+
+        Returns:
+          (N,) probabilities of class 1 for binary models, else (N, K).
+        """
+        images = self._checked_images(images)
+        count = len(images)
+        if count == 0:
+            return np.zeros((0,) if self.num_classes == 2 else (0, self.num_classes),
+                            np.float32)
+        padded = np.concatenate(
+            [images, np.zeros((-count % batch_size,) + images.shape[1:], images.dtype)])
+        probs = [predict_step(self._state.params, self._state.batch_stats, batch,
+                              graphdef=self._graphdef)
+                 for batch in np.split(padded, len(padded) // batch_size)]
+        return np.asarray(jnp.concatenate(probs))[:count]
+
+    def evaluate(self, test_images: np.ndarray, test_labels: np.ndarray,
+                 val_images: np.ndarray | None = None,
+                 val_labels: np.ndarray | None = None) -> dict[str, float]:
+        """Test metrics, with the binary threshold chosen on validation data if given.
+
+        Empty validation data counts as none (a small site may have none).
+
+        Returns:
+          ``metrics.evaluation_report`` of the test (and validation) predictions.
+        """
+        if val_images is None or len(val_images) == 0:
+            val_labels = val_probs = None
+        else:
+            val_probs = self.predict_proba(val_images)
+        return metrics.evaluation_report(test_labels, self.predict_proba(test_images),
+                                         self.num_classes, val_labels, val_probs)
+
+    # -- weights at the federation boundary -------------------------------------
+
+    def weight_spec(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor of ``get_weights``, sorted by name."""
+        return list(self._spec)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Parameters and BatchNorm statistics as fresh host arrays.
+
+        Returns:
+          {name: array}, e.g. ``"conv1/kernel"``, ``"bn1/mean"``, in
+          ``weight_spec`` order.
+        """
+        leaves = jax.tree_util.tree_leaves((self._state.params, self._state.batch_stats))
+        # np.array copies: the device buffers are donated by the next epoch.
+        named = dict(zip(self._param_names + self._stat_names,
+                         (np.array(leaf) for leaf in leaves)))
+        return {name: named[name] for name, _, _ in self._spec}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Replaces parameters and BatchNorm statistics; the optimizer state stays.
+
+        Args:
+          weights: exactly the names, dtypes and shapes of ``weight_spec``.
+
+        Raises:
+          ValueError: naming the first tensor that is missing, unknown, or of
+            the wrong dtype or shape. Nothing is changed then.
+        """
+        _check_names("weights", weights, [name for name, _, _ in self._spec])
+        checked = {name: _check_array(name, weights[name], np.dtype(dtype), shape)
+                   for name, dtype, shape in self._spec}
+
+        def rebuilt(tree, names):
+            leaves = [jnp.array(checked[name]) for name in names]
+            return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), leaves)
+
+        self._state = self._state._replace(
+            params=rebuilt(self._state.params, self._param_names),
+            batch_stats=rebuilt(self._state.batch_stats, self._stat_names))
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state (e.g. for a model that arrived from another
+        site), keeping the current learning rate and other hyperparameters."""
+        fresh = self._tx.init(self._state.params)
+        self._state = self._state._replace(
+            opt_state=fresh._replace(hyperparams=dict(self._state.opt_state.hyperparams)))
+
+    @property
+    def learning_rate(self) -> float:
+        """The optimizer's current learning rate."""
+        return float(self._state.opt_state.hyperparams["learning_rate"])
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue training bit-identically, as host arrays.
+
+        Returns:
+          {"weight/<name>": ..., "optimizer/<index>": ..., "rng_key": ...}:
+          the weights, the optimizer state's leaves in pytree order, and the
+          PRNG key's raw data.
+        """
+        state = {f"weight/{name}": value for name, value in self.get_weights().items()}
+        for index, leaf in enumerate(jax.tree_util.tree_leaves(self._state.opt_state)):
+            state[f"optimizer/{index:04d}"] = np.array(leaf)
+        state["rng_key"] = np.array(jax.random.key_data(self._state.key))
+        return state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restores what ``get_state`` returned (from a learner built alike).
+
+        Raises:
+          ValueError: naming the first entry that is missing, unknown, or of
+            the wrong dtype or shape. Nothing is changed then.
+        """
+        opt_leaves, opt_tree = jax.tree_util.tree_flatten(self._state.opt_state)
+        key_data = jax.random.key_data(self._state.key)
+        expected = {f"weight/{name}": (np.dtype(dtype), shape)
+                    for name, dtype, shape in self._spec}
+        expected.update({f"optimizer/{index:04d}": (leaf.dtype, leaf.shape)
+                         for index, leaf in enumerate(opt_leaves)})
+        expected["rng_key"] = (key_data.dtype, key_data.shape)
+        _check_names("state", state, expected)
+        checked = {name: _check_array(name, state[name], dtype, shape)
+                   for name, (dtype, shape) in expected.items()}
+        self.set_weights({name[len("weight/"):]: value for name, value in checked.items()
+                          if name.startswith("weight/")})
+        opt_state = jax.tree_util.tree_unflatten(
+            opt_tree, [jnp.array(checked[f"optimizer/{index:04d}"])
+                       for index in range(len(opt_leaves))])
+        self._state = self._state._replace(
+            opt_state=opt_state, key=jax.random.wrap_key_data(jnp.array(checked["rng_key"])))
+
+    # -- input checks ------------------------------------------------------------
+
+    def _checked_images(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim == 3 and self.image_shape[2] == 1:
+            images = images[..., None]
+        if images.shape[1:] != self.image_shape:
+            expected = ", ".join(map(str, self.image_shape))
+            raise ValueError(f"expected images of shape (N, {expected}), got {images.shape}")
+        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(f"images must be uint8 or float, got {images.dtype}")
+        return images
+
+    def _checked_labels(self, labels: np.ndarray, count: int) -> np.ndarray:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape != (count,):
+            raise ValueError(f"expected {count} labels, got {labels.size}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), "
+                             f"got [{labels.min()}, {labels.max()}]")
+        return labels.astype(np.int32)
+
+
+def _with_learning_rate(opt_state, learning_rate: float):
+    current = opt_state.hyperparams["learning_rate"]
+    hyperparams = {**opt_state.hyperparams,
+                   "learning_rate": jnp.asarray(learning_rate, dtype=current.dtype)}
+    return opt_state._replace(hyperparams=hyperparams)
