@@ -1,4 +1,5 @@
-"""Benchmark: one model hand-off between two peers against a plain loopback socket.
+"""Benchmark: one model hand-off between two peers, against a plain loopback socket and with
+CURVE against without.
 
 A hand-off is what a ring does per hop: the holder sends the model (msgpack header + one raw
 frame per tensor), the successor receives it, checks every field and value (wire.decode:
@@ -6,7 +7,9 @@ names, dtypes, shapes, finite), and acknowledges; the holder receives the ack. T
 sends the same bytes as one frame through a bare DEALER/ROUTER pair on tcp://127.0.0.1 and
 gets a 1-byte reply: the floor for a loopback round trip of that payload.
 
-Prints one JSON line per model: {"name", "value", "reference", "ratio", "unit", ...}.
+Prints JSON lines {"name", "value", "reference", "ratio", "unit", ...}: per model, the peer
+hand-off over CURVE against the raw socket (`handoff_*`), and the same hand-off with CURVE
+against without (`curve_vs_plain_*`), all measured in the same run.
 Run: .venv/bin/python bench/bench_handoff.py [--repeats 30]
 """
 
@@ -21,7 +24,7 @@ import numpy as np
 import zmq
 
 from p2p_fl.launch import free_ports
-from p2p_fl.net import Peer, wire
+from p2p_fl.net import Curve, Peer, wire
 
 
 def model_weights(name: str) -> dict[str, np.ndarray]:
@@ -31,10 +34,13 @@ def model_weights(name: str) -> dict[str, np.ndarray]:
     return Learner(name).get_weights()
 
 
-def time_peer_handoff(weights: dict, repeats: int) -> list[float]:
+def time_peer_handoff(weights: dict, repeats: int, curve: bool) -> list[float]:
     pa, pb = free_ports(2)
-    a = Peer("a", f"tcp://127.0.0.1:{pa}", {"b": f"tcp://127.0.0.1:{pb}"}, "bench", wire.spec_of(weights))
-    b = Peer("b", f"tcp://127.0.0.1:{pb}", {"a": f"tcp://127.0.0.1:{pa}"}, "bench", wire.spec_of(weights))
+    keys = {n: tuple(k.decode() for k in zmq.curve_keypair()) for n in "ab"}
+    curves = {n: Curve(*keys[n], {o: keys[o][0] for o in "ab" if o != n}) if curve else None for n in "ab"}
+    spec = wire.spec_of(weights)
+    a = Peer("a", f"tcp://127.0.0.1:{pa}", {"b": f"tcp://127.0.0.1:{pb}"}, "bench", spec, curve=curves["a"])
+    b = Peer("b", f"tcp://127.0.0.1:{pb}", {"a": f"tcp://127.0.0.1:{pa}"}, "bench", spec, curve=curves["b"])
     times = []
     try:
         for i in range(repeats + 3):
@@ -86,11 +92,16 @@ def main() -> None:
     for model in args.models.split(","):
         weights = model_weights(model)
         payload = b"".join(np.ascontiguousarray(w).tobytes() for w in weights.values())
-        peer = statistics.median(time_peer_handoff(weights, args.repeats))
+        secure = statistics.median(time_peer_handoff(weights, args.repeats, curve=True))
+        plain = statistics.median(time_peer_handoff(weights, args.repeats, curve=False))
         raw = statistics.median(time_raw_socket(payload, args.repeats))
-        print(json.dumps({"name": f"handoff_{model}", "value": peer, "reference": raw,
-                          "ratio": peer / raw, "unit": "s (median)", "bytes": len(payload),
-                          "tensors": len(weights)}))
+        common = {"unit": "s (median)", "bytes": len(payload), "tensors": len(weights)}
+        print(json.dumps({"name": f"handoff_{model}", "value": secure, "reference": raw,
+                          "ratio": secure / raw, **common}))
+        print(json.dumps({"name": f"handoff_plain_{model}", "value": plain, "reference": raw,
+                          "ratio": plain / raw, **common}))
+        print(json.dumps({"name": f"curve_vs_plain_{model}", "value": secure, "reference": plain,
+                          "ratio": secure / plain, **common}))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,16 @@ from pathlib import Path
 import tomli_w
 
 from p2p_fl.data import parse_partition
+from p2p_fl.federate import mixing
 from p2p_fl.net.keys import is_public_key
 
-PROTOCOLS = ("swt", "cwt", "local")
+PROTOCOLS = ("swt", "cwt", "gossip", "local")
 RING_PROTOCOLS = ("swt", "cwt")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 RING_ORDERS = ("listed", "shuffle")
+RING_FINALS = ("last", "average-last-cycle")
+GOSSIP_GRAPHS = ("complete", "ring", "regular:K", "edges")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ADDRESS = re.compile(r"^tcp://[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$|^ipc://.+$|^inproc://.+$")
@@ -50,6 +53,24 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class RingConfig:
     order: str = "shuffle"  # "listed": the peers' order every cycle; "shuffle": seeded per cycle
+    final: str = "average-last-cycle"  # or "last": the model as the last site left it
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    graph: str = "complete"  # complete | ring | regular:K (random, seeded) | edges
+    edges: list = field(default_factory=list)  # [["a", "b"], ...] with graph = "edges"
+    graph_seed: int = 0  # draws the regular:K graph
+    # Masked sums of the neighbourhood (DESIGN.md, Security); false: plain averaging.
+    secure: bool = True
+    round_timeout_s: float = 120.0  # after its own training, a site waits this long for its neighbours
+    # Secure sums encode weights in fixed point in uint32; values beyond +-clip are clipped
+    # (and counted). The scale is the finest at which no neighbourhood sum can wrap.
+    clip: float = 16.0
+    # Training samples per peer, for FedAvg weights on the complete graph (launch fills it
+    # in from its shards). Taken from the file, never from a peer's messages, so no site can
+    # claim a bigger share. Empty: Metropolis-Hastings weights (equal on the complete graph).
+    samples: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,7 @@ class Topology:
     seed: int = 0
     training: TrainingConfig = field(default_factory=TrainingConfig)
     ring: RingConfig = field(default_factory=RingConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
@@ -98,7 +120,7 @@ class Topology:
         raise ConfigError(f"--name {name!r} is not a peer of this topology (peers: {', '.join(self.names)})")
 
 
-_SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "data": DataConfig, "network": NetworkConfig}
+_SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "gossip": GossipConfig, "data": DataConfig, "network": NetworkConfig}
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -186,18 +208,73 @@ def _check_semantics(t: Topology, fail) -> None:
     _choice(tr.optimizer, OPTIMIZERS, "training.optimizer", fail)
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule", fail)
     _choice(t.ring.order, RING_ORDERS, "ring.order", fail)
+    _choice(t.ring.final, RING_FINALS, "ring.final", fail)
     try:
         parse_partition(t.data.partition)
     except ValueError as err:
         fail(f"data.partition: {err}")
     if t.protocol in RING_PROTOCOLS and len(t.peers) < 2:
         fail(f"a {t.protocol} ring needs at least 2 peers, got {len(t.peers)}")
+    if t.protocol == "gossip":
+        _check_gossip(t, fail)
     net = t.network
     for key in ("ack_timeout_s", "handoff_timeout_s", "run_timeout_s"):
         if not getattr(net, key) > 0:
             fail(f"network.{key} must be > 0")
     if net.handoff_timeout_s < net.ack_timeout_s:
         fail("network.handoff_timeout_s must be >= network.ack_timeout_s")
+
+
+def gossip_graph(t: Topology) -> mixing.Adjacency:
+    """The gossip graph of the topology, the same on every site; ValueError names the problem."""
+    g, names = t.gossip, t.names
+    if g.graph == "complete":
+        return mixing.complete(names)
+    if g.graph == "ring":
+        return mixing.ring_neighbours(names)
+    if g.graph == "edges":
+        return mixing.edge_list(names, g.edges)
+    degree = g.graph.removeprefix("regular:")
+    if g.graph.startswith("regular:") and degree.isdigit():
+        return mixing.random_regular(names, int(degree), g.graph_seed)
+    raise ValueError(f"{g.graph!r} is not one of {', '.join(GOSSIP_GRAPHS)}")
+
+
+def _check_gossip(t: Topology, fail) -> None:
+    g = t.gossip
+    if len(t.peers) < 2:
+        fail(f"gossip needs at least 2 peers, got {len(t.peers)}")
+    if g.edges and g.graph != "edges":
+        fail(f"gossip.edges is given but gossip.graph is {g.graph!r}; set graph = \"edges\"")
+    if not all(isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e) for e in g.edges):
+        fail("gossip.edges must be a list of [\"peer\", \"peer\"] pairs")
+    try:
+        graph = gossip_graph(t)
+    except ValueError as err:
+        fail(f"gossip.{'edges' if g.graph == 'edges' else 'graph'}: {err}")
+    if not mixing.is_connected(graph):
+        fail(f"gossip.graph {g.graph!r} is disconnected: every peer must reach every other")
+    if g.secure:
+        small = sorted(n for n, nbrs in graph.items() if len(nbrs) < 2)
+        if small:
+            fail(f"gossip.graph {g.graph!r}: {', '.join(small)} has fewer than 2 neighbours, "
+                 "too few for a secure sum (gossip.secure = true)")
+    if not g.round_timeout_s > 0:
+        fail("gossip.round_timeout_s must be > 0")
+    if not g.clip > 0:
+        fail(f"gossip.clip must be > 0, got {g.clip}")
+    if g.secure and t.network.insecure:
+        fail("gossip.secure = true derives its masks from the CURVE keys; network.insecure = true has none")
+    if g.samples:
+        unknown = sorted(set(g.samples) - set(t.names))
+        if unknown:
+            fail(f"gossip.samples names unknown peers {', '.join(unknown)}")
+        missing = [n for n in t.names if n not in g.samples]
+        if missing:
+            fail(f"gossip.samples has no count for {', '.join(missing)}")
+        bad = [n for n, c in g.samples.items() if not isinstance(c, int) or isinstance(c, bool) or c < 1]
+        if bad:
+            fail(f"gossip.samples must be positive integers; not for {', '.join(bad)}")
 
 
 def _choice(value, options, key, fail) -> None:

@@ -28,6 +28,8 @@ from p2p_fl.config import PeerConfig, Topology, dump_topology, parse_topology
 from p2p_fl.data import load_dataset, partition_dataset, save_npz
 from p2p_fl.net import generate_keypair, load_public_key
 
+# Protocols after which every site holds its own final model.
+SITE_MODEL_PROTOCOLS = ("local", "gossip")
 XLA_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "p2p_fl" / "xla"
 
 
@@ -91,6 +93,9 @@ def prepare(topology: Topology, out: Path, console: Console) -> tuple[Topology, 
     peers = tuple(PeerConfig(p.name, f"tcp://127.0.0.1:{port}", public_keys[p.name])
                   for p, port in zip(topology.peers, ports))
     topology = dataclasses.replace(topology, peers=peers)
+    if topology.protocol == "gossip":  # FedAvg weights: the shards' sizes, fixed in the file
+        samples = {p.name: len(shard.train) for p, shard in zip(topology.peers, shards)}
+        topology = dataclasses.replace(topology, gossip=dataclasses.replace(topology.gossip, samples=samples))
     text = dump_topology(topology)
     parse_topology(tomllib.loads(text), source=str(out / "topology.toml"))  # same rules as any file
     (out / "topology.toml").write_text(text)
@@ -196,14 +201,15 @@ def collect_summary(topology: Topology, out: Path, wall_s: float) -> dict:
 def _final_metrics(topology: Topology, nodes: list[dict]) -> dict:
     """The federation's model on the common test set.
 
-    A ring ends with one model every site holds (any node's figures serve); for local
-    training there is no shared model, so the figures are the mean over sites.
+    A ring ends with one model every site holds (any node's figures serve); after local
+    training or gossip every site ends with its own model, so the figures are the mean over
+    sites (on a complete graph without dropouts the gossip models are equal anyway).
     """
     keys = ("test_loss", "test_acc", "test_auc", "test_sens", "test_spec", "test_threshold",
             "test_acc_at_val_threshold")
     if not nodes:
         return {}
-    if topology.protocol == "local":
+    if topology.protocol in SITE_MODEL_PROTOCOLS:
         return {k: _mean([n.get(k) for n in nodes]) for k in keys}
     return {k: nodes[0].get(k) for k in keys}
 
@@ -222,7 +228,7 @@ def results_table(summary: dict) -> Table:
                       _f(n.get("test_auc")), _f(n.get("test_sens")), _f(n.get("test_spec")),
                       _f(n.get("local_test_auc")), f"{n['wall_s']:.1f}", f"{n['bytes_sent'] / 1e6:.2f}")
     f = summary["final"]
-    label = "final (mean of sites)" if summary["protocol"] == "local" else "final model"
+    label = "final (mean of sites)" if summary["protocol"] in SITE_MODEL_PROTOCOLS else "final model"
     table.add_row(f"[bold]{label}[/]", "", _f(f.get("test_loss")), _f(f.get("test_acc")),
                   f"[bold]{_f(f.get('test_auc'))}[/]", _f(f.get("test_sens")), _f(f.get("test_spec")), "",
                   f"{summary['wall_s']:.1f}", f"{sum(n['bytes_sent'] for n in summary['nodes']) / 1e6:.2f}")

@@ -18,11 +18,13 @@ from typing import Callable
 
 import numpy as np
 
-from p2p_fl.config import RING_PROTOCOLS, Topology
+from p2p_fl.config import RING_PROTOCOLS, Topology, gossip_graph
 from p2p_fl.data import Dataset, Split, load_dataset
 from p2p_fl.learn import Learner
 from p2p_fl.net import Curve, Peer, WireError
-from p2p_fl.protocols import Finish, LocalProtocol, RingProtocol, Send, Train, ring_schedule
+from p2p_fl.federate import shared_secrets_with
+from p2p_fl.protocols import Finish, GossipProtocol, LocalProtocol, RingProtocol, Send, Train, ring_schedule
+from p2p_fl.protocols.gossip import SecureSetup, mixing_weights, secure_fixed_point
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +50,22 @@ def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, .
     )
 
 
-def make_protocol(topology: Topology, me: str):
+def make_protocol(topology: Topology, me: str, curve: Curve | None):
     t = topology
     if t.protocol in RING_PROTOCOLS:
         schedule = ring_schedule(t.names, t.training.rounds, t.ring.order, t.seed)
         return RingProtocol(me, schedule, ack_timeout_s=t.network.ack_timeout_s,
-                            handoff_timeout_s=t.network.handoff_timeout_s)
+                            handoff_timeout_s=t.network.handoff_timeout_s, final=t.ring.final)
     if t.protocol == "local":
         return LocalProtocol(me, t.training.rounds)
+    if t.protocol == "gossip":
+        graph = gossip_graph(t)
+        secure = None
+        if t.gossip.secure:
+            secure = SecureSetup(t.federation, shared_secrets_with(curve.secret, curve.peer_keys, me),
+                                 secure_fixed_point(graph, t.gossip.clip))
+        return GossipProtocol(me, graph, mixing_weights(graph, t.gossip.samples), t.training.rounds,
+                              round_timeout_s=t.gossip.round_timeout_s, secure=secure)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
 
 
@@ -87,7 +97,11 @@ def run_node(
     started = time.monotonic()
     me = topology.peer(name)
     learner = make_learner(topology, data.num_classes, data.image_shape)
-    protocol = make_protocol(topology, name)
+    protocol = make_protocol(topology, name, curve)
+    listed = topology.gossip.samples.get(name) if topology.protocol == "gossip" else None
+    if listed is not None and listed != len(data.train):
+        log.warning("%s: gossip.samples lists %d training samples, the data has %d; mixing uses the listed count",
+                    name, listed, len(data.train))
     peer = None
     if topology.protocol != "local":
         others = {p.name: p.address for p in topology.peers if p.name != name}
@@ -121,8 +135,9 @@ def run_node(
         losses = learner.fit(data.train.images, data.train.labels,
                              epochs=topology.training.local_epochs, learning_rate=lr, on_epoch=on_epoch)
         val = learner.evaluate(data.val.images, data.val.labels)
-        record = {"round": step.round, **step.meta, "lr": lr, "train_loss": losses[-1],
-                  "val_loss": val["loss"], "val_auc": val["auc"], "train_s": time.monotonic() - t0}
+        record = {"round": step.round, **step.meta, "lr": lr, "train_loss": _plain(losses[-1]),
+                  "val_loss": _plain(val["loss"]), "val_auc": _plain(val["auc"]),  # None: one class only
+                  "train_s": time.monotonic() - t0}
         return learner.get_weights(), record
 
     try:
@@ -137,6 +152,9 @@ def run_node(
                     waiting_train.append(action)
                 elif isinstance(action, Finish):
                     final = action
+                    if "mixed_round" in action.meta:  # gossip: the last round's mix, like the others'
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps({"round": topology.training.rounds, **action.meta}) + "\n")
             queue = []
             if training is None and waiting_train:
                 step = waiting_train.pop(0)
@@ -152,8 +170,8 @@ def run_node(
                     f.write(json.dumps(record) + "\n")
                 emit({"event": "trained", **record})
                 queue += protocol.on_trained(step.round, weights, time.monotonic())
-                if not waiting_train and not queue:
-                    emit({"event": "state", "state": "sending" if peer else "waiting"})
+                if not waiting_train and not any(isinstance(a, Train) for a in queue):
+                    emit({"event": "state", "state": "waiting"})  # handed on; the next model is elsewhere
                 continue
             if peer is not None:
                 for msg in peer.receive(POLL_S if training is None else POLL_S / 5):

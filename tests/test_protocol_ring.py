@@ -117,3 +117,48 @@ def test_a_site_that_held_none_of_the_previous_hops_cannot_inject_a_model():
         p.on_message(message(wire.MODEL, "d", 2, W), 0)
     # after b was skipped, a (two hops back) may hand hop 2 on
     assert isinstance(p.on_message(message(wire.MODEL, "a", 2, W), 0)[1], Train)
+
+
+def run_ring(schedule, final):
+    """Routes every Send between state machines; training sets every weight to the hop index."""
+    sites = {n: ring(n, schedule) for n in set(schedule)}
+    for p in sites.values():
+        p.__init__(p.me, schedule, ack_timeout_s=1.0, handoff_timeout_s=10.0, final=final)
+    inbox = [(n, a) for n in sites for a in sites[n].start(0)]
+    finals, types = {}, []
+    while inbox:
+        site, action = inbox.pop(0)
+        if isinstance(action, Train):
+            weights = {"w": np.full(2, action.round, np.float32), "v": np.full(3, -action.round, np.float32)}
+            inbox += [(site, a) for a in sites[site].on_trained(action.round, weights, 0)]
+        elif isinstance(action, Send):
+            types.append(action.type)
+            msg = message(action.type, site, action.round, action.weights, **action.meta)
+            inbox += [(action.to, a) for a in sites[action.to].on_message(msg, 0)]
+        elif isinstance(action, Finish):
+            finals[site] = action.weights
+    return finals, types
+
+
+def test_average_last_cycle_ends_with_the_mean_of_the_last_cycle_models():
+    schedule = ring_schedule(["a", "b", "c"], 3, "shuffle", seed=4)
+    finals, types = run_ring(schedule, "average-last-cycle")
+    assert types.count(wire.MODEL_AVERAGE) == 2  # the two hand-offs inside the last cycle
+    for weights in finals.values():  # hops 6, 7, 8 -> mean 7
+        np.testing.assert_allclose(weights["w"], np.full(2, 7.0))
+        np.testing.assert_allclose(weights["v"], np.full(3, -7.0))
+        assert list(weights) == ["w", "v"]
+
+
+def test_final_last_keeps_the_last_hop_model():
+    finals, types = run_ring(ring_schedule(["a", "b", "c"], 3, "shuffle", seed=4), "last")
+    assert wire.MODEL_AVERAGE not in types
+    for weights in finals.values():
+        np.testing.assert_array_equal(weights["w"], np.full(2, 8.0))
+
+
+def test_a_running_mean_that_claims_more_models_than_hops_is_refused():
+    p = RingProtocol("b", ["a", "b", "a", "b"], ack_timeout_s=1, handoff_timeout_s=5, final="average-last-cycle")
+    tensors = {"w": np.zeros(2, np.float32), "average/w": np.zeros(2, np.float32)}
+    with pytest.raises(wire.WireError, match="does not fit"):
+        p.on_message(message(wire.MODEL_AVERAGE, "a", 3, tensors, averaged=5), 0)

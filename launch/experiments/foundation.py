@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
     runs = [
-        ("centralized (5 epochs)", ["centralized", "--config", "topologies/ring-3.toml"], "centralized"),
+        ("centralized (10 epochs)", ["centralized", "--config", "topologies/ring-3.toml"], "centralized"),
         ("CWT ring-3, iid", ["launch", "topologies/ring-3.toml"], "ring-3"),
         ("CWT ring-10, iid", ["launch", "topologies/ring-10.toml"], "ring-10"),
         ("SWT-3, iid", ["launch", "topologies/swt-3.toml"], "swt-3"),

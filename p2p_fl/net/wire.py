@@ -28,15 +28,43 @@ PROTOCOL_VERSION = 1
 
 # Message types. Each protocol uses a subset; the header decoder refuses anything else.
 MODEL = "model"  # a model handed to the next site of a ring (round = hop to train)
-ACK = "ack"  # receipt of a model/final message (round and meta.ack_seq echo it)
+# A hop of a ring's last cycle: the model, then the running mean of the models that cycle
+# produced so far, under AVERAGE_PREFIX + name.
+MODEL_AVERAGE = "model+average"
+ACK = "ack"  # receipt of a model/final message (round and meta.of echo it)
 FINAL = "final"  # the finished model, sent to every site at the end of a ring run
-MESSAGE_TYPES = frozenset({MODEL, ACK, FINAL})
-TENSOR_TYPES = frozenset({MODEL, FINAL})
+# A site's model after its local training of gossip round `round`; meta.samples: its
+# training sample count (the receiver caps it).
+GOSSIP_MODEL = "gossip-model"
+# Secure neighbourhood sum of gossip round `round` (federate/secure_sum.py). Name lists
+# travel in meta as comma-separated peer names; they fix which tensors must follow.
+#   gossip-group     aggregator -> member. meta: members, threshold. No tensors.
+#   gossip-masked    member -> aggregator. meta: share_for (the other members). Tensors:
+#                    masked (uint32, the flat model's length), commitment (uint8, 32), then
+#                    share/<k> (uint8, 44: an AES-GCM encrypted Shamir share) for k in share_for.
+#   gossip-announce  aggregator -> survivor. meta: survivors, dropped, shares_from.
+#                    Tensors: share/<k> (uint8, 44) for k in shares_from.
+#   gossip-release   survivor -> aggregator. meta: shares_of, correction (bool). Tensors:
+#                    share/<k> (uint8, 16: a decrypted share) for k in shares_of, then
+#                    correction (uint32, the flat length) when meta.correction is true.
+GOSSIP_GROUP = "gossip-group"
+GOSSIP_MASKED = "gossip-masked"
+GOSSIP_ANNOUNCE = "gossip-announce"
+GOSSIP_RELEASE = "gossip-release"
+MESSAGE_TYPES = frozenset({MODEL, MODEL_AVERAGE, ACK, FINAL, GOSSIP_MODEL,
+                           GOSSIP_GROUP, GOSSIP_MASKED, GOSSIP_ANNOUNCE, GOSSIP_RELEASE})
+TENSOR_TYPES = frozenset({MODEL, MODEL_AVERAGE, FINAL, GOSSIP_MODEL})
+AVERAGE_PREFIX = "average/"
 
 MAX_HEADER_BYTES = 256 * 1024
 MAX_ROUND = 1_000_000
 MAX_META_ITEMS = 32
-ALLOWED_DTYPES = frozenset({"float32", "float16", "int32", "uint32", "uint64"})
+MAX_NAMES = 256  # peer names in one meta list
+ALLOWED_DTYPES = frozenset({"float32", "float16", "int32", "uint32", "uint64", "uint8"})
+COMMITMENT_BYTES = 32
+SHARE_BYTES = 16
+ENCRYPTED_SHARE_BYTES = 12 + SHARE_BYTES + 16  # AES-GCM nonce, share, tag
+SHARE_PREFIX = "share/"
 
 TensorSpec = Sequence[tuple[str, str, tuple[int, ...]]]
 
@@ -140,9 +168,62 @@ def decode(
     meta = _field(header, "meta", dict)
     _check_meta(meta)
     listed = _field(header, "tensors", list)
-    expected = tensor_spec if msg_type in TENSOR_TYPES else ()
-    tensors = _decode_tensors(listed, frames[1:], expected)
+    tensors = _decode_tensors(listed, frames[1:], expected_spec(msg_type, tensor_spec, meta))
     return Message(msg_type, fed, sender, round_, seq, tensors, meta)
+
+
+def expected_spec(msg_type: str, tensor_spec: TensorSpec, meta: Mapping[str, Any] | None = None) -> list:
+    """The tensors a message of this type must carry, given the model's spec and its meta.
+
+    Raises:
+        WireError: when the meta fields that fix the tensors of a secure-sum message are
+            missing or malformed.
+    """
+    meta = meta or {}
+    flat = ("uint32", (sum(int(np.prod(s, dtype=np.int64)) for _, _, s in tensor_spec),))
+    encrypted = ("uint8", (ENCRYPTED_SHARE_BYTES,))
+    if msg_type == GOSSIP_GROUP:
+        names_field(meta, "members")
+        if not isinstance(meta.get("threshold"), int) or isinstance(meta.get("threshold"), bool):
+            raise WireError("meta.threshold is not an integer")
+        return []
+    if msg_type == GOSSIP_MASKED:
+        return [("masked", *flat), ("commitment", "uint8", (COMMITMENT_BYTES,))] + \
+            [(SHARE_PREFIX + k, *encrypted) for k in names_field(meta, "share_for")]
+    if msg_type == GOSSIP_ANNOUNCE:
+        names_field(meta, "survivors")
+        names_field(meta, "dropped")
+        return [(SHARE_PREFIX + k, *encrypted) for k in names_field(meta, "shares_from")]
+    if msg_type == GOSSIP_RELEASE:
+        if not isinstance(meta.get("correction"), bool):
+            raise WireError("meta.correction is not a bool")
+        spec = [(SHARE_PREFIX + k, "uint8", (SHARE_BYTES,)) for k in names_field(meta, "shares_of")]
+        return spec + ([("correction", *flat)] if meta["correction"] else [])
+    if msg_type == MODEL_AVERAGE:
+        return list(tensor_spec) + [(AVERAGE_PREFIX + n, d, s) for n, d, s in tensor_spec]
+    return list(tensor_spec) if msg_type in TENSOR_TYPES else []
+
+
+def names_field(meta: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """A comma-separated list of distinct peer names from meta (may be empty), sorted.
+
+    Raises:
+        WireError: if it is missing, not a string, unsorted, or holds a repeated name.
+    """
+    value = meta.get(key)
+    if not isinstance(value, str):
+        raise WireError(f"meta.{key} is not a comma-separated name list")
+    names = tuple(value.split(",")) if value else ()
+    if len(names) > MAX_NAMES or any(not n for n in names):
+        raise WireError(f"meta.{key} holds an empty name or more than {MAX_NAMES} names")
+    if list(names) != sorted(set(names)):
+        raise WireError(f"meta.{key} is not sorted or repeats a name")
+    return names
+
+
+def join_names(names) -> str:
+    """The meta form of a name list (see `names_field`)."""
+    return ",".join(sorted(names))
 
 
 def spec_of(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple[int, ...]]]:

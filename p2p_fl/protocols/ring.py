@@ -5,6 +5,12 @@ hands the model to `schedule[h + 1]` and keeps its copy until that successor ack
 A successor silent past the hand-off deadline is skipped (its hop is lost, never the model).
 After the last hop the holder sends the final model to every site.
 
+With `final = "average-last-cycle"` the final model is the mean of the models the last
+cycle produced, one per site (a running mean travels with the model in that cycle). A ring
+otherwise ends with the model of its last site, weights and BatchNorm statistics fitted
+last to that one site's mix of labels: on a label-skewed split that site decides the
+calibration of everyone's model.
+
 `RingProtocol` is a state machine with no sockets and no clock of its own: the node feeds
 it messages, finished training and the time, and carries out the actions it returns.
 """
@@ -15,8 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from p2p_fl.federate import weighted_average
 from p2p_fl.net import wire
 from p2p_fl.protocols.actions import Action, Finish, Send, Train, Weights
+
+FINAL_MODELS = ("last", "average-last-cycle")
 
 
 def ring_schedule(peers: list[str], cycles: int, order: str, seed: int) -> list[str]:
@@ -56,11 +65,15 @@ class RingProtocol:
         schedule: site per hop (see `ring_schedule`).
         ack_timeout_s: resend an unacknowledged message after this.
         handoff_timeout_s: give up on a successor (skip it) or on delivering the final model.
+        final: "last" (the last hop's model) or "average-last-cycle".
     """
 
-    def __init__(self, me: str, schedule: list[str], *, ack_timeout_s: float, handoff_timeout_s: float):
+    def __init__(self, me: str, schedule: list[str], *, ack_timeout_s: float, handoff_timeout_s: float,
+                 final: str = "last"):
         if me not in schedule:
             raise ValueError(f"{me!r} has no hop in the ring schedule")
+        if final not in FINAL_MODELS:
+            raise ValueError(f"final must be one of {FINAL_MODELS}, got {final!r}")
         self.me = me
         self.schedule = schedule
         self.num_hops = len(schedule)
@@ -70,6 +83,10 @@ class RingProtocol:
         self.last_round_accepted = -1
         self.skipped: list[str] = []
         self.duplicates = 0
+        # First hop whose output joins the final average (num_hops: no averaging).
+        self.average_from = self.num_hops - self.cycle_length if final == "average-last-cycle" else self.num_hops
+        self._average: Weights | None = None  # running mean of the outputs of hops >= average_from
+        self._averaged = 0  # how many outputs that mean holds (skipped hops add none)
         self.finished = False
         self._pending: list[_Pending] = []
         self._final: Weights | None = None
@@ -96,7 +113,12 @@ class RingProtocol:
                 return [ack]  # a resend: our ack was lost
             self.finished = True
             return [ack, Finish(dict(msg.tensors), meta=dict(msg.meta))]
-        if msg.type == wire.MODEL:
+        if msg.type in (wire.MODEL, wire.MODEL_AVERAGE):
+            averaged = msg.meta.get("averaged", 0)
+            if msg.type == wire.MODEL_AVERAGE and not (
+                    msg.round > self.average_from and isinstance(averaged, int)
+                    and 1 <= averaged <= msg.round - self.average_from):
+                raise wire.WireError(f"running mean of {averaged!r} models does not fit hop {msg.round}")
             if msg.round <= self.last_round_accepted:
                 self.duplicates += 1
                 return [ack]  # a resend of a hop we already took: its ack was lost
@@ -108,11 +130,17 @@ class RingProtocol:
             if msg.sender not in previous:
                 raise wire.WireError(f"{msg.sender} held none of the hops before {msg.round}")
             self.last_round_accepted = msg.round
-            return [ack, self._train(msg.round, dict(msg.tensors))]
+            model, self._average = _split_average(msg.tensors)
+            self._averaged = averaged if self._average is not None else 0
+            return [ack, self._train(msg.round, model)]
         raise wire.WireError(f"unexpected {msg.type} message in a ring")
 
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
         """The local training of hop `round` finished with `weights`."""
+        if round >= self.average_from:
+            mean = weights if not self._averaged else weighted_average([self._average, weights], [self._averaged, 1])
+            self._average = {name: mean[name] for name in weights}  # keep the model's order
+            self._averaged += 1
         return self._hand_on(round + 1, weights, now)
 
     def on_tick(self, now: float) -> list[Action]:
@@ -122,8 +150,10 @@ class RingProtocol:
             if now - p.first_sent > self.handoff_timeout_s:
                 self._pending.remove(p)
                 self.skipped.append(p.to)
-                if p.type == wire.MODEL:
-                    actions += self._hand_on(p.round + 1, p.weights, now)
+                if p.type in (wire.MODEL, wire.MODEL_AVERAGE):
+                    model, self._average = _split_average(p.weights)
+                    self._averaged = p.meta.get("averaged", 0)
+                    actions += self._hand_on(p.round + 1, model, now)
             elif now - p.last_sent > self.ack_timeout_s:
                 p.last_sent = now
                 actions.append(Send(p.to, p.type, p.round, p.weights, p.meta))
@@ -131,14 +161,19 @@ class RingProtocol:
 
     def _hand_on(self, round: int, weights: Weights, now: float) -> list[Action]:
         if round >= self.num_hops:
-            return self._send_final(weights, now)
+            return self._send_final(self._average if self._average is not None else weights, now)
         to = self.schedule[round]
         if to == self.me:
             self.last_round_accepted = round
             return [self._train(round, weights)]
         meta = {"cycle": round // self.cycle_length, "skipped": len(self.skipped)}
-        self._pending.append(_Pending(to, wire.MODEL, round, weights, meta, now, now))
-        return [Send(to, wire.MODEL, round, weights, meta)]
+        msg_type, tensors = wire.MODEL, weights
+        if self._average is not None:
+            msg_type = wire.MODEL_AVERAGE
+            meta["averaged"] = self._averaged
+            tensors = {**weights, **{wire.AVERAGE_PREFIX + n: a for n, a in self._average.items()}}
+        self._pending.append(_Pending(to, msg_type, round, tensors, meta, now, now))
+        return [Send(to, msg_type, round, tensors, meta)]
 
     def _send_final(self, weights: Weights, now: float) -> list[Action]:
         self._final = weights
@@ -159,3 +194,10 @@ class RingProtocol:
     def _train(self, round: int, weights: Weights | None) -> Train:
         return Train(round, weights, progress=round / self.num_hops,
                      meta={"cycle": round // self.cycle_length})
+
+
+def _split_average(tensors: Weights) -> tuple[Weights, Weights | None]:
+    """(model, running mean or None) from the tensors of a MODEL or MODEL_AVERAGE message."""
+    model = {n: a for n, a in tensors.items() if not n.startswith(wire.AVERAGE_PREFIX)}
+    average = {n[len(wire.AVERAGE_PREFIX):]: a for n, a in tensors.items() if n.startswith(wire.AVERAGE_PREFIX)}
+    return model, (average or None)

@@ -1,0 +1,383 @@
+"""Gossip averaging: every round each site trains, then averages with its graph neighbours.
+
+Round r at site i: train locally, then replace the model by the weighted mean over itself
+and the neighbours heard in time (i's mixing row, renormalised over who was heard), and
+train round r + 1 from it. After the last round the mixed model is the site's final model;
+every site ends with its own.
+
+Mixing weights come from the topology only (`mixing_weights`): on the complete graph with
+sample counts listed, FedAvg's sample-count weights; otherwise Metropolis-Hastings weights.
+No site can claim a bigger share in its messages.
+
+Plain (`secure = False`): each site sends its trained model to every neighbour and mixes
+what arrived by the round deadline.
+
+Secure (DESIGN.md, Security; the steps are federate/secure_sum.py's): each site is the
+aggregator of the sum over its own live neighbours and a member of each neighbour's sum in
+the same round. As aggregator it sends the group to its members once its own training is
+done; a member answers once its own round-r training is done (the request waits until then)
+with its masked, weighted model; at the deadline (or when all replied) the aggregator
+announces survivors and dropped, the survivors release self-mask shares and corrections, and
+the aggregator mixes the unmasked sum with its own model. Fewer than 2 members, or a sum that
+fails, keeps the site's own model for that round. A neighbour that missed a sum is left out
+of the next groups until it is heard from again (a group of 3 tolerates no dropout); so is
+a survivor that released nothing.
+
+Rounds without a central clock: a site never mixes rounds. Messages for the next round (a
+neighbour ahead) wait until this site gets there; stale or far-future ones are refused.
+
+Each round's mix is recorded in the meta of the next Train (the last in Finish's): the
+round mixed, members asked, survivors, dropped (names), and for secure sums the values
+clipped by the encoding, whether the site kept its own model and why.
+
+`GossipProtocol` is a state machine with no sockets and no clock of its own, like the ring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from p2p_fl.federate import (
+    AggregatorSession,
+    Announcement,
+    FixedPoint,
+    GroupRequest,
+    JoinedRounds,
+    MaskedReply,
+    MemberSession,
+    Refusal,
+    Release,
+    fixed_point_for,
+    flatten,
+    join,
+    metropolis_hastings_weights,
+    mix_with_own,
+    sample_count_weights,
+    start_sum,
+    unflatten,
+    weighted_average,
+)
+from p2p_fl.federate.mixing import Adjacency
+from p2p_fl.net import wire
+from p2p_fl.protocols.actions import Action, Finish, Send, Train, Weights
+
+
+def mixing_weights(graph: Adjacency, samples: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Every site's mixing row: sample-count (FedAvg) weights on the complete graph when
+    counts are listed, Metropolis-Hastings weights otherwise."""
+    complete = all(len(nbrs) == len(graph) - 1 for nbrs in graph.values())
+    if complete and samples:
+        return sample_count_weights(graph, samples)
+    return metropolis_hastings_weights(graph)
+
+
+def secure_fixed_point(graph: Adjacency, clip: float) -> FixedPoint:
+    """The federation's encoding: the finest uint32 scale at which no neighbourhood sum wraps
+    (mixing weights of one sum add up to at most 1)."""
+    return fixed_point_for(clip=clip, num_contributions=max(len(n) for n in graph.values()), total_weight=1.0)
+
+
+@dataclass(frozen=True)
+class SecureSetup:
+    """What a site needs for secure sums: the pairwise X25519 secrets and the encoding."""
+
+    federation: str
+    # Every other peer -> X25519 secret (`secure_sum.shared_secrets_with`): the members of a
+    # neighbour's sum need not be our own neighbours.
+    shared: dict[str, bytes]
+    fixed_point: FixedPoint
+
+
+@dataclass
+class _Aggregation:
+    """This site's own secure sum of one round."""
+
+    session: AggregatorSession
+    deadline: float
+    announced: bool = False
+    releases: dict[str, Release] = field(default_factory=dict)
+
+
+class GossipProtocol:
+    """One site's view of a gossip run.
+
+    Args:
+        me: this site's name.
+        graph: the federation's undirected graph (the same on every site).
+        weights: every site's mixing row (`mixing_weights`).
+        rounds: rounds of train-then-mix.
+        round_timeout_s: how long a site waits for its neighbours in each step of a round.
+        secure: None for plain averaging, else the secure-sum setup.
+    """
+
+    def __init__(self, me: str, graph: Adjacency, weights: dict[str, dict[str, float]], rounds: int, *,
+                 round_timeout_s: float, secure: SecureSetup | None = None):
+        if me not in graph:
+            raise ValueError(f"{me!r} is not a node of the gossip graph")
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        self.me = me
+        self.graph = graph
+        self.neighbours = sorted(graph[me])
+        self.weights = weights
+        self.row = weights[me]
+        self.rounds = rounds
+        self.round_timeout_s = round_timeout_s
+        self.secure = secure
+        self.round = 0  # the round being trained or mixed
+        self.finished = False
+        self._own: Weights | None = None  # this round's trained model, once training is done
+        self._deadline = 0.0
+        # Plain: round -> sender -> model; only this round and the next are kept.
+        self._inbox: dict[int, dict[str, Weights]] = {}
+        # Secure, as member: trained flat models by round (this round and the one before,
+        # for an aggregator that is a little behind), requests waiting for our training,
+        # and the sums joined, by (round, aggregator).
+        self._contributions: dict[int, np.ndarray] = {}
+        self._waiting_requests: dict[int, dict[str, wire.Message]] = {}
+        self._joined: dict[tuple[int, str], MemberSession] = {}
+        self._joined_rounds = JoinedRounds()
+        self._aggregation: _Aggregation | None = None
+        self._suspects: set[str] = set()  # neighbours that missed our last sum
+        # Secure: after its last mix a site stays until it served its neighbours' last sums.
+        self._final: Finish | None = None
+        self._serve_until = 0.0
+
+    def start(self, now: float) -> list[Action]:
+        return [Train(0, None, progress=0.0)]
+
+    def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
+        """Round `round` trained: offer the model to the neighbours, then wait for theirs."""
+        if round != self.round:
+            raise ValueError(f"trained round {round} while at round {self.round}")
+        self._own = weights
+        self._deadline = now + self.round_timeout_s
+        if self.secure is None:
+            return [Send(n, wire.GOSSIP_MODEL, round, weights) for n in self.neighbours] + self._mix_plain(now)
+        flat, _ = flatten(weights)
+        self._contributions = {r: v for r, v in self._contributions.items() if r >= round - 1}
+        self._contributions[round] = flat
+        actions = self._start_sum(flat, now)
+        for request in self._waiting_requests.pop(round, {}).values():
+            actions += self._join(request)
+        return actions + self._step_sum(now)
+
+    def on_message(self, msg: wire.Message, now: float) -> list[Action]:
+        """Reacts to a checked message. Raises wire.WireError for one this state refuses."""
+        if msg.sender not in self.graph[self.me]:
+            raise wire.WireError(f"{msg.sender} is not a neighbour of {self.me}")
+        if self.secure is None:
+            if msg.type != wire.GOSSIP_MODEL:
+                raise wire.WireError(f"unexpected {msg.type} message in plain gossip")
+            self._check_round(msg, self.round, self.round + 1)
+            if msg.sender in self._inbox.get(msg.round, {}):
+                raise wire.WireError(f"second model from {msg.sender} for round {msg.round}")
+            self._inbox.setdefault(msg.round, {})[msg.sender] = dict(msg.tensors)
+            return self._mix_plain(now)
+        self._suspects.discard(msg.sender)  # it is alive: ask it again next round
+        if msg.type == wire.GOSSIP_GROUP:
+            return self._on_request(msg)
+        if msg.type == wire.GOSSIP_ANNOUNCE:
+            return self._on_announcement(msg) + self._finish_when_served(now)
+        if msg.type in (wire.GOSSIP_MASKED, wire.GOSSIP_RELEASE):
+            return self._on_reply(msg, now)
+        raise wire.WireError(f"unexpected {msg.type} message in secure gossip")
+
+    def on_tick(self, now: float) -> list[Action]:
+        if self.secure is None:
+            return self._mix_plain(now)
+        return self._step_sum(now) + self._finish_when_served(now)
+
+    def _finish_when_served(self, now: float) -> list[Action]:
+        """The final model, once every live neighbour's last sum got our release (or the
+        time to serve them ran out): leaving earlier would make their sums fail."""
+        if self._final is None or self.finished:
+            return []
+
+        def served(neighbour: str) -> bool:
+            session = self._joined.get((self.rounds - 1, neighbour))
+            return session is not None and session.first_announcement is not None
+
+        waiting = [n for n in self.neighbours if n not in self._suspects and not served(n)]
+        if waiting and now < self._serve_until:
+            return []
+        self.finished = True
+        return [self._final]
+
+    # Plain gossip.
+
+    def _mix_plain(self, now: float) -> list[Action]:
+        if self._own is None or self.finished:
+            return []
+        heard = self._inbox.get(self.round, {})
+        if len(heard) < len(self.neighbours) and now < self._deadline:
+            return []
+        names = sorted(heard)
+        mean = weighted_average([self._own] + [heard[n] for n in names], [self.row[n] for n in [self.me, *names]])
+        self._inbox.pop(self.round, None)
+        return self._next_round(mean, {"members": len(self.neighbours), "survivors": len(names),
+                                       "dropped": ",".join(n for n in self.neighbours if n not in heard)}, now)
+
+    # Secure gossip, aggregator side.
+
+    def _start_sum(self, flat: np.ndarray, now: float) -> list[Action]:
+        members = [n for n in self.neighbours if n not in self._suspects]
+        if len(members) < 2:
+            self._aggregation = None
+            return []  # _step_sum keeps the own model
+        session = start_sum(federation=self.secure.federation, round=self.round, me=self.me, members=members,
+                            weights={m: self.row[m] for m in members}, fixed_point=self.secure.fixed_point,
+                            length=flat.size)
+        self._aggregation = _Aggregation(session, now + self.round_timeout_s)
+        meta = {"members": wire.join_names(members), "threshold": session.request.threshold}
+        return [Send(m, wire.GOSSIP_GROUP, self.round, None, meta) for m in members]
+
+    def _on_reply(self, msg: wire.Message, now: float) -> list[Action]:
+        agg = self._aggregation
+        if agg is None or self._own is None or msg.round != self.round:
+            raise wire.WireError(f"{msg.type} for round {msg.round}, no sum of ours is open for it")
+        if msg.type == wire.GOSSIP_MASKED:
+            group = set(agg.session.request.members)
+            if set(wire.names_field(msg.meta, "share_for")) != group - {msg.sender}:
+                raise wire.WireError(f"masked reply from {msg.sender} was made for another group")
+            shares = {k: _bytes(msg.tensors[wire.SHARE_PREFIX + k]) for k in group - {msg.sender}}
+            reason = agg.session.receive(msg.sender, MaskedReply(
+                msg.tensors["masked"], shares, _bytes(msg.tensors["commitment"])))
+        else:
+            reason = self._take_release(agg, msg)
+        if reason:
+            raise wire.WireError(reason)
+        return self._step_sum(now)
+
+    def _take_release(self, agg: _Aggregation, msg: wire.Message) -> str | None:
+        if not agg.announced or agg.session.survivors is None or msg.sender not in agg.session.survivors:
+            return f"release from {msg.sender}, who is not an announced survivor"
+        if msg.sender in agg.releases:
+            return f"second release from {msg.sender}"
+        shares = {k: _bytes(msg.tensors[wire.SHARE_PREFIX + k]) for k in wire.names_field(msg.meta, "shares_of")}
+        correction = np.array(msg.tensors["correction"]) if msg.meta["correction"] else None
+        agg.releases[msg.sender] = Release(shares, correction)
+        return None
+
+    def _step_sum(self, now: float) -> list[Action]:
+        """Moves our own sum on: announce when all replied or at the deadline, finish when
+        all survivors released or at the next deadline; then mix and go to the next round."""
+        if self._own is None or self.finished:
+            return []
+        agg = self._aggregation
+        if agg is None:
+            return self._mix_secure(None, "fewer than 2 live neighbours", now)
+        session = agg.session
+        if not agg.announced:
+            if not session.complete and now < agg.deadline:
+                return []
+            agg.announced = True
+            agg.deadline = now + self.round_timeout_s
+            self._suspects |= set(session.request.members) - set(session.replies)
+            announcements = session.announce()
+            if announcements is None:
+                return self._mix_secure(None, session.failure, now)
+            return [self._announcement(k, a) for k, a in announcements.items()]
+        if len(agg.releases) < len(session.survivors) and now < agg.deadline:
+            return []
+        result = session.finish(agg.releases)
+        self._suspects |= set(session.survivors) - set(agg.releases)
+        return self._mix_secure(result, session.failure, now)
+
+    def _announcement(self, to: str, a: Announcement) -> Send:
+        owners = sorted(a.encrypted_shares)
+        meta = {"survivors": wire.join_names(a.survivors), "dropped": wire.join_names(a.dropped),
+                "shares_from": wire.join_names(owners)}
+        tensors = {wire.SHARE_PREFIX + k: np.frombuffer(a.encrypted_shares[k], np.uint8) for k in owners}
+        return Send(to, wire.GOSSIP_ANNOUNCE, a.round, tensors, meta)
+
+    def _mix_secure(self, result, failure: str | None, now: float) -> list[Action]:
+        session = self._aggregation.session if self._aggregation else None
+        record = {"members": len(session.request.members) if session else 0,
+                  "survivors": len(session.survivors or ()) if session else 0,
+                  "dropped": ",".join(session.dropped or ()) if session else "",
+                  "clipped": self._clipped(), "kept_own": result is None}
+        if result is None:
+            record["failure"] = failure
+            mixed = self._own
+        else:
+            flat, spec = flatten(self._own)
+            mixed = unflatten(mix_with_own(flat, self.row[self.me], result), spec)
+        self._aggregation = None
+        return self._next_round(mixed, record, now)
+
+    def _clipped(self) -> int:
+        """Values clipped by the fixed-point encoding in the sums we joined this round."""
+        return sum(s.clipped for (r, _), s in self._joined.items() if r == self.round)
+
+    # Secure gossip, member side.
+
+    def _on_request(self, msg: wire.Message) -> list[Action]:
+        if msg.round in self._contributions:
+            return self._join(msg)
+        self._check_round(msg, self.round, self.round + 1)
+        self._waiting_requests.setdefault(msg.round, {})[msg.sender] = msg
+        return []
+
+    def _join(self, msg: wire.Message) -> list[Action]:
+        aggregator = msg.sender
+        request = GroupRequest(self.secure.federation, msg.round, aggregator,
+                               wire.names_field(msg.meta, "members"), msg.meta["threshold"])
+        outcome = join(request, federation=self.secure.federation, me=self.me, topology=self.graph,
+                       shared=self.secure.shared, contribution=self._contributions[msg.round],
+                       weight=self.weights[aggregator][self.me], fixed_point=self.secure.fixed_point,
+                       joined=self._joined_rounds)
+        if isinstance(outcome, Refusal):
+            raise wire.WireError(f"group request refused: {outcome.reason}")
+        session, reply = outcome
+        self._joined = {k: s for k, s in self._joined.items() if k[0] >= self.round - 1}
+        self._joined[(msg.round, aggregator)] = session
+        others = sorted(reply.encrypted_shares)
+        tensors = {"masked": reply.masked, "commitment": np.frombuffer(reply.seed_commitment, np.uint8),
+                   **{wire.SHARE_PREFIX + k: np.frombuffer(reply.encrypted_shares[k], np.uint8) for k in others}}
+        return [Send(aggregator, wire.GOSSIP_MASKED, msg.round, tensors, {"share_for": wire.join_names(others)})]
+
+    def _on_announcement(self, msg: wire.Message) -> list[Action]:
+        session = self._joined.get((msg.round, msg.sender))
+        if session is None:
+            raise wire.WireError(f"announcement for round {msg.round} of a sum we did not join")
+        owners = wire.names_field(msg.meta, "shares_from")
+        announcement = Announcement(
+            self.secure.federation, msg.round, msg.sender, wire.names_field(msg.meta, "survivors"),
+            wire.names_field(msg.meta, "dropped"),
+            {k: _bytes(msg.tensors[wire.SHARE_PREFIX + k]) for k in owners})
+        outcome = session.release(announcement)
+        if isinstance(outcome, Refusal):
+            raise wire.WireError(f"announcement refused: {outcome.reason}")
+        owners = sorted(outcome.shares)
+        tensors = {wire.SHARE_PREFIX + k: np.frombuffer(outcome.shares[k], np.uint8) for k in owners}
+        if outcome.correction is not None:
+            tensors["correction"] = outcome.correction
+        meta = {"shares_of": wire.join_names(owners), "correction": outcome.correction is not None}
+        return [Send(msg.sender, wire.GOSSIP_RELEASE, msg.round, tensors, meta)]
+
+    # Both.
+
+    def _check_round(self, msg: wire.Message, lowest: int, highest: int) -> None:
+        if self.finished or not lowest <= msg.round <= highest:
+            raise wire.WireError(f"{msg.type} for round {msg.round} while at round {self.round}")
+
+    def _next_round(self, mixed: Weights, record: dict, now: float) -> list[Action]:
+        mixed = {name: mixed[name] for name in self._own}  # the model's order, as the wire expects
+        record = {"mixed_round": self.round, **record}
+        self._own = None
+        if self.round + 1 >= self.rounds:
+            self._final = Finish(mixed, meta={"rounds": self.rounds, **record})
+            if self.secure is None:
+                self.finished = True
+                return [self._final]
+            self._serve_until = now + 2 * self.round_timeout_s
+            return self._finish_when_served(now)
+        self.round += 1
+        return [Train(self.round, mixed, progress=self.round / self.rounds, meta=record)]
+
+
+def _bytes(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, np.uint8).tobytes()

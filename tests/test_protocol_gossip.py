@@ -1,0 +1,368 @@
+"""The gossip state machine, driven by hand: no sockets, a fake clock."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from p2p_fl.federate import complete, metropolis_hastings_weights, ring_neighbours
+from p2p_fl.net import wire
+from p2p_fl.protocols import Finish, GossipProtocol, Send, Train
+from p2p_fl.protocols.gossip import mixing_weights
+
+
+def model(value):
+    return {"w": np.full(3, value, np.float32), "b": np.full(1, value, np.float32)}
+
+
+def message(sender, round_, value, type_=wire.GOSSIP_MODEL):
+    return wire.Message(type_, "fed", sender, round_, seq=0, tensors=model(value))
+
+
+def gossip(me, graph, rounds=1, samples=None, timeout=10.0, secure=None):
+    return GossipProtocol(me, graph, mixing_weights(graph, samples or {}), rounds, round_timeout_s=timeout,
+                          secure=secure and secure[me])
+
+
+def over_the_wire(sender, send):
+    """The message as the receiver gets it: encoded, then checked by `wire.decode`."""
+    frames = wire.encode(send.type, federation="fed", sender=sender, round=send.round, seq=0,
+                         tensors=send.weights, meta=send.meta)
+    frames = [bytes(f) for f in frames]
+    return wire.decode(frames, federation="fed", senders={sender}, tensor_spec=wire.spec_of(model(0.0)))
+
+
+def run(graph, rounds, samples, train, silent=(), tick=None, secure=None):
+    """Routes every action between the sites' protocols; `train(site, round, weights)` trains.
+
+    Sites in `silent` never train nor send. Returns site -> its Finish action.
+    """
+    sites = {n: gossip(n, graph, rounds, samples, secure=secure) for n in graph}
+    now = 0.0
+    queue = [(n, a) for n in graph if n not in silent for a in sites[n].start(now)]
+    finals = {}
+    while len(finals) < len(graph) - len(silent):
+        if not queue:  # everyone waits: time passes to the deadline
+            now += tick
+            queue = [(n, a) for n in graph if n not in silent for a in sites[n].on_tick(now)]
+            continue
+        site, action = queue.pop(0)
+        if isinstance(action, Train):
+            weights = train(site, action.round, action.weights)
+            queue += [(site, a) for a in sites[site].on_trained(action.round, weights, now)]
+        elif isinstance(action, Send):
+            if action.to not in silent:
+                queue += [(action.to, a) for a in sites[action.to].on_message(over_the_wire(site, action), now)]
+        elif isinstance(action, Finish):
+            finals[site] = action
+    return finals
+
+
+def test_complete_graph_is_fedavg_with_sample_count_weights():
+    graph = complete("abc")
+    samples = {"a": 100, "b": 200, "c": 700}
+    value = {"a": 1.0, "b": 2.0, "c": 4.0}
+    finals = run(graph, 1, samples, lambda site, r, w: model(value[site]))
+    expected = (100 * 1 + 200 * 2 + 700 * 4) / 1000
+    for final in finals.values():
+        np.testing.assert_allclose(final.weights["w"], expected, rtol=1e-6)
+        assert list(final.weights) == ["w", "b"]  # the model's order: the wire checks it
+        assert final.meta["survivors"] == 2 and final.meta["dropped"] == ""
+
+
+def test_ring_graph_uses_metropolis_hastings_and_converges_to_the_plain_mean():
+    names = [f"s{i}" for i in range(5)]
+    graph = ring_neighbours(names)
+    value = {n: float(i) for i, n in enumerate(names)}
+    # Training keeps the model: only mixing moves it, so sites approach the mean, 2.0.
+    finals = run(graph, 40, {},
+                 lambda site, r, w: model(value[site]) if w is None else w)
+    for final in finals.values():
+        np.testing.assert_allclose(final.weights["w"], 2.0, atol=1e-3)
+    row = metropolis_hastings_weights(graph)["s0"]
+    assert gossip("s0", graph).row == pytest.approx(row)
+
+
+def test_training_resumes_from_the_mixed_model_and_rounds_never_mix():
+    graph = complete("ab")
+    seen = []
+
+    def train(site, round_, weights):
+        seen.append((site, round_, None if weights is None else float(weights["w"][0])))
+        return model(10.0 * round_ + (1.0 if site == "a" else 3.0))
+
+    finals = run(graph, 2, {}, train)
+    assert sorted(seen) == [("a", 0, None), ("a", 1, 2.0), ("b", 0, None), ("b", 1, 2.0)]
+    np.testing.assert_allclose(finals["a"].weights["w"], 12.0)
+
+
+def test_a_model_for_the_next_round_waits_and_stale_or_far_ones_are_refused():
+    graph = complete("abc")
+    a = gossip("a", graph, rounds=3)
+    a.start(0)
+    a.on_message(message("b", 1, 5.0), 0)  # b is one round ahead: kept
+    for bad in (message("b", 2, 5.0), message("c", 3, 5.0)):
+        with pytest.raises(wire.WireError, match="round"):
+            a.on_message(bad, 0)
+    assert a.on_message(message("b", 0, 2.0), 0) == []
+    actions = a.on_trained(0, model(1.0), 0)
+    assert [x.to for x in actions if isinstance(x, Send)] == ["b", "c"]
+    actions = a.on_message(message("c", 0, 3.0), 0)
+    (train,) = actions
+    assert train.round == 1 and train.meta["mixed_round"] == 0
+    np.testing.assert_allclose(train.weights["w"], 2.0)
+    with pytest.raises(wire.WireError, match="round 0"):
+        a.on_message(message("c", 0, 3.0), 1)  # too late: round 0 is mixed
+    a.on_message(message("c", 1, 9.0), 1)
+    (train,) = a.on_trained(1, model(3.0), 1)[2:]  # b's round-1 model was kept
+    np.testing.assert_allclose(train.weights["w"], (3.0 + 5.0 + 9.0) / 3)
+
+
+def test_a_silent_neighbour_is_dropped_at_the_deadline():
+    graph = complete("abc")
+    a = gossip("a", graph, rounds=1, timeout=5.0)
+    a.start(0)
+    a.on_trained(0, model(1.0), now=100.0)
+    assert a.on_message(message("b", 0, 3.0), 101.0) == []
+    assert a.on_tick(104.9) == []
+    (finish,) = a.on_tick(105.0)
+    assert isinstance(finish, Finish) and a.finished
+    np.testing.assert_allclose(finish.weights["w"], 2.0)  # renormalised over a and b
+    assert finish.meta["dropped"] == "c" and finish.meta["survivors"] == 1
+
+
+def test_a_whole_run_with_a_silent_site_finishes_with_the_others():
+    finals = run(complete("abcd"), 2, {}, lambda s, r, w: model(1.0), silent="d", tick=1.0)
+    assert sorted(finals) == ["a", "b", "c"]
+    assert all(f.meta["dropped"] == "d" for f in finals.values())
+
+
+@pytest.mark.parametrize("msg, reason", [
+    (message("b", 0, 1.0, type_=wire.MODEL), "unexpected"),
+    (message("c", 0, 1.0), "not a neighbour"),
+])
+def test_refusals_name_the_reason(msg, reason):
+    a = gossip("a", ring_neighbours(["a", "b", "x", "c", "y"]))
+    a.start(0)
+    with pytest.raises(wire.WireError, match=reason):
+        a.on_message(msg, 0)
+
+
+def test_a_second_model_for_the_same_round_is_refused():
+    a = gossip("a", complete("abc"))
+    a.start(0)
+    a.on_message(message("b", 0, 1.0), 0)
+    with pytest.raises(wire.WireError, match="second"):
+        a.on_message(message("b", 0, 9.0), 0)
+
+
+# The [gossip] section of a topology: wrong graphs are refused at start-up, naming the field.
+
+PEERS = "".join(f'[[peers]]\nname = "{n}"\n' for n in "abcd")
+
+
+def topology(gossip_table):
+    return f'federation = "f"\nprotocol = "gossip"\n[gossip]\n{gossip_table}\n{PEERS}'
+
+
+@pytest.mark.parametrize("table, field", [
+    ('graph = "edges"\nedges = [["a", "b"], ["c", "d"]]\nsecure = false', "disconnected"),
+    ('graph = "edges"\nedges = [["a", "b"], ["b", "zed"]]\nsecure = false', "gossip.edges: edge 'b' - 'zed' names unknown peer 'zed'"),
+    ('graph = "edges"\nedges = [["a", "b", "c"]]', "gossip.edges must be a list"),
+    ('edges = [["a", "b"]]', "gossip.edges is given but gossip.graph is 'complete'"),
+    ('graph = "star"', "gossip.graph: 'star' is not one of"),
+    ('graph = "regular:3"\nsecure = false\n', None),
+    ('graph = "regular:5"', "gossip.graph: a 5-regular graph needs"),
+    ('graph = "edges"\nedges = [["a", "b"], ["b", "c"], ["c", "d"]]', "a, d has fewer than 2 neighbours"),
+    ('graph = "edges"\nedges = [["a", "b"], ["b", "c"], ["c", "d"]]\nsecure = false', None),
+    ('round_timeout_s = 0', "gossip.round_timeout_s"),
+    ('samples = {a = 1, b = 2, c = 3}', "gossip.samples has no count for d"),
+    ('samples = {a = 1, b = 2, c = 3, d = 4, e = 5}', "gossip.samples names unknown peers e"),
+    ('samples = {a = 1, b = 2, c = 3, d = 0}', "gossip.samples must be positive integers; not for d"),
+    ('secure = "yes"', "gossip.secure must be bool"),
+    ('secure = true\n[network]\ninsecure = true', "network.insecure = true has none"),
+    ('clip = -1.0', "gossip.clip must be > 0"),
+])
+def test_gossip_config_is_checked(table, field):
+    import tomllib
+
+    from p2p_fl.config import ConfigError, gossip_graph, parse_topology
+
+    raw = tomllib.loads(topology(table))
+    if field is None:
+        assert len(gossip_graph(parse_topology(raw))) == 4
+        return
+    with pytest.raises(ConfigError, match=None) as err:
+        parse_topology(raw)
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_site_builds_the_same_random_regular_graph():
+    import tomllib
+
+    from p2p_fl.config import gossip_graph, parse_topology
+
+    peers = "".join(f'[[peers]]\nname = "s{i}"\n' for i in range(10))
+    text = f'federation = "f"\nprotocol = "gossip"\n[gossip]\ngraph = "regular:4"\ngraph_seed = 7\n{peers}'
+    graphs = [gossip_graph(parse_topology(tomllib.loads(text))) for _ in range(2)]
+    assert graphs[0] == graphs[1] and all(len(n) == 4 for n in graphs[0].values())
+
+
+# Secure gossip: the same routing, every message through wire.encode/decode.
+
+def secure_setups(graph, clip=8.0):
+    import zmq
+
+    from p2p_fl.federate import shared_secrets_with
+    from p2p_fl.protocols.gossip import SecureSetup, secure_fixed_point
+
+    keys = {n: zmq.curve_keypair() for n in graph}
+    publics = {n: pub for n, (pub, _) in keys.items()}
+    fixed_point = secure_fixed_point(graph, clip)
+    return {n: SecureSetup("fed", shared_secrets_with(keys[n][1], publics, n), fixed_point) for n in graph}
+
+
+def random_model(site, round_):
+    rng = np.random.default_rng([ord(site), round_])
+    return {"w": rng.normal(size=3).astype(np.float32), "b": rng.normal(size=1).astype(np.float32)}
+
+
+@pytest.mark.parametrize("graph, samples", [
+    (complete("abcd"), {"a": 10, "b": 20, "c": 30, "d": 40}),
+    (ring_neighbours(list("abcde")), {}),
+])
+def test_secure_gossip_gives_the_plain_models_within_the_fixed_point_error(graph, samples):
+    from p2p_fl.federate import error_bound
+
+    def train(site, round_, weights):  # deterministic "training": add a site-and-round step
+        step = random_model(site, round_)
+        return step if weights is None else {k: weights[k] + step[k] for k in step}
+
+    setups = secure_setups(graph)
+    plain = run(graph, 3, samples, train)
+    secure = run(graph, 3, samples, train, secure=setups)
+    bound = error_bound(next(iter(setups.values())).fixed_point, num_contributions=4)
+    for site in graph:
+        assert secure[site].meta["kept_own"] is False and secure[site].meta["survivors"] == len(graph[site])
+        for name in ("w", "b"):
+            # Three rounds of rounding, each amplified at most by the (averaging) mixing.
+            np.testing.assert_allclose(secure[site].weights[name], plain[site].weights[name], rtol=0, atol=3 * bound + 1e-6)
+            assert secure[site].weights[name].dtype == np.float32
+
+
+def test_secure_gossip_with_a_silent_site_keeps_own_models_then_sums_the_survivors():
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    finals = run(graph, 2, {}, lambda s, r, w: random_model(s, r), silent="d", tick=1.0, secure=setups)
+    assert sorted(finals) == ["a", "b", "c"]
+    # Round 1 asked only the live neighbours: the sum over {a, b, c} is everyone's model.
+    for site, final in finals.items():
+        assert final.meta["kept_own"] is False and final.meta["members"] == 2
+        expected = {k: np.mean([random_model(s, 1)[k] for s in "abc"], axis=0) for k in ("w", "b")}
+        for k in expected:
+            np.testing.assert_allclose(final.weights[k], expected[k], atol=1e-6)
+
+
+def test_a_secure_round_with_a_dropout_in_a_group_of_three_keeps_the_own_model():
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    sites = {n: gossip(n, graph, rounds=2, timeout=5.0, secure=setups) for n in graph}
+    for site in sites.values():
+        site.start(0)
+    a = sites["a"]
+    sends = a.on_trained(0, random_model("a", 0), now=0.0)
+    assert sorted(s.to for s in sends) == ["b", "c", "d"] and {s.type for s in sends} == {wire.GOSSIP_GROUP}
+    replies = []
+    for n in "bc":  # d never answers
+        sites[n].on_trained(0, random_model(n, 0), now=0.0)
+        (reply,) = sites[n].on_message(over_the_wire("a", next(s for s in sends if s.to == n)), 0.0)
+        replies.append((n, reply))
+    for n, reply in replies:
+        assert a.on_message(over_the_wire(n, reply), 1.0) == []
+    (train,) = a.on_tick(5.0)
+    assert train.meta["kept_own"] is True and train.meta["dropped"] == "d"
+    assert "can drop safely" in train.meta["failure"]
+    np.testing.assert_array_equal(train.weights["w"], random_model("a", 0)["w"])
+    assert "d" in a._suspects
+
+
+def test_requests_wait_for_the_members_own_training_and_foreign_groups_are_refused():
+    graph = ring_neighbours(list("abcde"))  # a's neighbours: b, e
+    setups = secure_setups(graph)
+    a = gossip("a", graph, rounds=2, secure=setups)
+    a.start(0)
+    request = wire.Message(wire.GOSSIP_GROUP, "fed", "b", 0, 0, {}, {"members": "a,c", "threshold": 2})
+    assert a.on_message(request, 0.0) == []  # waits: a has not trained round 0 yet
+    actions = a.on_trained(0, random_model("a", 0), 0.0)
+    masked = [x for x in actions if x.type == wire.GOSSIP_MASKED]
+    assert [x.to for x in masked] == ["b"] and masked[0].meta == {"share_for": "c"}
+    foreign = wire.Message(wire.GOSSIP_GROUP, "fed", "e", 0, 0, {}, {"members": "a,b", "threshold": 2})
+    with pytest.raises(wire.WireError, match="not neighbours of 'e'"):
+        a.on_message(foreign, 0.0)
+    with pytest.raises(wire.WireError, match="round 3"):
+        a.on_message(dataclasses.replace(request, round=3), 0.0)
+
+
+# The secure-sum messages on the wire: every tensor checked against what the meta announces.
+
+def test_wire_sizes_match_the_federate_layer():
+    from p2p_fl.federate import encrypt_share, new_self_seed, seed_commitment, split_seed
+
+    seed = new_self_seed()
+    shares = split_seed(seed, ["a", "b", "c"], 2)
+    assert {len(s) for s in shares.values()} == {wire.SHARE_BYTES}
+    blob = encrypt_share(shares["b"], key=bytes(32), federation="f", round=0, aggregator="x", sender="a",
+                         recipient="b", members=("a", "b", "c"))
+    assert len(blob) == wire.ENCRYPTED_SHARE_BYTES
+    assert len(seed_commitment(seed, federation="f", round=0, aggregator="x", owner="a")) == wire.COMMITMENT_BYTES
+
+
+def masked_message(length=4, share_for="b,c", shares=("b", "c"), share_bytes=wire.ENCRYPTED_SHARE_BYTES):
+    tensors = {"masked": np.zeros(length, np.uint32), "commitment": np.zeros(32, np.uint8),
+               **{wire.SHARE_PREFIX + k: np.zeros(share_bytes, np.uint8) for k in shares}}
+    return wire.encode(wire.GOSSIP_MASKED, federation="fed", sender="a", round=0, seq=1, tensors=tensors,
+                       meta={"share_for": share_for})
+
+
+def decode(frames):
+    return wire.decode([bytes(f) for f in frames], federation="fed", senders={"a", "b", "c"},
+                       tensor_spec=wire.spec_of(model(0.0)))
+
+
+def test_a_well_formed_masked_reply_decodes():
+    msg = decode(masked_message())
+    assert list(msg.tensors) == ["masked", "commitment", "share/b", "share/c"]
+
+
+@pytest.mark.parametrize("frames, reason", [
+    (masked_message(length=5), "shape"),
+    (masked_message(shares=("b",)), "tensors listed"),
+    (masked_message(share_for="c,b", shares=("c", "b")), "not sorted"),
+    (masked_message(share_for="b,b", shares=("b", "b")), "not sorted or repeats"),
+    (masked_message(share_bytes=43), "shape"),
+    (wire.encode(wire.GOSSIP_MASKED, federation="fed", sender="a", round=0, seq=1), "share_for"),
+    (wire.encode(wire.GOSSIP_GROUP, federation="fed", sender="a", round=0, seq=1,
+                 meta={"members": "b,c", "threshold": "2"}), "threshold"),
+    (wire.encode(wire.GOSSIP_RELEASE, federation="fed", sender="a", round=0, seq=1,
+                 meta={"shares_of": "b", "correction": 1}), "correction"),
+    (wire.encode(wire.GOSSIP_RELEASE, federation="fed", sender="a", round=0, seq=1,
+                 tensors={"share/b": np.zeros(16, np.uint8)}, meta={"shares_of": "b", "correction": True}),
+     "tensors listed"),
+    (wire.encode(wire.GOSSIP_ANNOUNCE, federation="fed", sender="a", round=0, seq=1,
+                 meta={"survivors": "b,c", "shares_from": ""}), "dropped"),
+])
+def test_malformed_secure_sum_messages_are_refused(frames, reason):
+    with pytest.raises(wire.WireError, match=reason):
+        decode(frames)
+
+
+def test_a_group_of_four_survives_one_dropout_with_pairwise_corrections():
+    graph = complete("abcde")
+    setups = secure_setups(graph)
+    finals = run(graph, 1, {}, lambda s, r, w: random_model(s, r), silent="e", tick=1.0, secure=setups)
+    expected = {k: np.mean([random_model(s, 0)[k] for s in "abcd"], axis=0) for k in ("w", "b")}
+    for final in finals.values():
+        # e was asked, never replied: the survivors' corrections remove its pairwise masks.
+        assert final.meta["kept_own"] is False and final.meta["dropped"] == "e" and final.meta["survivors"] == 3
+        for k in expected:
+            np.testing.assert_allclose(final.weights[k], expected[k], atol=1e-6)
