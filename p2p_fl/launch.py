@@ -254,6 +254,9 @@ def _apply_event(state: dict, event: dict) -> None:
     elif kind == "epoch":
         state.update(state="training", round=event["round"], epoch=f"{event['epoch']}/{event['epochs']}",
                      loss=event["loss"], cycle=event.get("cycle"))
+        if "members" in event:  # gossip: who made it into the last neighbourhood sum
+            state.update(group=f"{event['survivors']}/{event['members']}" + (" kept own" if event.get("kept_own") else ""),
+                         dropped=event.get("dropped") or "")
     elif kind == "trained":
         state.update(val_auc=event["val_auc"], bytes_sent=event["bytes_sent"], loss=event["train_loss"])
     elif kind == "done":
@@ -262,11 +265,15 @@ def _apply_event(state: dict, event: dict) -> None:
 
 def _status_table(topology: Topology, status: dict, started: float) -> Table:
     table = Table(title=f"{topology.federation} · {topology.protocol} · {time.monotonic() - started:.0f} s")
-    for col in ("node", "state", "cycle", "round", "epoch", "loss", "val AUC", "test AUC", "MB sent"):
+    gossip = topology.protocol == "gossip"
+    columns = ["node", "state", "round", "epoch", "loss", "val AUC", "test AUC", "MB sent"]
+    columns[2:2] = ["sum (heard/members)", "dropped"] if gossip else ["cycle"]
+    for col in columns:
         table.add_column(col)
     for name, s in status.items():
         mb = s.get("bytes_sent")
-        table.add_row(name, s.get("state", ""), _opt(s.get("cycle")), _opt(s.get("round")), s.get("epoch", ""),
+        where = [s.get("group", ""), s.get("dropped", "")] if gossip else [_opt(s.get("cycle"))]
+        table.add_row(name, s.get("state", ""), *where, _opt(s.get("round")), s.get("epoch", ""),
                       _f(s.get("loss")), _f(s.get("val_auc")), _f(s.get("test_auc")),
                       "-" if mb is None else f"{mb / 1e6:.2f}")
     return table
