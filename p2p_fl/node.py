@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from p2p_fl.config import RING_PROTOCOLS, Topology, gossip_graph
-from p2p_fl.data import Dataset, Split, load_dataset
+from p2p_fl.data import Dataset, Split
 from p2p_fl.learn import Learner
 from p2p_fl.net import Curve, Peer, WireError
 from p2p_fl.federate import shared_secrets_with

@@ -5,20 +5,12 @@ topologies with their default settings and checks the quality targets.
 """
 
 import json
-import subprocess
-import sys
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import p2p_fl
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def p2p_fl(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "p2p_fl", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

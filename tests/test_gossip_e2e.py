@@ -17,29 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import ROOT, p2p_fl, small_shards
 
-from p2p_fl.data import Dataset, Split, load_dataset, partition_dataset, save_npz
 from p2p_fl.launch import free_ports, node_env
 from p2p_fl.net import generate_keypair, load_public_key
 
-ROOT = Path(__file__).resolve().parent.parent
 SITES = ["a", "b", "c", "d"]
 ROUND_TIMEOUT_S = 20.0
-
-
-def p2p_fl(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "p2p_fl", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Keys, ports and tiny shards for four sites (each 256 training images)."""
     tmp = tmp_path_factory.mktemp("gossip")
-    full = load_dataset("builtin:pneumoniamnist")
-    take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
-    small = Dataset(take(full.train, 1024), take(full.val, 256), take(full.test, 256), 2, "small")
-    shards = {n: save_npz(s, tmp / f"{n}.npz") for n, s in zip(SITES, partition_dataset(small, 4, "iid", seed=0))}
+    shards = small_shards(tmp, SITES, train=1024, val=256, test=256)
     for n in SITES:
         generate_keypair(tmp / "keys", n)
     return tmp, shards

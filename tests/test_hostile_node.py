@@ -18,26 +18,15 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from processes import ROOT, small_shards
 import zmq
 
-from p2p_fl.data import Dataset, Split, load_dataset, partition_dataset, save_npz
 from p2p_fl.launch import free_ports, node_env
 from p2p_fl.net import generate_keypair, load_public_key, load_secret_key, wire
 
-ROOT = Path(__file__).resolve().parent.parent
 ATTACK_MESSAGES = 10_000
 FED = "hostile"
 OTHER = {"a": "b", "b": "a"}
-
-
-def small_shards(tmp: Path) -> dict[str, Path]:
-    full = load_dataset("builtin:pneumoniamnist")
-    take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
-    small = Dataset(take(full.train, 512), take(full.val, 128), take(full.test, 128), 2, "small")
-    paths = {}
-    for name, shard in zip("ab", partition_dataset(small, 2, "iid", seed=0)):
-        paths[name] = save_npz(shard, tmp / f"{name}.npz")
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def federation(tmp_path_factory):
     config = tmp / "topology.toml"
     config.write_text(f'federation = "{FED}"\nprotocol = "cwt"\n[training]\nrounds = 3\nlocal_epochs = 8\n[ring]\norder = "listed"\n'
                       f'[data]\ntest = ""\n[network]\nack_timeout_s = 1.0\nmax_message_mb = 1\n' + peers)
-    return tmp, config, small_shards(tmp), ports
+    return tmp, config, small_shards(tmp, "ab", train=512, val=128, test=128), ports
 
 
 def run_federation(federation, out: Path, attack: bool):
