@@ -1,4 +1,4 @@
-"""Load image classification data from MedMNIST-style .npz files or folders of images.
+"""Load image classification data from MedMNIST-style .npz files or folders of PNG/JPEG/DICOM images.
 
 Every loader returns a `Dataset` of float32 images in [0, 1] shaped (N, H, W, C) and int32
 labels shaped (N,). Every problem with a user's file raises `DataError`, whose message is one
@@ -7,6 +7,8 @@ line naming the file, what is wrong with it and what to do.
 
 from __future__ import annotations
 
+import csv
+import logging
 import os
 import tempfile
 import zipfile
@@ -16,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from p2p_fl.data.dicom import UnreadableDicom, is_dicom, read_dicom
+
+log = logging.getLogger(__name__)
 
 BUILTIN = {"pneumoniamnist": Path(__file__).with_name("pneumoniamnist.npz")}
 
@@ -70,6 +76,8 @@ class Dataset:
         num_classes: number of classes; labels lie in [0, num_classes). A shard keeps its
             parent's value even when it lacks some classes.
         name: short human-readable name (file stem, folder name or shard name).
+        skipped: files the loader skipped (unreadable DICOMs, each logged); the number
+            skipped is len(skipped). Empty for .npz files and shards.
     """
 
     train: Split
@@ -77,6 +85,7 @@ class Dataset:
     test: Split
     num_classes: int
     name: str
+    skipped: tuple[Path, ...] = ()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -211,19 +220,34 @@ def save_npz(dataset: Dataset, path: str | os.PathLike) -> Path:
 
 
 def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: int = 1,
-                      seed: int = 0, val_fraction: float = 0.1,
-                      test_fraction: float = 0.2) -> Dataset:
-    """Load a folder of PNG/JPEG images with one subfolder per class.
+                      seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                      labels_csv: str | os.PathLike | None = None) -> Dataset:
+    """Load a folder of PNG/JPEG/DICOM images with one subfolder per class, or labelled by a CSV.
 
     Layouts: `path/<class>/<image>`, or `path/{train,val,test}/<class>/<image>` (the Kaggle
     chest X-ray layout; other folders beside the split folders are ignored). A missing val/ or
     test/ is carved from train/, and a folder without split folders is split three ways; both
     by a stratified seeded split with the given fractions of the carved-from images. Labels are
     the sorted class folder names' positions (NORMAL -> 0, PNEUMONIA -> 1). Files whose names
-    start with "." or "__" (.DS_Store, __MACOSX) and files other than .png/.jpg/.jpeg are
-    skipped. Images of any mode are converted to `channels` (RGB to gray by luminance, alpha
-    dropped) and resized bilinearly; 8-bit images are divided by 255 and 16-bit ones by 65535,
-    so intensities keep their meaning across images (no per-image contrast stretch).
+    start with "." or "__" (.DS_Store, __MACOSX) are ignored, and so are files that are neither
+    .png/.jpg/.jpeg nor DICOM. Images of any mode are converted to `channels` (RGB to gray by
+    luminance, alpha dropped) and resized bilinearly; 8-bit images are divided by 255 and
+    16-bit ones by 65535, so intensities keep their meaning across images (no per-image
+    contrast stretch).
+
+    DICOM files are recognised by the DICM signature at bytes 128..131, whatever their name
+    (no extension, .dcm, ...), and may sit beside PNG/JPEG files. Each is rescaled
+    (RescaleSlope/Intercept), windowed to its first stored WindowCenter/WindowWidth (else to
+    its min-max), scaled to [0, 1], MONOCHROME1 inverted, first frame only for multi-frame
+    files (see `p2p_fl.data.dicom`). A DICOM that is corrupt, has no pixel data or uses a
+    compression pydicom cannot decode here is skipped: one warning per file, one summary
+    warning, and listed in the returned Dataset's `skipped`. A class whose files are all
+    skipped is an error.
+
+    With `labels_csv`, the class folders are not used: the CSV's rows are `file,label` (an
+    optional header row whose first cell is file/path/filename/image), relative file paths
+    are resolved against `path`, the classes are the distinct labels sorted (numerically when
+    all are integers), and the listed files are split three ways as above.
 
     Args:
         path: the folder.
@@ -232,31 +256,32 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
         seed: seed of the carved splits.
         val_fraction: fraction held out for validation when there is no val/ folder.
         test_fraction: fraction held out for testing when there is no test/ folder.
+        labels_csv: optional CSV of (file, label) rows that replaces the class folders.
 
     Returns:
-        The loaded Dataset, named after the folder.
+        The loaded Dataset, named after the folder, with the skipped DICOMs in `skipped`.
 
     Raises:
         DataError: no class subfolders (or only one), an empty class folder, class folders that
-            differ between splits, or an unreadable image.
+            differ between splits, an unreadable PNG/JPEG, a class whose DICOMs are all
+            skipped, or a CSV row naming a missing file or giving no label.
     """
     folder = Path(path)
     _check_target(image_size, channels)
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(f"need fractions >= 0 with val + test < 1, got {val_fraction}, {test_fraction}")
-    split_dirs = _split_dirs(folder)
-    class_names = _class_names(split_dirs["train"])
-    for split_dir in split_dirs.values():
-        found = _class_names(split_dir)
-        if found != class_names:
-            raise DataError(
-                f"{split_dir}: class folders {found} differ from {split_dirs['train']}'s "
-                f"{class_names}; give every split the same class folders"
-            )
-    splits = {
-        split: _read_image_split(split_dir, class_names, image_size, channels)
-        for split, split_dir in split_dirs.items()
-    }
+    if labels_csv is None:
+        class_names, groups = _folder_groups(folder)
+    else:
+        class_names, train_groups = _csv_groups(folder, Path(labels_csv))
+        groups = {"train": train_groups}
+    splits, skipped = {}, []
+    for split, split_groups in groups.items():
+        images, labels, split_skipped = _read_image_split(split_groups, image_size, channels)
+        splits[split] = images, labels
+        skipped += split_skipped
+    if skipped:
+        log.warning("%s: skipped %d unreadable DICOM file(s)", folder, len(skipped))
     missing = [split for split in ("val", "test") if split not in splits]
     if missing:
         images, labels = splits["train"]
@@ -268,7 +293,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
             splits[split] = images[index], labels[index]
     built = {split: Split(*arrays) for split, arrays in splits.items()}
     return Dataset(built["train"], built["val"], built["test"], len(class_names),
-                   folder.resolve().name)
+                   folder.resolve().name, skipped=tuple(skipped))
 
 
 def _check_target(image_size: int | None, channels: int | None) -> None:
@@ -401,25 +426,130 @@ def _class_names(folder: Path) -> list[str]:
     return names
 
 
+# One class's files in one split: (where they come from, for errors; the files).
+ClassFiles = tuple[str, list[Path]]
+
+
+def _folder_groups(folder: Path) -> tuple[list[str], dict[str, list[ClassFiles]]]:
+    """Class names and, per split, each class folder's image files."""
+    split_dirs = _split_dirs(folder)
+    class_names = _class_names(split_dirs["train"])
+    for split_dir in split_dirs.values():
+        found = _class_names(split_dir)
+        if found != class_names:
+            raise DataError(
+                f"{split_dir}: class folders {found} differ from {split_dirs['train']}'s "
+                f"{class_names}; give every split the same class folders"
+            )
+    groups = {
+        split: [(str(split_dir / name), _image_files(split_dir / name)) for name in class_names]
+        for split, split_dir in split_dirs.items()
+    }
+    return class_names, groups
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
+
+
 def _image_files(class_dir: Path) -> list[Path]:
     files = sorted(
         child for child in class_dir.iterdir()
-        if child.is_file() and not _is_hidden(child) and child.suffix.lower() in IMAGE_SUFFIXES
+        if child.is_file() and not _is_hidden(child) and _is_image_file(child)
     )
     if not files:
-        raise DataError(f"{class_dir}: no .png/.jpg/.jpeg images in this class folder; add some or remove it")
+        raise DataError(
+            f"{class_dir}: no .png/.jpg/.jpeg or DICOM images in this class folder; add some or remove it"
+        )
     return files
 
 
-def _read_image_split(split_dir: Path, class_names: list[str], image_size: int,
-                      channels: int) -> tuple[np.ndarray, np.ndarray]:
-    files_per_class = [_image_files(split_dir / name) for name in class_names]
-    files = [file for class_files in files_per_class for file in class_files]
-    labels = np.repeat(np.arange(len(class_names), dtype=np.int32), [len(f) for f in files_per_class])
+_CSV_HEADER_NAMES = frozenset({"file", "path", "filename", "image"})
+
+
+def _csv_groups(folder: Path, csv_path: Path) -> tuple[list[str], list[ClassFiles]]:
+    """Class names and each class's files, from a CSV of (file, label) rows."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder; give the folder the CSV's file paths are relative to")
+    by_label: dict[str, list[Path]] = {}
+    for line, file, label in _csv_rows(csv_path):
+        image = folder / file  # an absolute path in the CSV stays as it is
+        if not image.is_file():
+            raise DataError(
+                f"{csv_path}: line {line}: file {image} not found; fix the path (relative to {folder})"
+            )
+        if not _is_image_file(image):
+            raise DataError(f"{csv_path}: line {line}: {image} is not a .png/.jpg/.jpeg or DICOM file")
+        by_label.setdefault(label, []).append(image)
+    class_names = _sorted_labels(by_label)
+    if len(class_names) < 2:
+        raise DataError(
+            f"{csv_path}: found {len(class_names)} distinct label(s) {class_names}; need at least 2 classes"
+        )
+    return class_names, [(f"{csv_path} label '{name}'", by_label[name]) for name in class_names]
+
+
+def _csv_rows(csv_path: Path) -> list[tuple[int, str, str]]:
+    """(line number, file, label) of each non-blank row, the header row left out."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as file:
+            rows = [(line, [cell.strip() for cell in row]) for line, row in enumerate(csv.reader(file), 1)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: cannot read the labels CSV ({_one_line(exc)})") from exc
+    rows = [(line, cells) for line, cells in rows if any(cells)]
+    if rows and rows[0][1][0].lower() in _CSV_HEADER_NAMES:
+        rows = rows[1:]
+    parsed = []
+    for line, cells in rows:
+        if len(cells) != 2 or not cells[0]:
+            raise DataError(f"{csv_path}: line {line}: expected 'file,label', got {','.join(cells)!r}")
+        if not cells[1]:
+            raise DataError(
+                f"{csv_path}: line {line}: unknown (empty) label for {cells[0]}; give every file a label"
+            )
+        parsed.append((line, cells[0], cells[1]))
+    if not parsed:
+        raise DataError(f"{csv_path}: no 'file,label' rows; list one image per row")
+    return parsed
+
+
+def _sorted_labels(labels) -> list[str]:
+    """Sorted label names; numerically when all are integers, so "10" comes after "9"."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _read_image_split(groups: list[ClassFiles], image_size: int,
+                      channels: int) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """Images, labels (position in `groups`) and the skipped DICOM files of one split."""
+    files = [file for _, class_files in groups for file in class_files]
+    labels = np.repeat(np.arange(len(groups), dtype=np.int32), [len(f) for _, f in groups])
     # Pillow releases the GIL while decoding, so threads speed up large folders.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(lambda file: _read_image(file, image_size, channels), files))
-    return np.stack(images), labels
+        images = list(pool.map(lambda file: _read_file(file, image_size, channels), files))
+    read = np.array([image is not None for image in images], dtype=bool)
+    for label, (where, class_files) in enumerate(groups):
+        if not read[labels == label].any():
+            raise DataError(
+                f"{where}: all {len(class_files)} file(s) were skipped as unreadable DICOM "
+                "(see the warnings); replace them or remove the class"
+            )
+    skipped = [file for file, ok in zip(files, read) if not ok]
+    return np.stack([image for image in images if image is not None]), labels[read], skipped
+
+
+def _read_file(path: Path, image_size: int, channels: int) -> np.ndarray | None:
+    """Decode a PNG/JPEG or DICOM file; None (logged) for a DICOM that must be skipped."""
+    if not is_dicom(path):
+        return _read_image(path, image_size, channels)
+    try:
+        pixels = read_dicom(path)
+    except UnreadableDicom as exc:
+        log.warning("%s: skipped, %s", path, exc)
+        return None
+    batch = pixels[None, ..., None] if pixels.ndim == 2 else pixels[None]
+    return _adapt(batch, image_size, channels)[0]
 
 
 def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:

@@ -13,11 +13,13 @@ from p2p_fl.learn.metrics import (
     roc_curve,
 )
 from p2p_fl.learn.models import MODELS, build_model, count_params
+from p2p_fl.learn.privacy import DPConfig, noise_for_target, privacy_spent
 from p2p_fl.learn.runtime import configure_jax, describe_backend
 from p2p_fl.learn.train import Learner, TrainState, make_optimizer
 
 __all__ = [
     "MODELS",
+    "DPConfig",
     "Learner",
     "TrainState",
     "build_model",
@@ -28,6 +30,8 @@ __all__ = [
     "describe_backend",
     "evaluation_report",
     "make_optimizer",
+    "noise_for_target",
+    "privacy_spent",
     "roc_auc",
     "roc_curve",
 ]

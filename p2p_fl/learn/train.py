@@ -24,8 +24,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from p2p_fl.learn import metrics
+from p2p_fl.learn import metrics, privacy
 from p2p_fl.learn.models import build_model, count_params
+from p2p_fl.learn.privacy import DPConfig
 
 # Random shifts of up to this many pixels in each direction augment training.
 MAX_SHIFT_PX = 2
@@ -141,11 +142,27 @@ def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
     return cross_entropy(logits, labels), nnx.state(model, nnx.BatchStat)
 
 
+def example_loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
+                    image: jax.Array, label: jax.Array) -> jax.Array:
+    """Loss of ONE example (no batch axis) for DP-SGD's per-example gradients.
+
+    The model runs in inference mode: BatchNorm uses its running statistics
+    as constants, so the loss depends on this example alone (see
+    ``privacy``'s module docstring); dropout is off.
+    """
+    model = nnx.merge(graphdef, params, batch_stats)
+    logits = model(image[None], train=False)
+    return cross_entropy(logits, label[None])
+
+
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                step_key: jax.Array, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, augment: bool
-               ) -> tuple[TrainState, jax.Array]:
+               tx: optax.GradientTransformation, augment: bool,
+               dp: DPConfig | None = None) -> tuple[TrainState, jax.Array]:
     """One optimizer step on one batch of raw (uint8 or float) images.
+
+    With ``dp``, the gradient is DP-SGD's (``privacy.private_gradient``) and
+    the BatchNorm statistics are left unchanged.
 
     Returns:
       (new state, batch loss). ``state.key`` is left alone: the epoch owns it.
@@ -154,18 +171,31 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
     images = to_float_images(images)
     if augment:
         images = random_shift(images, shift_key)
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, graphdef, images, labels, dropout_key)
+    if dp is None:
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, graphdef, images, labels, dropout_key)
+    else:
+        def example_loss(params, image, label):
+            return example_loss_fn(params, state.batch_stats, graphdef, image, label)
+
+        losses, example_grads = privacy.per_example_grads(
+            example_loss, state.params, images, labels)
+        # DP mode has no dropout, so the dropout key can seed the noise.
+        grads = privacy.private_gradient(example_grads, dp.clip_norm,
+                                         dp.noise_multiplier, noise_key=dropout_key)
+        loss, batch_stats = losses.mean(), state.batch_stats
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, batch_stats, opt_state, state.key), loss
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "batch_size", "augment"),
+@functools.partial(jax.jit,
+                   static_argnames=("graphdef", "tx", "batch_size", "augment", "dp"),
                    donate_argnames=("state",))
 def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
                 graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                batch_size: int, augment: bool) -> tuple[TrainState, jax.Array]:
+                batch_size: int, augment: bool, dp: DPConfig | None = None
+                ) -> tuple[TrainState, jax.Array]:
     """One shuffled pass over device-resident data, as a single compiled program.
 
     The last ``len(images) % batch_size`` samples of the shuffled order are
@@ -179,6 +209,7 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
       tx: the optimizer.
       batch_size: samples per step, at most N.
       augment: whether to apply random shifts.
+      dp: DP-SGD settings, or None for plain training.
 
     Returns:
       (new state with an advanced key, mean training loss over the batches).
@@ -192,7 +223,7 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
     def body(state, batch):
         indices, step_key = batch
         return train_step(state, images[indices], labels[indices], step_key,
-                          graphdef=graphdef, tx=tx, augment=augment)
+                          graphdef=graphdef, tx=tx, augment=augment, dp=dp)
 
     state, losses = jax.lax.scan(body, state, (batch_indices, step_keys))
     return state._replace(key=key), losses.mean()
@@ -262,12 +293,17 @@ class Learner:
       augment: random shifts of up to ``MAX_SHIFT_PX`` pixels while training.
       seed: seeds the initial weights and every later random draw, so equal
         seeds and data give bit-identical training.
+      dp: DP-SGD settings (``privacy.DPConfig``), or None for plain training.
+        With DP, BatchNorm statistics are frozen and dropout is off while
+        training; ``privacy_spent`` reports the epsilon so far and ``fit``
+        refuses to go past ``dp.target_epsilon`` if set.
     """
 
     def __init__(self, model: str = "small-cnn", *, num_classes: int = 2,
                  image_shape: tuple[int, int, int] = (28, 28, 1), optimizer: str = "adam",
                  learning_rate: float = 1e-3, weight_decay: float = 0.0,
-                 batch_size: int = 64, augment: bool = True, seed: int = 0):
+                 batch_size: int = 64, augment: bool = True, seed: int = 0,
+                 dp: DPConfig | None = None):
         height, width, channels = image_shape
         if height != width:
             raise ValueError(f"images must be square, got image_shape={image_shape}")
@@ -278,6 +314,9 @@ class Learner:
         self.image_shape = tuple(image_shape)
         self.batch_size = batch_size
         self.augment = augment
+        self.dp = dp
+        # (sample_rate, steps) of each fit with DP, for the accountant.
+        self._dp_rounds: list[tuple[float, int]] = []
         module = build_model(model, num_classes=num_classes, in_channels=channels,
                              image_size=height, seed=seed)
         self.num_params = count_params(module)
@@ -312,6 +351,10 @@ class Learner:
 
         Returns:
           The mean training loss of each epoch.
+
+        Raises:
+          ValueError: with DP and a target epsilon, if these epochs would
+            spend more than the budget (nothing is trained then).
         """
         images = self._checked_images(images)
         labels = self._checked_labels(labels, len(images))
@@ -323,15 +366,47 @@ class Learner:
             self._state = self._state._replace(
                 opt_state=_with_learning_rate(self._state.opt_state, learning_rate))
         batch_size = min(self.batch_size, images.shape[0])
+        sample_rate = batch_size / images.shape[0]
+        if self.dp is not None:
+            self._check_budget(sample_rate, epochs * (images.shape[0] // batch_size))
         losses = []
         for epoch in range(epochs):
             self._state, loss = train_epoch(
                 self._state, images, labels, graphdef=self._graphdef, tx=self._tx,
-                batch_size=batch_size, augment=self.augment)
+                batch_size=batch_size, augment=self.augment, dp=self.dp)
+            if self.dp is not None:
+                self._dp_rounds.append((sample_rate, images.shape[0] // batch_size))
             losses.append(float(loss))
             if on_epoch is not None:
                 on_epoch(epoch, losses[-1])
         return losses
+
+    def privacy_spent(self, delta: float | None = None) -> float:
+        """Epsilon spent by DP training so far (see ``privacy`` for what it means).
+
+        Args:
+          delta: the delta; ``dp.delta`` if None.
+
+        Returns:
+          epsilon; 0 before any DP step.
+
+        Raises:
+          ValueError: the learner trains without DP.
+        """
+        if self.dp is None:
+            raise ValueError("privacy_spent needs a Learner built with dp=DPConfig(...)")
+        return privacy.epsilon_of_rounds(self.dp.noise_multiplier, self._dp_rounds,
+                                self.dp.delta if delta is None else delta)
+
+    def _check_budget(self, sample_rate: float, steps: int) -> None:
+        if self.dp.target_epsilon is None or steps == 0:
+            return
+        after = privacy.epsilon_of_rounds(self.dp.noise_multiplier,
+                                 self._dp_rounds + [(sample_rate, steps)], self.dp.delta)
+        if after > self.dp.target_epsilon:
+            raise ValueError(
+                f"privacy budget exceeded: {steps} more steps would spend epsilon="
+                f"{after:.3g} > target {self.dp.target_epsilon:g} at delta={self.dp.delta:g}")
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Class probabilities in inference mode (running BatchNorm statistics).

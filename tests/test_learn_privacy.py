@@ -1,0 +1,160 @@
+"""DP-SGD: clipping, the private gradient, accounting, and the Learner's budget."""
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dp_accounting.rdp import rdp_privacy_accountant
+from flax import nnx
+
+from p2p_fl.data.sources import load_dataset
+from p2p_fl.learn.privacy import (
+    DPConfig,
+    clip_per_example,
+    noise_for_target,
+    per_example_grads,
+    per_example_norms,
+    private_gradient,
+    privacy_spent,
+)
+from p2p_fl.learn.train import Learner, cross_entropy, example_loss_fn
+
+SHARD = 256
+
+
+class TinyMLP(nnx.Module):
+    """No BatchNorm: per-example and batch gradients must agree exactly."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(6, 8, rngs=rngs)
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.hidden(x)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    graphdef, params = nnx.split(TinyMLP(nnx.Rngs(0)), nnx.Param)
+    inputs = jax.random.normal(jax.random.key(1), (8, 6))
+    inputs = inputs.at[:2].multiply(1e4)  # two examples with huge gradients
+    labels = jnp.arange(8) % 3
+
+    def example_loss(params, x, label):
+        return cross_entropy(nnx.merge(graphdef, params)(x[None]), label[None])
+
+    def batch_loss(params):
+        return cross_entropy(nnx.merge(graphdef, params)(inputs), labels)
+
+    return params, inputs, labels, example_loss, batch_loss
+
+
+@pytest.fixture(scope="module")
+def shard():
+    data = load_dataset("builtin:pneumoniamnist")
+    return data.train.images[:SHARD], data.train.labels[:SHARD]
+
+
+def test_clipped_norms_never_exceed_clip_norm(tiny):
+    params, inputs, labels, example_loss, _ = tiny
+    _, grads = per_example_grads(example_loss, params, inputs, labels)
+    norms = per_example_norms(grads)
+    assert norms[:2].min() > 100  # the huge examples really are huge
+    for clip_norm in (0.01, 1.0, 10.0):
+        clipped = per_example_norms(clip_per_example(grads, clip_norm))
+        assert clipped.max() <= clip_norm * (1 + 1e-5)
+        small = norms <= clip_norm  # unclipped examples pass unchanged
+        np.testing.assert_allclose(clipped[small], norms[small], rtol=1e-6)
+
+
+def test_clipped_norms_on_small_cnn_in_dp_mode(shard):
+    learner = Learner("small-cnn", dp=DPConfig())
+    images = jnp.asarray(shard[0][:4], jnp.float32).reshape(4, 28, 28, 1) / 255.0
+    images = images.at[0].multiply(1e3)
+    labels = jnp.asarray(shard[1][:4].reshape(-1), jnp.int32)
+    state = learner._state
+
+    def example_loss(params, image, label):
+        return example_loss_fn(params, state.batch_stats, learner._graphdef, image, label)
+
+    @jax.jit
+    def clipped_norms(params):
+        _, grads = per_example_grads(example_loss, params, images, labels)
+        return per_example_norms(grads), per_example_norms(clip_per_example(grads, 0.5))
+
+    norms, clipped = clipped_norms(state.params)
+    assert norms.max() > 0.5
+    assert clipped.max() <= 0.5 * (1 + 1e-5)
+
+
+def test_without_noise_and_clipping_dp_gradient_is_batch_gradient(tiny):
+    params, inputs, labels, example_loss, batch_loss = tiny
+    _, grads = per_example_grads(example_loss, params, inputs, labels)
+    private = private_gradient(grads, clip_norm=1e12, noise_multiplier=0.0,
+                               noise_key=jax.random.key(0))
+    expected = jax.grad(batch_loss)(params)
+    for got, want in zip(jax.tree_util.tree_leaves(private),
+                         jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_has_the_configured_scale(tiny):
+    params, inputs, labels, example_loss, _ = tiny
+    _, grads = per_example_grads(example_loss, params, inputs, labels)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, grads)
+    noisy = private_gradient(zero, clip_norm=2.0, noise_multiplier=3.0,
+                             noise_key=jax.random.key(0))
+    values = np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(noisy)])
+    assert np.std(values) == pytest.approx(3.0 * 2.0 / len(inputs), rel=0.15)
+
+
+def test_epsilon_matches_the_library():
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)),
+        1000))
+    expected = accountant.get_epsilon(1e-5)
+    assert privacy_spent(1.1, 0.01, 1000, 1e-5) == pytest.approx(expected, rel=1e-9)
+    assert 0.5 < expected < 2.0
+    assert privacy_spent(1.1, 0.01, 0, 1e-5) == 0.0
+    assert privacy_spent(0.0, 0.01, 10, 1e-5) == float("inf")
+
+
+@pytest.mark.parametrize("target", [1.0, 8.0])
+def test_noise_for_target_hits_the_target(target):
+    noise = noise_for_target(target, 1e-5, sample_rate=0.25, steps=8)
+    spent = privacy_spent(noise, 0.25, 8, 1e-5)
+    assert spent <= target
+    assert spent == pytest.approx(target, rel=1e-2)
+
+
+def test_dp_training_lowers_loss_and_counts_privacy(shard):
+    learner = Learner("small-cnn", dp=DPConfig(clip_norm=1.0, noise_multiplier=1.0))
+    stats_before = {k: v for k, v in learner.get_weights().items()
+                    if k.endswith(("/mean", "/var"))}
+    assert learner.privacy_spent() == 0.0
+    losses = learner.fit(*shard, epochs=2)
+    assert losses[-1] < losses[0]
+    assert learner.privacy_spent(1e-5) == pytest.approx(
+        privacy_spent(1.0, 64 / SHARD, 2 * SHARD // 64, 1e-5))
+    weights = learner.get_weights()
+    for name, value in stats_before.items():  # private data never reaches BN stats
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+
+
+def test_fit_refuses_to_go_past_the_budget(shard):
+    budget = privacy_spent(1.0, 64 / SHARD, SHARD // 64, 1e-5) * 1.01
+    learner = Learner("small-cnn", dp=DPConfig(noise_multiplier=1.0,
+                                               target_epsilon=budget))
+    with pytest.raises(ValueError, match="privacy budget exceeded"):
+        learner.fit(*shard, epochs=2)
+    assert learner.privacy_spent() == 0.0  # nothing was trained
+    learner.fit(*shard, epochs=1)
+    with pytest.raises(ValueError, match="privacy budget exceeded"):
+        learner.fit(*shard, epochs=1)
+
+
+def test_privacy_spent_needs_dp():
+    with pytest.raises(ValueError, match="dp=DPConfig"):
+        Learner("small-cnn").privacy_spent(1e-5)
