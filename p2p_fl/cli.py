@@ -76,13 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_runtime(threads: int | None = None) -> None:
-    """Thread limits and the shared compilation cache, before JAX starts."""
+def _setup_runtime() -> None:
+    """Thread limits (set by launch for local peers) and the persistent compilation cache,
+    before JAX starts: a node started again, or beside others, compiles its model once."""
+    from p2p_fl.launch import XLA_CACHE_DIR
     from p2p_fl.learn.runtime import configure_jax
 
-    env_threads = os.environ.get("P2P_FL_THREADS")
-    configure_jax(threads=threads or (int(env_threads) if env_threads else None),
-                  cache_dir=os.environ.get("P2P_FL_XLA_CACHE"))
+    threads = os.environ.get("P2P_FL_THREADS")
+    configure_jax(threads=int(threads) if threads else None,
+                  cache_dir=os.environ.get("P2P_FL_XLA_CACHE", str(XLA_CACHE_DIR)))
 
 
 def _check_model(topology: Topology, source: Path) -> None:
