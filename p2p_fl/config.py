@@ -16,7 +16,7 @@ from pathlib import Path
 import tomli_w
 
 from p2p_fl.data import parse_partition
-from p2p_fl.federate import mixing
+from p2p_fl.federate import mixing, robust
 from p2p_fl.net.keys import is_public_key
 
 PROTOCOLS = ("swt", "cwt", "gossip", "local")
@@ -26,6 +26,7 @@ LR_SCHEDULES = ("constant", "cosine")
 RING_ORDERS = ("listed", "shuffle")
 RING_FINALS = ("last", "average-last-cycle")
 GOSSIP_GRAPHS = ("complete", "ring", "regular:K", "edges")
+GOSSIP_AGGREGATIONS = robust.AGGREGATIONS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ADDRESS = re.compile(r"^tcp://[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$|^ipc://.+$|^inproc://.+$")
@@ -71,6 +72,11 @@ class GossipConfig:
     # in from its shards). Taken from the file, never from a peer's messages, so no site can
     # claim a bigger share. Empty: Metropolis-Hastings weights (equal on the complete graph).
     samples: dict = field(default_factory=dict)
+    # Plain gossip only: "mean" (mixing weights), or "median" / "trimmed-mean" coordinate
+    # by coordinate over the site's own and its neighbours' models, so that one poisoning
+    # neighbour cannot drag the model (federate/robust.py). Secure sums hide every model.
+    aggregation: str = "mean"
+    trim: float = 0.2  # trimmed-mean: fraction of the models cut at each end, per coordinate
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,12 @@ def _check_gossip(t: Topology, fail) -> None:
         fail("gossip.round_timeout_s must be > 0")
     if not g.clip > 0:
         fail(f"gossip.clip must be > 0, got {g.clip}")
+    _choice(g.aggregation, GOSSIP_AGGREGATIONS, "gossip.aggregation", fail)
+    if g.secure and g.aggregation != "mean":
+        fail(f"gossip.aggregation {g.aggregation!r} needs every neighbour's model in the clear; with "
+             "gossip.secure = true a site sees only the masked sum (use \"mean\", or secure = false)")
+    if not 0 <= g.trim < 0.5:
+        fail(f"gossip.trim must be in [0, 0.5), got {g.trim}")
     if g.secure and t.network.insecure:
         fail("gossip.secure = true derives its masks from the CURVE keys; network.insecure = true has none")
     if g.samples:

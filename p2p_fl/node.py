@@ -65,7 +65,8 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None):
             secure = SecureSetup(t.federation, shared_secrets_with(curve.secret, curve.peer_keys, me),
                                  secure_fixed_point(graph, t.gossip.clip))
         return GossipProtocol(me, graph, mixing_weights(graph, t.gossip.samples), t.training.rounds,
-                              round_timeout_s=t.gossip.round_timeout_s, secure=secure)
+                              round_timeout_s=t.gossip.round_timeout_s, secure=secure,
+                              aggregation=t.gossip.aggregation, trim=t.gossip.trim)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
 
 

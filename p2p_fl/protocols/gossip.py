@@ -60,6 +60,7 @@ from p2p_fl.federate import (
     weighted_average,
 )
 from p2p_fl.federate.mixing import Adjacency
+from p2p_fl.federate.robust import AGGREGATIONS, robust_aggregate
 from p2p_fl.net import wire
 from p2p_fl.protocols.actions import Action, Finish, Send, Train, Weights
 
@@ -110,10 +111,13 @@ class GossipProtocol:
         rounds: rounds of train-then-mix.
         round_timeout_s: how long a site waits for its neighbours in each step of a round.
         secure: None for plain averaging, else the secure-sum setup.
+        aggregation: plain gossip's rule: "mean" (the mixing row), "median" or "trimmed-mean"
+            (federate/robust.py, cutting `trim` of the models at each end).
     """
 
     def __init__(self, me: str, graph: Adjacency, weights: dict[str, dict[str, float]], rounds: int, *,
-                 round_timeout_s: float, secure: SecureSetup | None = None):
+                 round_timeout_s: float, secure: SecureSetup | None = None, aggregation: str = "mean",
+                 trim: float = 0.2):
         if me not in graph:
             raise ValueError(f"{me!r} is not a node of the gossip graph")
         if rounds < 1:
@@ -126,6 +130,10 @@ class GossipProtocol:
         self.rounds = rounds
         self.round_timeout_s = round_timeout_s
         self.secure = secure
+        if aggregation not in AGGREGATIONS or (secure is not None and aggregation != "mean"):
+            raise ValueError(f"aggregation {aggregation!r} is not one of {AGGREGATIONS} (only mean with secure sums)")
+        self.aggregation = aggregation
+        self.trim = trim
         self.round = 0  # the round being trained or mixed
         self.finished = False
         self._own: Weights | None = None  # this round's trained model, once training is done
@@ -215,7 +223,11 @@ class GossipProtocol:
         if len(heard) < len(self.neighbours) and now < self._deadline:
             return []
         names = sorted(heard)
-        mean = weighted_average([self._own] + [heard[n] for n in names], [self.row[n] for n in [self.me, *names]])
+        models = [self._own] + [heard[n] for n in names]
+        if self.aggregation == "mean":
+            mean = weighted_average(models, [self.row[n] for n in [self.me, *names]])
+        else:  # every model counts once: a listed sample count must not buy a majority
+            mean = robust_aggregate(models, self.aggregation, self.trim)
         self._inbox.pop(self.round, None)
         return self._next_round(mean, {"members": len(self.neighbours), "survivors": len(names),
                                        "dropped": ",".join(n for n in self.neighbours if n not in heard)}, now)
