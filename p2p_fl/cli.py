@@ -17,6 +17,7 @@ from pathlib import Path
 import tomllib
 
 from p2p_fl.config import ConfigError, PeerConfig, Topology, dump_topology, load_topology, parse_topology
+from p2p_fl.checkpoint import CheckpointError
 from p2p_fl.data import DataError
 from p2p_fl.net import Curve, KeyFileError, load_secret_key
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, KeyFileError) as err:
+    except (ConfigError, DataError, KeyFileError, CheckpointError) as err:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--local-epochs", type=int, help="epochs per visit/round at each site")
     launch.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA")
     launch.add_argument("--seed", type=int, help="seed for partition, ring order and model init")
+    launch.add_argument("--netns", action="store_true",
+                        help="run each node in its own network namespace at 10.77.0.N (needs root)")
+    launch.add_argument("--restart-delay", type=float, default=2.0, metavar="S",
+                        help="restart a node process that dies after S seconds (default: 2)")
+    launch.add_argument("--max-restarts", type=int, default=5, metavar="N",
+                        help="restarts per node before launch reports it failed (default: 5)")
+    launch.add_argument("--no-restart", action="store_true", help="do not restart node processes that die")
     launch.set_defaults(func=cmd_launch)
 
     keygen = sub.add_parser("keygen", help="create this institution's CURVE key pair")
@@ -73,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     central.add_argument("--seed", type=int, help="seed (default: the topology's)")
     central.add_argument("--out", type=Path, help="output folder (default: runs/centralized-<time>)")
     central.set_defaults(func=cmd_centralized)
+
+    experiment = sub.add_parser("experiment", help="run a sweep of federations and write its results tables")
+    experiment.add_argument("sweep", type=Path, help="sweep file (TOML), e.g. launch/experiments/study.toml")
+    experiment.add_argument("--out", type=Path, help="output folder (default: runs/<sweep name>); "
+                            "rerunning into it resumes, skipping finished runs")
+    experiment.add_argument("--list", action="store_true", help="list the runs and exit")
+    experiment.set_defaults(func=cmd_experiment)
     return parser
 
 
@@ -153,8 +168,14 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from p2p_fl.launch import run_launch, with_overrides
+    from p2p_fl.launch import Supervision, run_launch, with_overrides
+    from p2p_fl.netns import NetnsError
 
+    if not args.restart_delay >= 0:
+        raise ConfigError(f"--restart-delay must be >= 0 seconds, got {args.restart_delay}")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    supervision = Supervision(not args.no_restart, args.restart_delay, args.max_restarts)
     topology = load_topology(args.topology)
     try:
         topology = with_overrides(topology, peers=args.peers, rounds=args.rounds, local_epochs=args.local_epochs,
@@ -166,7 +187,9 @@ def cmd_launch(args) -> int:
     _check_model(topology, args.topology)
     out = args.out or Path("runs") / f"{topology.federation}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        summary = run_launch(topology, out)
+        summary = run_launch(topology, out, netns=args.netns, supervision=supervision)
+    except NetnsError as err:
+        raise ConfigError(f"--netns: {err}") from None
     except RuntimeError as err:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return 1
@@ -190,3 +213,16 @@ def cmd_centralized(args) -> int:
           f"test AUC {f['test_auc']:.4f}, acc@0.5 {f['test_acc']:.4f}, loss {f['test_loss']:.4f}")
     print(f"results: {out / 'summary.json'}")
     return 0
+
+
+def cmd_experiment(args) -> int:
+    from p2p_fl.experiment import load_sweep, run_sweep
+
+    runs = load_sweep(args.sweep)
+    out = args.out or Path("runs") / args.sweep.stem
+    if args.list:
+        for run in runs:
+            print(f"{run.name}{'  (done)' if (out / run.name / 'summary.json').exists() else ''}")
+        return 0
+    rows = run_sweep(runs, out)
+    return 0 if len(rows) == len(runs) else 1

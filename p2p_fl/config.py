@@ -19,7 +19,7 @@ from p2p_fl.data import parse_partition
 from p2p_fl.federate import mixing, robust
 from p2p_fl.net.keys import is_public_key
 
-PROTOCOLS = ("swt", "cwt", "gossip", "local")
+PROTOCOLS = ("swt", "cwt", "gossip", "local", "ensemble")
 RING_PROTOCOLS = ("swt", "cwt")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -80,6 +80,13 @@ class GossipConfig:
 
 
 @dataclass(frozen=True)
+class EnsembleConfig:
+    # After its own training a site waits this long for the other sites' final models,
+    # then predicts with those it has (local training times differ with the shard sizes).
+    wait_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "builtin:pneumoniamnist"  # used by launch to make the shards
     partition: str = "iid"  # iid | dirichlet:ALPHA | quantity:ALPHA
@@ -112,6 +119,7 @@ class Topology:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     ring: RingConfig = field(default_factory=RingConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
@@ -126,7 +134,7 @@ class Topology:
         raise ConfigError(f"--name {name!r} is not a peer of this topology (peers: {', '.join(self.names)})")
 
 
-_SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "gossip": GossipConfig, "data": DataConfig, "network": NetworkConfig}
+_SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "gossip": GossipConfig, "ensemble": EnsembleConfig, "data": DataConfig, "network": NetworkConfig}
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -223,6 +231,10 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"a {t.protocol} ring needs at least 2 peers, got {len(t.peers)}")
     if t.protocol == "gossip":
         _check_gossip(t, fail)
+    if t.protocol == "ensemble" and len(t.peers) < 2:
+        fail(f"an ensemble needs at least 2 peers, got {len(t.peers)}")
+    if not t.ensemble.wait_s > 0:
+        fail(f"ensemble.wait_s must be > 0, got {t.ensemble.wait_s}")
     net = t.network
     for key in ("ack_timeout_s", "handoff_timeout_s", "run_timeout_s"):
         if not getattr(net, key) > 0:

@@ -29,7 +29,7 @@ from p2p_fl.data import load_dataset, partition_dataset, save_npz
 from p2p_fl.net import generate_keypair, load_public_key
 
 # Protocols after which every site holds its own final model.
-SITE_MODEL_PROTOCOLS = ("local", "gossip")
+SITE_MODEL_PROTOCOLS = ("local", "gossip", "ensemble")
 XLA_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "p2p_fl" / "xla"
 
 

@@ -24,6 +24,8 @@ from p2p_fl.learn import Learner
 from p2p_fl.net import Curve, Peer, WireError
 from p2p_fl.federate import shared_secrets_with
 from p2p_fl.protocols import Finish, GossipProtocol, LocalProtocol, RingProtocol, Send, Train, ring_schedule
+from p2p_fl.protocols.ensemble import EnsembleProtocol
+from p2p_fl.learn.ensemble import evaluate_ensemble
 from p2p_fl.protocols.gossip import SecureSetup, mixing_weights, secure_fixed_point
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None):
         schedule = ring_schedule(t.names, t.training.rounds, t.ring.order, t.seed)
         return RingProtocol(me, schedule, ack_timeout_s=t.network.ack_timeout_s,
                             handoff_timeout_s=t.network.handoff_timeout_s, final=t.ring.final)
+    if t.protocol == "ensemble":
+        return EnsembleProtocol(me, t.names, t.training.rounds, wait_s=t.ensemble.wait_s)
     if t.protocol == "local":
         return LocalProtocol(me, t.training.rounds)
     if t.protocol == "gossip":
@@ -195,7 +199,7 @@ def run_node(
     emit({"event": "state", "state": "evaluating"})
     if final.weights is not None:
         learner.set_weights(final.weights)
-    result = _evaluate(learner, data, common_test)
+    result = _evaluate(learner, data, common_test, final.members)
     result.update({
         "name": name,
         "protocol": topology.protocol,
@@ -209,11 +213,14 @@ def run_node(
     })
     _write_json_atomic(out_dir / "result.json", result)
     np.savez(out_dir / "final_model.npz", **learner.get_weights())
+    if final.members:  # an ensemble: every member, to predict again as this site did
+        np.savez(out_dir / "ensemble_models.npz",
+                 **{f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})
     emit({"event": "done", **{k: result[k] for k in ("test_auc", "test_acc", "test_loss", "bytes_sent", "wall_s")}})
     return result
 
 
-def _evaluate(learner: Learner, data: Dataset, common_test: Split | None) -> dict:
+def _evaluate(learner: Learner, data: Dataset, common_test: Split | None, members: tuple = ()) -> dict:
     """Final metrics: common test set (the headline) and this site's own test shard.
 
     The decision threshold reported beside 0.5 is chosen on this site's validation data.
@@ -223,7 +230,10 @@ def _evaluate(learner: Learner, data: Dataset, common_test: Split | None) -> dic
     for prefix, split in test_sets.items():
         if split is None or len(split) == 0:
             continue
-        report = learner.evaluate(split.images, split.labels, data.val.images, data.val.labels)
+        if members:  # an ensemble predicts with its members' mean probabilities
+            report = evaluate_ensemble(learner, members, split.images, split.labels, data.val.images, data.val.labels)
+        else:
+            report = learner.evaluate(split.images, split.labels, data.val.images, data.val.labels)
         result.update({f"{prefix}_{k}": _plain(v) for k, v in report.items()})
     if common_test is None:  # the local test set is then the headline
         result.update({k.removeprefix("local_"): v for k, v in list(result.items())})

@@ -36,10 +36,15 @@ class Train:
 
 @dataclass(frozen=True)
 class Finish:
-    """The run is over for this node; `weights` is its final model."""
+    """The run is over for this node; `weights` is its final model.
+
+    `members`: for an ensemble, every model whose mean output is the node's prediction
+    (its own included); empty: `weights` alone predicts.
+    """
 
     weights: Weights | None
     meta: dict[str, Any] = field(default_factory=dict)
+    members: tuple[Weights, ...] = ()
 
 
 Action = Send | Train | Finish

@@ -1,0 +1,137 @@
+"""`p2p-fl experiment`: sweep files checked field by field, and a tiny sweep that really runs.
+
+The real sweep (about 30 s here) launches one 2-site CWT federation on a tiny dataset and
+the centralized reference, then runs the same command again to check it resumes.
+"""
+
+import csv
+import json
+
+import pytest
+from processes import ROOT, p2p_fl
+
+from p2p_fl.data import Dataset, Split, load_dataset, save_npz
+from p2p_fl.config import ConfigError
+from p2p_fl.experiment import aggregate, load_sweep
+
+RING = ROOT / "topologies" / "ring-3.toml"
+
+
+def tiny_dataset(path, *, train=256, val=128, test=128):
+    """The first images of the embedded data as one small .npz (a run trains in seconds)."""
+    full = load_dataset("builtin:pneumoniamnist")
+    take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
+    return save_npz(Dataset(take(full.train, train), take(full.val, val), take(full.test, test), 2, "tiny"), path)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_sweep_expands_into_runs_named_by_configuration(tmp_path):
+    path = write(tmp_path, f"""
+seeds = [0, 1]
+peers = [3]
+partitions = ["iid", "dirichlet:0.5"]
+topology = "{RING}"
+[centralized]
+epochs = 4
+[[federations]]
+label = "CWT"
+rounds = 2
+peers = [3, 10]
+[[federations]]
+label = "SWT"
+protocol = "swt"
+rounds = 1
+local_epochs = 2
+partitions = ["iid"]
+set = {{ "training.batch_size" = 32 }}
+""")
+    runs = load_sweep(path)
+    names = [r.name for r in runs]
+    assert names[:2] == ["centralized-seed0", "centralized-seed1"]
+    assert "CWT-10-dirichlet0.5-seed1" in names and "SWT-3-iid-seed0" in names
+    assert len(names) == 2 + 2 * 2 * 2 + 2
+    swt = next(r for r in runs if r.name == "SWT-3-iid-seed1")
+    assert swt.topology.protocol == "swt" and swt.topology.training.batch_size == 32
+    assert swt.topology.seed == 1 and swt.topology.training.local_epochs == 2
+    cwt = next(r for r in runs if r.name == "CWT-10-dirichlet0.5-seed0")
+    assert len(cwt.topology.peers) == 10 and cwt.topology.data.partition == "dirichlet:0.5"
+    assert runs[0].epochs == 4
+
+
+@pytest.mark.parametrize("text, field", [
+    ("seeds = [0]\nbogus = 1\n[centralized]\n", "unknown field bogus"),
+    ("seeds = 0\n[centralized]\n", "seeds must be a non-empty list of integers"),
+    (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\npeers = ["3"]\n', "federations[0].peers"),
+    (f'[[federations]]\nlabel = "a b"\ntopology = "{RING}"\n', "federations[0].label"),
+    ('[[federations]]\nlabel = "a"\ntopology = "nope.toml"\n', "federations[0].topology: no such topology file"),
+    (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\npartitions = ["dirichlet:x"]\n', "federations[0].partitions[0]"),
+    (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\nset = {{ "training.modle" = 1 }}\n', "training.modle"),
+    (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\nprotocol = "fedsgd"\n', "federations[0].protocol"),
+    (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\n[[federations]]\nlabel = "a"\ntopology = "{RING}"\n',
+     "federations[1].label 'a' is used twice"),
+    ("seeds = [0]\n", "nothing to run"),
+])
+def test_a_wrong_sweep_file_is_refused_naming_the_field(tmp_path, text, field):
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        load_sweep(write(tmp_path, text))
+
+
+def test_the_command_prints_one_line_for_a_wrong_sweep(tmp_path):
+    proc = p2p_fl("experiment", str(write(tmp_path, "seeds = [0]\nbogus = 1\n")))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "unknown field bogus" in proc.stderr
+
+
+def test_aggregate_gives_mean_spread_and_time_reduction_against_centralized():
+    rows = [{"label": "centralized", "protocol": "centralized", "peers": 1, "partition": "pooled", "seed": s,
+             "wall_s": w, "test_auc": 0.9} for s, w in ((0, 100.0), (1, 300.0))]
+    rows += [{"label": "CWT", "protocol": "cwt", "peers": 3, "partition": "iid", "seed": s,
+              "wall_s": w, "test_auc": a} for s, w, a in ((0, 50.0, 0.8), (1, 150.0, 0.9), (2, 100.0, 1.0))]
+    table = {r["label"]: r for r in aggregate(rows)}
+    assert table["CWT"]["n"] == 3 and table["CWT"]["seeds"] == "0,1,2"
+    assert table["CWT"]["test_auc"] == pytest.approx(0.9) and table["CWT"]["test_auc_std"] == pytest.approx(0.1)
+    assert table["CWT"]["time_reduction"] == pytest.approx(0.5)  # 100 s against 200 s
+    assert table["centralized"]["time_reduction"] == pytest.approx(0.0)
+
+
+def test_a_tiny_sweep_runs_writes_its_tables_and_resumes(tmp_path):
+    data = tiny_dataset(tmp_path / "tiny.npz")
+    sweep = write(tmp_path, f"""
+seeds = [0]
+topology = "{RING}"
+dataset = "{data}"
+[centralized]
+epochs = 1
+[[federations]]
+label = "CWT"
+peers = [2]
+rounds = 1
+set = {{ "data.test" = "{data}", "training.batch_size" = 32 }}
+""")
+    out = tmp_path / "out"
+    proc = p2p_fl("experiment", str(sweep), "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[1/2] centralized-seed0: done in" in proc.stdout and "[2/2] CWT-2-iid-seed0: done in" in proc.stdout
+    summary = json.loads((out / "CWT-2-iid-seed0" / "summary.json").read_text())
+    assert summary["peers"] == 2 and len(summary["nodes"]) == 2
+    with (out / "results.csv").open() as f:
+        table = {r["label"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"centralized", "CWT"}
+    cwt = table["CWT"]
+    assert float(cwt["test_auc"]) == pytest.approx(summary["final"]["test_auc"])
+    assert float(cwt["wall_s"]) == pytest.approx(summary["wall_s"])
+    central = json.loads((out / "centralized-seed0" / "summary.json").read_text())
+    assert float(cwt["time_reduction"]) == pytest.approx(1 - summary["wall_s"] / central["process_wall_s"])
+    site_auc = sum(n["local_test_auc"] for n in summary["nodes"]) / 2
+    assert float(cwt["local_test_auc"]) == pytest.approx(site_auc)
+    markdown = (out / "results.md").read_text()
+    assert "Runs finished: 2 of 2" in markdown and "| CWT | cwt | 2 | iid | 0 |" in markdown
+
+    again = p2p_fl("experiment", str(sweep), "--out", str(out), timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("done before, skipped") == 2
