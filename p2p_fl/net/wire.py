@@ -51,9 +51,12 @@ GOSSIP_GROUP = "gossip-group"
 GOSSIP_MASKED = "gossip-masked"
 GOSSIP_ANNOUNCE = "gossip-announce"
 GOSSIP_RELEASE = "gossip-release"
-MESSAGE_TYPES = frozenset({MODEL, MODEL_AVERAGE, ACK, FINAL, GOSSIP_MODEL,
+# A site's final model after its local training, sent once to every other site of an
+# ensemble run (round = the run's rounds); each site predicts with the mean output of all.
+ENSEMBLE_MODEL = "ensemble-model"
+MESSAGE_TYPES = frozenset({MODEL, MODEL_AVERAGE, ACK, FINAL, GOSSIP_MODEL, ENSEMBLE_MODEL,
                            GOSSIP_GROUP, GOSSIP_MASKED, GOSSIP_ANNOUNCE, GOSSIP_RELEASE})
-TENSOR_TYPES = frozenset({MODEL, MODEL_AVERAGE, FINAL, GOSSIP_MODEL})
+TENSOR_TYPES = frozenset({MODEL, MODEL_AVERAGE, FINAL, GOSSIP_MODEL, ENSEMBLE_MODEL})
 AVERAGE_PREFIX = "average/"
 
 MAX_HEADER_BYTES = 256 * 1024

@@ -1,0 +1,89 @@
+"""Ensemble: each site trains alone, then the sites swap their final models once and each
+predicts with the mean output (probabilities) of every model it holds, its own included.
+
+Training is the local baseline's (`rounds` x `local_epochs`, the LR schedule over the whole
+run); nothing crosses the network until a site's training is done. Then it sends its model
+to every other site (one `ensemble-model` message each, checked on arrival like any model:
+the model's exact spec, finite values, the sender the authenticated peer) and waits for
+theirs until all arrived or `wait_s` after its own training ended. Models from sites that
+finished earlier wait in the inbox meanwhile. A site that never sends is left out of the
+others' ensembles; the member count is recorded.
+
+A model cannot be averaged into a model after it has been trained on different data alone
+(weights of separately trained networks do not line up); outputs can. The price: each site
+runs n models at prediction time, and each model leaves its site whole, as in plain gossip.
+
+`EnsembleProtocol` is a state machine with no sockets and no clock of its own, like the others.
+"""
+
+from __future__ import annotations
+
+from p2p_fl.net import wire
+from p2p_fl.protocols.actions import Action, Finish, Send, Train, Weights
+
+
+class EnsembleProtocol:
+    """One site's view of an ensemble run.
+
+    Args:
+        me: this site's name.
+        peers: every site of the federation (this one included).
+        rounds: rounds of local training (each `local_epochs` long, as in `LocalProtocol`).
+        wait_s: after its own training, how long a site waits for the others' models.
+    """
+
+    def __init__(self, me: str, peers: list[str], rounds: int, *, wait_s: float):
+        if me not in peers:
+            raise ValueError(f"{me!r} is not a peer of the ensemble")
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
+        self.me = me
+        self.others = sorted(set(peers) - {me})
+        self.rounds = rounds
+        self.wait_s = wait_s
+        self.finished = False
+        self._own: Weights | None = None
+        self._deadline = 0.0
+        self._received: dict[str, Weights] = {}
+
+    def start(self, now: float) -> list[Action]:
+        return [Train(0, None, progress=0.0)]
+
+    def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
+        if round + 1 < self.rounds:
+            return [Train(round + 1, None, progress=(round + 1) / self.rounds)]
+        self._own = weights
+        self._deadline = now + self.wait_s
+        sends = [Send(n, wire.ENSEMBLE_MODEL, self.rounds, weights) for n in self.others]
+        return sends + self._finish_when_complete(now)
+
+    def on_message(self, msg: wire.Message, now: float) -> list[Action]:
+        """Keeps a peer's final model. Raises wire.WireError for one this state refuses."""
+        if msg.type != wire.ENSEMBLE_MODEL:
+            raise wire.WireError(f"unexpected {msg.type} message in an ensemble")
+        if msg.sender not in self.others:
+            raise wire.WireError(f"{msg.sender} is not another site of the ensemble")
+        if msg.round != self.rounds:
+            raise wire.WireError(f"ensemble model for round {msg.round}, expected {self.rounds}")
+        if self.finished:
+            raise wire.WireError(f"ensemble model from {msg.sender} after this site finished")
+        if msg.sender in self._received:
+            raise wire.WireError(f"second ensemble model from {msg.sender}")
+        self._received[msg.sender] = dict(msg.tensors)
+        return self._finish_when_complete(now)
+
+    def on_tick(self, now: float) -> list[Action]:
+        return self._finish_when_complete(now)
+
+    def _finish_when_complete(self, now: float) -> list[Action]:
+        if self._own is None or self.finished:
+            return []
+        if len(self._received) < len(self.others) and now < self._deadline:
+            return []
+        self.finished = True
+        names = sorted(self._received)
+        order = list(self._own)  # the model's order, as the learner expects
+        members = (self._own, *({k: self._received[n][k] for k in order} for n in names))
+        missing = [n for n in self.others if n not in self._received]
+        meta = {"rounds": self.rounds, "ensemble_members": len(members), "ensemble_missing": ",".join(missing)}
+        return [Finish(self._own, meta=meta, members=members)]
