@@ -3,10 +3,15 @@
 It partitions the data into one shard file per site (each node reads only its own), makes a
 CURVE key pair per site under OUT/keys/, picks free loopback ports, writes the topology it actually runs to OUT/topology.toml, starts the
 nodes, shows their progress live, and collects their results into OUT/summary.json.
+
+With `netns`, each node runs alone in a network namespace (`p2p_fl.netns`) at its own
+address instead of on loopback. Like a hospital's service manager, launch restarts a node
+process that dies (see `Supervision`) with the same command and folder, and reports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,10 +32,32 @@ from rich.table import Table
 from p2p_fl.config import PeerConfig, Topology, dump_topology, parse_topology
 from p2p_fl.data import load_dataset, partition_dataset, save_npz
 from p2p_fl.net import generate_keypair, load_public_key
+from p2p_fl.netns import Hosts, network_hosts
 
 # Protocols after which every site holds its own final model.
 SITE_MODEL_PROTOCOLS = ("local", "gossip", "ensemble")
 XLA_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "p2p_fl" / "xla"
+NETNS_PORT = 7700  # every node is alone in its namespace, so one port serves all
+CONFIG_ERROR_EXIT = 2  # `p2p-fl node` refused its input: starting it again cannot help
+
+
+@dataclasses.dataclass(frozen=True)
+class Supervision:
+    """What launch does when a node process dies (a signal, or a nonzero exit but 2)."""
+
+    restart: bool = True
+    delay_s: float = 2.0  # wait before starting it again (its port, a crash loop)
+    max_restarts: int = 5  # per node; then launch reports the node as failed
+
+
+def after_exit(returncode: int, restarts: int, supervision: Supervision) -> str:
+    """"done", "restart" or "failed" for a node process that exited with `returncode`
+    (negative: killed by that signal) after `restarts` restarts."""
+    if returncode == 0:
+        return "done"
+    if returncode == CONFIG_ERROR_EXIT or not supervision.restart or restarts >= supervision.max_restarts:
+        return "failed"
+    return "restart"
 
 
 def with_overrides(topology: Topology, *, peers: int | None = None, rounds: int | None = None,
@@ -71,8 +98,9 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def prepare(topology: Topology, out: Path, console: Console) -> tuple[Topology, dict[str, Path]]:
-    """Writes one data shard per site and the loopback topology; returns both."""
+def prepare(topology: Topology, out: Path, console: Console,
+            hosts: Hosts | None = None) -> tuple[Topology, dict[str, Path]]:
+    """Writes one data shard per site and the topology (loopback, or the hosts' addresses); returns both."""
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(topology.data.dataset)
     shards = partition_dataset(dataset, len(topology.peers), topology.data.partition, topology.seed)
@@ -82,7 +110,10 @@ def prepare(topology: Topology, out: Path, console: Console) -> tuple[Topology, 
     for peer, shard in zip(topology.peers, shards):
         paths[peer.name] = shard_dir / f"{peer.name}.npz"
         save_npz(shard, paths[peer.name])
-    ports = free_ports(len(topology.peers))
+    if hosts is None:
+        addresses = [f"tcp://127.0.0.1:{port}" for port in free_ports(len(topology.peers))]
+    else:
+        addresses = [f"tcp://{hosts.address(i)}:{NETNS_PORT}" for i in range(len(topology.peers))]
     public_keys = {p.name: "" for p in topology.peers}
     if not topology.network.insecure:  # fresh identities for a local simulation
         for p in topology.peers:
@@ -90,8 +121,8 @@ def prepare(topology: Topology, out: Path, console: Console) -> tuple[Topology, 
             if not public_path.exists():  # a rerun into the same OUT keeps its keys
                 public_path, _ = generate_keypair(out / "keys", p.name)
             public_keys[p.name] = load_public_key(public_path)
-    peers = tuple(PeerConfig(p.name, f"tcp://127.0.0.1:{port}", public_keys[p.name])
-                  for p, port in zip(topology.peers, ports))
+    peers = tuple(PeerConfig(p.name, address, public_keys[p.name])
+                  for p, address in zip(topology.peers, addresses))
     topology = dataclasses.replace(topology, peers=peers)
     if topology.protocol == "gossip":  # FedAvg weights: the shards' sizes, fixed in the file
         samples = {p.name: len(shard.train) for p, shard in zip(topology.peers, shards)}
@@ -115,35 +146,76 @@ def node_env(num_nodes: int) -> dict[str, str]:
     return env
 
 
-def run_launch(topology: Topology, out: Path, *, console: Console | None = None) -> dict:
-    """Runs the federation; returns the summary (also written to OUT/summary.json)."""
+def run_launch(topology: Topology, out: Path, *, console: Console | None = None, netns: bool = False,
+               supervision: Supervision = Supervision()) -> dict:
+    """Runs the federation; returns the summary (also written to OUT/summary.json).
+
+    With `netns`, every node runs in a network namespace of its own (deleted at the end
+    however the run ends); `netns.NetnsError` if they cannot be made.
+    """
     console = console or Console()
     if not console.is_terminal:
         console.width = max(console.width, 140)  # a log file has no width; keep tables readable
-    topology, shard_paths = prepare(topology, out, console)
+    with _sigterm_as_interrupt(), (network_hosts(len(topology.peers)) if netns else contextlib.nullcontext()) as hosts:
+        return _run_nodes(topology, out, console, hosts, supervision)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A service manager stops launch with SIGTERM: unwind as for Ctrl-C, so that the nodes
+    are stopped and the namespaces deleted (the default handler would skip both)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclasses.dataclass
+class _NodeProcess:
+    """One site's node process as launch supervises it."""
+
+    name: str
+    cmd: list[str]
+    folder: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    restart_at: float | None = None  # dead, and to be started again at this time
+    outcome: str | None = None  # "done" or "failed" once it will not run again
+
+
+def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | None, supervision: Supervision) -> dict:
+    topology, shard_paths = prepare(topology, out, console, hosts)
+    _write_netns_layout(topology, out, hosts)
     started = time.monotonic()
     events: queue.Queue = queue.Queue()
-    procs: dict[str, subprocess.Popen] = {}
     env = node_env(len(topology.peers))
-    for peer in topology.peers:
-        node_out = out / peer.name
-        node_out.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "p2p_fl", "node", "--config", str(out / "topology.toml"),
-               "--name", peer.name, "--data", str(shard_paths[peer.name]), "--out", str(node_out),
-               "--key", str(out / "keys" / f"{peer.name}.key_secret"), "--events"]
-        with (node_out / "node.log").open("wb") as log_file:
-            procs[peer.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env)
-        threading.Thread(target=_pump_events, args=(peer.name, procs[peer.name], events), daemon=True).start()
-
+    nodes: dict[str, _NodeProcess] = {}
     status = {p.name: {"state": "starting"} for p in topology.peers}
     failed: list[str] = []
     # A terminal gets a live table; a log (CI, a pipe) gets one line per finished round.
     live = Live(_status_table(topology, status, started), console=console, refresh_per_second=4) \
         if console.is_terminal else None
     try:
+        for i, peer in enumerate(topology.peers):
+            node_out = out / peer.name
+            node_out.mkdir(exist_ok=True)
+            (node_out / "node.log").write_bytes(b"")
+            cmd = [sys.executable, "-m", "p2p_fl", "node", "--config", str(out / "topology.toml"),
+                   "--name", peer.name, "--data", str(shard_paths[peer.name]), "--out", str(node_out),
+                   "--key", str(out / "keys" / f"{peer.name}.key_secret"), "--events"]
+            nodes[peer.name] = _NodeProcess(peer.name, (hosts.exec_prefix(i) if hosts else []) + cmd, node_out)
+            _start(nodes[peer.name], env, events)
         if live:
             live.start()
-        while any(p.poll() is None for p in procs.values()) or not events.empty():
+        while any(n.outcome is None for n in nodes.values()) or not events.empty():
             try:
                 name, event = events.get(timeout=0.25)
             except queue.Empty:
@@ -152,30 +224,97 @@ def run_launch(topology: Topology, out: Path, *, console: Console | None = None)
                 _apply_event(status[name], event)
                 if live is None and event.get("event") in ("trained", "done"):
                     console.print(_event_line(name, event))
-            for name, proc in procs.items():
-                if proc.poll() not in (None, 0) and name not in failed:
-                    failed.append(name)
-                    status[name]["state"] = f"failed ({proc.returncode})"
-                    console.print(f"[red]{name} exited with {proc.returncode}; see {out / name / 'node.log'}[/]")
+            for node in nodes.values():
+                line = _supervise(node, status[node.name], supervision, env, events)
+                if line:
+                    console.print(line)
+                if node.outcome == "failed" and node.name not in failed:
+                    failed.append(node.name)
             if live:
                 live.update(_status_table(topology, status, started))
-    except KeyboardInterrupt:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+    except BaseException:  # an interrupt, or a bug: leave no node running behind
+        running = [n.proc for n in nodes.values() if n.proc is not None and n.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         raise
     finally:
         if live:
             live.stop()
-    summary = collect_summary(topology, out, time.monotonic() - started)
+    summary = collect_summary(topology, out, time.monotonic() - started,
+                              restarts={n.name: n.restarts for n in nodes.values()})
     console.print(results_table(summary))
     if failed:
         raise RuntimeError(f"nodes {', '.join(failed)} failed; their logs are in {out}/<name>/node.log")
     return summary
 
 
-def collect_summary(topology: Topology, out: Path, wall_s: float) -> dict:
-    """Merges every node's result.json into OUT/summary.json."""
+def _start(node: _NodeProcess, env: dict, events: queue.Queue) -> None:
+    """Starts (or starts again) the node's process; its pid goes to FOLDER/node.pid."""
+    with (node.folder / "node.log").open("ab") as log_file:  # a restart appends to the same log
+        node.proc = subprocess.Popen(node.cmd, stdout=subprocess.PIPE, stderr=log_file, env=env)
+    (node.folder / "node.pid").write_text(f"{node.proc.pid}\n")
+    threading.Thread(target=_pump_events, args=(node.name, node.proc, events), daemon=True).start()
+
+
+def _supervise(node: _NodeProcess, state: dict, supervision: Supervision, env: dict, events: queue.Queue) -> str | None:
+    """Notices an exit and restarts when due; returns a line to report, if any."""
+    if node.outcome is not None:
+        return None
+    if node.restart_at is not None:
+        if time.monotonic() < node.restart_at:
+            return None
+        node.restart_at = None
+        node.restarts += 1
+        with (node.folder / "node.log").open("a") as log:
+            log.write(f"--- launch: restart {node.restarts} of {node.name} ---\n")
+        _start(node, env, events)
+        state.update(state="restarted", restarts=node.restarts)
+        return f"[yellow]{node.name}: restarted ({node.restarts} of at most {supervision.max_restarts}), pid {node.proc.pid}[/]"
+    returncode = node.proc.poll()
+    if returncode is None:
+        return None
+    how = _exit_words(returncode)
+    verdict = after_exit(returncode, node.restarts, supervision)
+    if verdict == "done":
+        node.outcome = "done"
+        return None
+    if verdict == "failed":
+        node.outcome = "failed"
+        state["state"] = f"failed ({how})"
+        gave_up = f" after {node.restarts} restarts" if node.restarts else ""
+        return f"[red]{node.name} {how}{gave_up}; see {node.folder / 'node.log'}[/]"
+    node.restart_at = time.monotonic() + supervision.delay_s
+    state["state"] = f"{how}; restarting"
+    return f"[yellow]{node.name} {how}; restarting it in {supervision.delay_s:g} s[/]"
+
+
+def _exit_words(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with {returncode}"
+
+
+def _write_netns_layout(topology: Topology, out: Path, hosts: Hosts | None) -> None:
+    """OUT/netns.json: each site's namespace, for `python -m p2p_fl.netns cut OUT SITE` and tests."""
+    path = out / "netns.json"
+    if hosts is None:
+        path.unlink(missing_ok=True)
+        return
+    sites = {p.name: {"index": i, "namespace": hosts.namespace(i), "address": hosts.address(i)}
+             for i, p in enumerate(topology.peers)}
+    path.write_text(json.dumps({"run": hosts.run, "bridge_namespace": hosts.bridge_namespace, "sites": sites}, indent=2))
+
+
+def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict[str, int] | None = None) -> dict:
+    """Merges every node's result.json into OUT/summary.json, with how often launch restarted each node."""
     nodes = []
     for peer in topology.peers:
         path = out / peer.name / "result.json"
@@ -192,6 +331,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float) -> dict:
         "local_epochs": topology.training.local_epochs,
         "wall_s": wall_s,
         "final": _final_metrics(topology, nodes),
+        "restarts": restarts or {p.name: 0 for p in topology.peers},
         "nodes": nodes,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -266,7 +406,7 @@ def _apply_event(state: dict, event: dict) -> None:
 def _status_table(topology: Topology, status: dict, started: float) -> Table:
     table = Table(title=f"{topology.federation} · {topology.protocol} · {time.monotonic() - started:.0f} s")
     gossip = topology.protocol == "gossip"
-    columns = ["node", "state", "round", "epoch", "loss", "val AUC", "test AUC", "MB sent"]
+    columns = ["node", "state", "round", "epoch", "loss", "val AUC", "test AUC", "MB sent", "restarts"]
     columns[2:2] = ["sum (heard/members)", "dropped"] if gossip else ["cycle"]
     for col in columns:
         table.add_column(col)
@@ -275,7 +415,7 @@ def _status_table(topology: Topology, status: dict, started: float) -> Table:
         where = [s.get("group", ""), s.get("dropped", "")] if gossip else [_opt(s.get("cycle"))]
         table.add_row(name, s.get("state", ""), *where, _opt(s.get("round")), s.get("epoch", ""),
                       _f(s.get("loss")), _f(s.get("val_auc")), _f(s.get("test_auc")),
-                      "-" if mb is None else f"{mb / 1e6:.2f}")
+                      "-" if mb is None else f"{mb / 1e6:.2f}", _opt(s.get("restarts")))
     return table
 
 
