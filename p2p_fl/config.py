@@ -72,6 +72,10 @@ class GossipConfig:
     # in from its shards). Taken from the file, never from a peer's messages, so no site can
     # claim a bigger share. Empty: Metropolis-Hastings weights (equal on the complete graph).
     samples: dict = field(default_factory=dict)
+    # A site away (an [[events]] leave, or silent past network.peer_timeout_s): "forget" its
+    # weights (the mean is over who is there), or "keep-last": its last model stays in the
+    # mean (plain gossip only: with masked sums nobody holds it).
+    on_leave: str = "forget"
     # Plain gossip only: "mean" (mixing weights), or "median" / "trimmed-mean" coordinate
     # by coordinate over the site's own and its neighbours' models, so that one poisoning
     # neighbour cannot drag the model (federate/robust.py). Secure sums hide every model.
@@ -99,8 +103,28 @@ class NetworkConfig:
     handoff_timeout_s: float = 60.0  # then skip the successor that never acknowledged
     run_timeout_s: float = 3600.0  # a node gives up waiting after this
     max_message_mb: int = 512
+    # Liveness (DESIGN.md, Fault tolerance): a heartbeat to every peer this often; a peer
+    # silent for peer_timeout_s is dead (a ring skips it or repairs round it, a gossip sum
+    # leaves it out) and alive again when it speaks.
+    heartbeat_interval_s: float = 1.0
+    peer_timeout_s: float = 10.0
     # Plaintext, unauthenticated ZeroMQ: for debugging only; every node warns at start.
     insecure: bool = False
+
+
+EVENT_ACTIONS = ("leave", "join")
+ON_LEAVE = ("forget", "keep-last")
+
+
+@dataclass(frozen=True)
+class Event:
+    """A planned absence, as in the chest X-ray study's intermittent sites: `peer` leaves
+    (or joins) at the start of gossip round / ring cycle `round`. The same file on every
+    site makes an experiment reproducible: everyone knows who is away when."""
+
+    round: int
+    peer: str
+    action: str
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,7 @@ class Topology:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    events: tuple[Event, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -132,6 +157,28 @@ class Topology:
             if p.name == name:
                 return p
         raise ConfigError(f"--name {name!r} is not a peer of this topology (peers: {', '.join(self.names)})")
+
+    def absences(self) -> dict[str, frozenset[int]]:
+        """Peer -> the rounds (gossip) or cycles (ring) it is away for, from `events`.
+
+        A peer whose first event is a join is away from round 0 until it joins.
+        """
+        away: dict[str, frozenset[int]] = {}
+        for name in self.names:
+            events = sorted((e for e in self.events if e.peer == name), key=lambda e: e.round)
+            if not events:
+                continue
+            rounds, present, since = set(), events[0].action == "leave", 0
+            for e in events:
+                if e.action == "join" and not present:
+                    rounds.update(range(since, e.round))
+                    present = True
+                elif e.action == "leave" and present:
+                    since, present = e.round, False
+            if not present:
+                rounds.update(range(since, self.training.rounds))
+            away[name] = frozenset(rounds)
+        return away
 
 
 _SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "gossip": GossipConfig, "ensemble": EnsembleConfig, "data": DataConfig, "network": NetworkConfig}
@@ -155,7 +202,7 @@ def parse_topology(raw: dict, source: str = "<topology>") -> Topology:
     def fail(message: str):
         raise ConfigError(f"{source}: {message}")
 
-    top_fields = {"federation", "protocol", "seed", "peers", *_SECTIONS}
+    top_fields = {"federation", "protocol", "seed", "peers", "events", *_SECTIONS}
     for key in raw:
         if key not in top_fields:
             fail(f"unknown field {key!r} (known: {', '.join(sorted(top_fields))})")
@@ -176,7 +223,8 @@ def parse_topology(raw: dict, source: str = "<topology>") -> Topology:
             fail(f"[{name}] must be a table")
         sections[name] = _build(cls, table, name, fail)
     peers = _parse_peers(raw["peers"], fail)
-    topology = Topology(federation=federation, protocol=protocol, peers=peers, seed=seed, **sections)
+    events = _parse_events(raw.get("events", []), fail)
+    topology = Topology(federation=federation, protocol=protocol, peers=peers, seed=seed, events=events, **sections)
     _check_semantics(topology, fail)
     return topology
 
@@ -207,6 +255,42 @@ def _parse_peers(raw_peers, fail) -> tuple[PeerConfig, ...]:
     return tuple(peers)
 
 
+def _parse_events(raw_events, fail) -> tuple[Event, ...]:
+    if not isinstance(raw_events, list):
+        fail("[[events]] must be a list of tables")
+    events = []
+    for i, table in enumerate(raw_events):
+        if not isinstance(table, dict):
+            fail(f"events[{i}] must be a table")
+        events.append(_build(Event, table, f"events[{i}]", fail))
+    return tuple(events)
+
+
+def _check_events(t: Topology, fail) -> None:
+    if t.events and t.protocol not in ("gossip", "cwt"):
+        fail(f"[[events]] apply to gossip rounds and cwt cycles, not to protocol {t.protocol!r}")
+    for i, e in enumerate(t.events):
+        if e.peer not in t.names:
+            fail(f"events[{i}].peer {e.peer!r} is not a peer of this topology")
+        _choice(e.action, EVENT_ACTIONS, f"events[{i}].action", fail)
+        if not 0 < e.round < t.training.rounds:
+            fail(f"events[{i}].round must be in 1..{t.training.rounds - 1} (training.rounds - 1), got {e.round}")
+    for name in t.names:
+        mine = sorted((e for e in t.events if e.peer == name), key=lambda e: e.round)
+        for a, b in zip(mine, mine[1:]):
+            if a.round == b.round or a.action == b.action:
+                fail(f"events for {name!r} must alternate leave and join at distinct rounds "
+                     f"(round {a.round} {a.action}, round {b.round} {b.action})")
+    away = t.absences()
+    for r in range(t.training.rounds):
+        present = [n for n in t.names if r not in away.get(n, ())]
+        if len(present) < 2:
+            fail(f"[[events]] leave fewer than 2 peers present in round {r}")
+    if t.gossip.on_leave == "keep-last" and t.protocol == "gossip" and t.gossip.secure:
+        fail("gossip.on_leave = \"keep-last\" needs gossip.secure = false: with masked sums nobody holds "
+             "a site's last model to keep")
+
+
 def _check_semantics(t: Topology, fail) -> None:
     tr = t.training
     if tr.rounds < 1:
@@ -235,12 +319,18 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"an ensemble needs at least 2 peers, got {len(t.peers)}")
     if not t.ensemble.wait_s > 0:
         fail(f"ensemble.wait_s must be > 0, got {t.ensemble.wait_s}")
+    _choice(t.gossip.on_leave, ON_LEAVE, "gossip.on_leave", fail)
+    _check_events(t, fail)
     net = t.network
     for key in ("ack_timeout_s", "handoff_timeout_s", "run_timeout_s"):
         if not getattr(net, key) > 0:
             fail(f"network.{key} must be > 0")
     if net.handoff_timeout_s < net.ack_timeout_s:
         fail("network.handoff_timeout_s must be >= network.ack_timeout_s")
+    if not 0 < net.heartbeat_interval_s:
+        fail("network.heartbeat_interval_s must be > 0")
+    if not net.peer_timeout_s >= 2 * net.heartbeat_interval_s:
+        fail("network.peer_timeout_s must be at least 2 x network.heartbeat_interval_s")
 
 
 def gossip_graph(t: Topology) -> mixing.Adjacency:
@@ -337,5 +427,6 @@ def dump_topology(t: Topology) -> str:
         "seed": t.seed,
         **{name: dataclasses.asdict(getattr(t, name)) for name in _SECTIONS},
         "peers": [dataclasses.asdict(p) for p in t.peers],
+        **({"events": [dataclasses.asdict(e) for e in t.events]} if t.events else {}),
     }
     return tomli_w.dumps(table)

@@ -18,12 +18,15 @@ from typing import Callable
 
 import numpy as np
 
+from p2p_fl.checkpoint import FILENAME as CHECKPOINT_FILE
+from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefixed
 from p2p_fl.config import RING_PROTOCOLS, Topology, gossip_graph
 from p2p_fl.data import Dataset, Split
 from p2p_fl.learn import Learner
 from p2p_fl.net import Curve, Peer, WireError
 from p2p_fl.federate import shared_secrets_with
-from p2p_fl.protocols import Finish, GossipProtocol, LocalProtocol, RingProtocol, Send, Train, ring_schedule
+from p2p_fl.protocols import Finish, GossipProtocol, LocalProtocol, RingProtocol, Send, Train
+from p2p_fl.protocols.ring import ring_cycles
 from p2p_fl.protocols.ensemble import EnsembleProtocol
 from p2p_fl.learn.ensemble import evaluate_ensemble
 from p2p_fl.protocols.gossip import SecureSetup, mixing_weights, secure_fixed_point
@@ -55,9 +58,11 @@ def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, .
 def make_protocol(topology: Topology, me: str, curve: Curve | None):
     t = topology
     if t.protocol in RING_PROTOCOLS:
-        schedule = ring_schedule(t.names, t.training.rounds, t.ring.order, t.seed)
-        return RingProtocol(me, schedule, ack_timeout_s=t.network.ack_timeout_s,
-                            handoff_timeout_s=t.network.handoff_timeout_s, final=t.ring.final)
+        cycles = ring_cycles(t.names, t.training.rounds, t.ring.order, t.seed, t.absences())
+        return RingProtocol(me, [site for cycle in cycles for site in cycle], ack_timeout_s=t.network.ack_timeout_s,
+                            handoff_timeout_s=t.network.handoff_timeout_s, final=t.ring.final,
+                            cycle_lengths=[len(cycle) for cycle in cycles],
+                            resume_wait_s=3 * t.network.heartbeat_interval_s)
     if t.protocol == "ensemble":
         return EnsembleProtocol(me, t.names, t.training.rounds, wait_s=t.ensemble.wait_s)
     if t.protocol == "local":
@@ -70,7 +75,8 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None):
                                  secure_fixed_point(graph, t.gossip.clip))
         return GossipProtocol(me, graph, mixing_weights(graph, t.gossip.samples), t.training.rounds,
                               round_timeout_s=t.gossip.round_timeout_s, secure=secure,
-                              aggregation=t.gossip.aggregation, trim=t.gossip.trim)
+                              aggregation=t.gossip.aggregation, trim=t.gossip.trim, away=t.absences(),
+                              on_leave=t.gossip.on_leave, fetch_timeout_s=t.network.peer_timeout_s)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
 
 
@@ -114,13 +120,34 @@ def run_node(
         if missing:
             raise ValueError(f"peers {', '.join(missing)} have no address in the topology; use launch or fill in [[peers]].address")
         peer = Peer(name, me.address, others, topology.federation, learner.weight_spec(), curve=curve,
-                    max_message_bytes=topology.network.max_message_mb * 2**20)
+                    max_message_bytes=topology.network.max_message_mb * 2**20,
+                    heartbeat_interval_s=topology.network.heartbeat_interval_s,
+                    peer_timeout_s=topology.network.peer_timeout_s)
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    resumes = _resume(checkpoint_path, topology, name, learner, protocol)
+    if resumes:
+        log.warning("%s: resumed from %s (restart %d)", name, checkpoint_path, resumes)
+        emit({"event": "resumed", "resumes": resumes})
+    else:
+        metrics_path.write_text("")
     emit({"event": "state", "state": "waiting", "samples": len(data.train)})
+    learner_state = learner.get_state()  # as of the last finished training: the worker may be busy
+
+    def checkpointed(actions: list) -> list:
+        """Writes the checkpoint the protocol asked for, before any of its messages leave."""
+        if getattr(protocol, "checkpoint_due", False):
+            protocol.checkpoint_due = False
+            state, arrays = protocol.snapshot()
+            save_checkpoint(checkpoint_path, {
+                "federation": topology.federation, "name": name, "protocol": topology.protocol,
+                "resumes": resumes, "protocol_state": state,
+            }, {**{f"learner/{k}": v for k, v in learner_state.items()},
+                **{f"protocol/{k}": v for k, v in arrays.items()}})
+        return actions
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{name}")
-    queue: list = protocol.start(time.monotonic())
+    queue: list = checkpointed(protocol.start(time.monotonic()))
     training: tuple[Train, concurrent.futures.Future] | None = None
     waiting_train: list[Train] = []
     final: Finish | None = None
@@ -174,17 +201,26 @@ def run_node(
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 emit({"event": "trained", **record})
-                queue += protocol.on_trained(step.round, weights, time.monotonic())
+                learner_state = learner.get_state()
+                queue += checkpointed(protocol.on_trained(step.round, weights, time.monotonic()))
                 if not waiting_train and not any(isinstance(a, Train) for a in queue):
                     emit({"event": "state", "state": "waiting"})  # handed on; the next model is elsewhere
                 continue
             if peer is not None:
                 for msg in peer.receive(POLL_S if training is None else POLL_S / 5):
                     try:
-                        queue += protocol.on_message(msg, time.monotonic())
+                        queue += checkpointed(protocol.on_message(msg, time.monotonic()))
                     except WireError as err:
                         peer.drop("refused", f"{msg.type} from {msg.sender}: {err}")
-                queue += protocol.on_tick(time.monotonic())
+                peer.pulse(getattr(protocol, "progress", 0))
+                if hasattr(protocol, "on_peers"):
+                    dead, revived = peer.liveness_changes()
+                    for site in sorted(dead):
+                        log.warning("%s: %s is silent past %.1f s: dead", name, site, topology.network.peer_timeout_s)
+                    for site in sorted(revived):
+                        log.warning("%s: %s is back", name, site)
+                    queue += checkpointed(protocol.on_peers(dead, revived, peer.health.progress, time.monotonic()))
+                queue += checkpointed(protocol.on_tick(time.monotonic()))
             elif training is not None:
                 time.sleep(POLL_S / 5)
         # Let the last acks/finals drain before the sockets close.
@@ -209,15 +245,38 @@ def run_node(
         "bytes_received": peer.bytes_received if peer else 0,
         "dropped": dict(peer.dropped) if peer else {},
         "wall_s": time.monotonic() - started,
+        "resumes": resumes,
+        "repaired": getattr(protocol, "repaired", 0),
+        "caught_up": getattr(protocol, "caught_up", 0),
         **{f"final_{k}": v for k, v in final.meta.items()},
     })
     _write_json_atomic(out_dir / "result.json", result)
+    checkpoint_path.unlink(missing_ok=True)  # the run is over: result.json and the model are its record
     np.savez(out_dir / "final_model.npz", **learner.get_weights())
     if final.members:  # an ensemble: every member, to predict again as this site did
         np.savez(out_dir / "ensemble_models.npz",
                  **{f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})
     emit({"event": "done", **{k: result[k] for k in ("test_auc", "test_acc", "test_loss", "bytes_sent", "wall_s")}})
     return result
+
+
+def _resume(path: Path, topology: Topology, name: str, learner: Learner, protocol) -> int:
+    """Restores learner and protocol from this node's checkpoint; returns the restart count
+    (0: no checkpoint, a fresh start). Raises CheckpointError for one of another run."""
+    if not path.exists() or not hasattr(protocol, "restore"):
+        return 0
+    state, arrays = load_checkpoint(path)
+    mine = {"federation": topology.federation, "name": name, "protocol": topology.protocol}
+    theirs = {k: state.get(k) for k in mine}
+    if theirs != mine:
+        raise CheckpointError(f"{path} belongs to {theirs}, not {mine}; use another --out or move it away")
+    try:
+        learner.set_state(split_prefixed(arrays, "learner"))
+        protocol.restore(state["protocol_state"], split_prefixed(arrays, "protocol"), time.monotonic())
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path} does not fit this topology's model or protocol ({err}); "
+                              "use another --out or move it away") from None
+    return state["resumes"] + 1
 
 
 def _evaluate(learner: Learner, data: Dataset, common_test: Split | None, members: tuple = ()) -> dict:

@@ -29,3 +29,34 @@ def small_dataset(path: Path, *, train: int, val: int, test: int) -> Path:
     full = load_dataset("builtin:pneumoniamnist")
     take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
     return save_npz(Dataset(take(full.train, train), take(full.val, val), take(full.test, test), 2, "small"), path)
+
+
+def write_federation(folder: Path, sites, settings: str, *, federation: str) -> Path:
+    """A topology for `sites` on free loopback ports with fresh CURVE keys under folder/keys;
+    `settings` is the TOML of its other sections. Returns the topology's path."""
+    from p2p_fl.launch import free_ports
+    from p2p_fl.net import generate_keypair, load_public_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ports = dict(zip(sites, free_ports(len(sites))))
+    peers = ""
+    for n in sites:
+        if not (folder / "keys" / f"{n}.key").exists():
+            generate_keypair(folder / "keys", n)
+        peers += (f'[[peers]]\nname = "{n}"\naddress = "tcp://127.0.0.1:{ports[n]}"\n'
+                  f'public_key = "{load_public_key(folder / "keys" / f"{n}.key")}"\n')
+    config = folder / "topology.toml"
+    config.write_text(f'federation = "{federation}"\n{settings}\n{peers}')
+    return config
+
+
+def start_node(config: Path, name: str, data: Path, out: Path, *, num_nodes: int) -> subprocess.Popen:
+    """`p2p-fl node --events` for one site (keys beside the topology); its JSON progress
+    events come on stdout, its log is appended to out/node.log (a restart keeps the first)."""
+    from p2p_fl.launch import node_env
+
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", name, "--data", str(data),
+         "--key", str(config.parent / "keys" / f"{name}.key_secret"), "--out", str(out), "--events"],
+        cwd=ROOT, env=node_env(num_nodes), stdout=subprocess.PIPE, stderr=open(out / "node.log", "ab"), text=True)

@@ -20,6 +20,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from p2p_fl.net import wire
+from p2p_fl.net.heartbeat import Heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Peer:
         tensor_spec: (name, dtype, shape) of the model's tensors, in order.
         curve: CURVE keys; None only with the topology's explicit `insecure = true`.
         max_message_bytes: refuse larger inbound frames at the socket (ZMQ_MAXMSGSIZE).
+        heartbeat_interval_s: send every peer a heartbeat this often (`pulse`); None: none.
+        peer_timeout_s: a peer silent this long is dead (`health`, `liveness_changes`).
     """
 
     def __init__(
@@ -89,6 +92,8 @@ class Peer:
         *,
         curve: Curve | None,
         max_message_bytes: int = 512 * 1024 * 1024,
+        heartbeat_interval_s: float | None = None,
+        peer_timeout_s: float = 10.0,
     ):
         self.name = name
         self.federation = federation
@@ -137,6 +142,22 @@ class Peer:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.bytes_received = 0
+        self.health = None
+        if heartbeat_interval_s is not None:
+            self.health = Heartbeats(peers, heartbeat_interval_s, peer_timeout_s, time.monotonic())
+
+    def pulse(self, progress: int) -> None:
+        """Sends the heartbeats that are due; `progress` tells the peers where we are."""
+        if self.health is None:
+            return
+        for to in self.health.due(time.monotonic()):
+            self.send(to, wire.HEARTBEAT, progress, quiet=True)
+
+    def liveness_changes(self) -> tuple[set[str], set[str]]:
+        """(peers newly dead, peers alive again) since the last call; empty without heartbeats."""
+        if self.health is None:
+            return set(), set()
+        return self.health.changes(time.monotonic())
 
     def send(
         self,
@@ -145,6 +166,8 @@ class Peer:
         round: int,
         tensors: Mapping[str, np.ndarray] | None = None,
         meta: Mapping[str, Any] | None = None,
+        *,
+        quiet: bool = False,
     ) -> int:
         """Queues one message for peer `to` without blocking; returns its sequence number."""
         self._seq += 1
@@ -157,6 +180,8 @@ class Peer:
         except zmq.Again:
             # The peer's queue is full (it is down or far behind); the protocol's
             # retry/deadline logic decides what happens next.
+            if quiet:
+                return self._seq
             log.warning("%s: send queue to %s full, message %s round %d not queued", self.name, to, type, round)
             return self._seq
         self.bytes_sent += wire.message_bytes(frames)
@@ -174,7 +199,12 @@ class Peer:
             except zmq.Again:
                 return messages
             message = self._check(frames[1:])  # frames[0] is the ROUTER's routing id
-            if message is not None:
+            if message is None:
+                continue
+            if self.health is not None:
+                progress = message.round if message.type == wire.HEARTBEAT else None
+                self.health.heard(message.sender, time.monotonic(), progress)
+            if message.type != wire.HEARTBEAT:
                 messages.append(message)
 
     def _check(self, frames) -> wire.Message | None:

@@ -51,11 +51,22 @@ GOSSIP_GROUP = "gossip-group"
 GOSSIP_MASKED = "gossip-masked"
 GOSSIP_ANNOUNCE = "gossip-announce"
 GOSSIP_RELEASE = "gossip-release"
+# Catching up (a site back from a crash, a cut link or a planned absence):
+#   gossip-fetch     behind -> neighbour. round: the first round whose model would help. No tensors.
+#   gossip-current   neighbour -> asker. round: the neighbour's round; meta.model (bool):
+#                    true with the mixed model that round started from, false with none
+#                    (not that far, or that model was not a sum and so would reveal one site).
+GOSSIP_FETCH = "gossip-fetch"
+GOSSIP_CURRENT = "gossip-current"
+# Liveness, every `heartbeat_interval_s` to every peer (the ZeroMQ guide's pattern);
+# round: the sender's progress (the hop it holds or held last, its gossip round). No tensors.
+HEARTBEAT = "heartbeat"
 # A site's final model after its local training, sent once to every other site of an
 # ensemble run (round = the run's rounds); each site predicts with the mean output of all.
 ENSEMBLE_MODEL = "ensemble-model"
 MESSAGE_TYPES = frozenset({MODEL, MODEL_AVERAGE, ACK, FINAL, GOSSIP_MODEL, ENSEMBLE_MODEL,
-                           GOSSIP_GROUP, GOSSIP_MASKED, GOSSIP_ANNOUNCE, GOSSIP_RELEASE})
+                           GOSSIP_GROUP, GOSSIP_MASKED, GOSSIP_ANNOUNCE, GOSSIP_RELEASE,
+                           GOSSIP_FETCH, GOSSIP_CURRENT, HEARTBEAT})
 TENSOR_TYPES = frozenset({MODEL, MODEL_AVERAGE, FINAL, GOSSIP_MODEL, ENSEMBLE_MODEL})
 AVERAGE_PREFIX = "average/"
 
@@ -204,6 +215,10 @@ def expected_spec(msg_type: str, tensor_spec: TensorSpec, meta: Mapping[str, Any
         return spec + ([("correction", *flat)] if meta["correction"] else [])
     if msg_type == MODEL_AVERAGE:
         return list(tensor_spec) + [(AVERAGE_PREFIX + n, d, s) for n, d, s in tensor_spec]
+    if msg_type == GOSSIP_CURRENT:
+        if not isinstance(meta.get("model"), bool):
+            raise WireError("meta.model is not a bool")
+        return list(tensor_spec) if meta["model"] else []
     return list(tensor_spec) if msg_type in TENSOR_TYPES else []
 
 

@@ -26,6 +26,17 @@ a survivor that released nothing.
 Rounds without a central clock: a site never mixes rounds. Messages for the next round (a
 neighbour ahead) wait until this site gets there; stale or far-future ones are refused.
 
+Sites that fail, are cut off, or come and go (DESIGN.md, Fault tolerance). Heartbeats
+(`on_peers`) tell who is dead: a dead neighbour is not waited for and not asked into a sum;
+it is back when it speaks. A site that is behind (resumed from its checkpoint, or two rounds
+behind a neighbour) catches up: it asks its neighbours for the model their current round
+started from (gossip-fetch) and trains that round from it. A neighbour only serves a model
+that is already a mix (plain gossip, or a secure sum that succeeded), never one site's own.
+Planned absences (`away`, from the topology's [[events]]) are known to every site: an absent
+site is left out of the rounds it misses, then fetches the current model when it returns,
+so its weights count again from the round it arrives. `on_leave = "keep-last"` (plain only)
+keeps a neighbour's last model in the mean while it is away.
+
 Each round's mix is recorded in the meta of the next Train (the last in Finish's): the
 round mixed, members asked, survivors, dropped (names), and for secure sums the values
 clipped by the encoding, whether the site kept its own model and why.
@@ -113,11 +124,15 @@ class GossipProtocol:
         secure: None for plain averaging, else the secure-sum setup.
         aggregation: plain gossip's rule: "mean" (the mixing row), "median" or "trimmed-mean"
             (federate/robust.py, cutting `trim` of the models at each end).
+        away: peer -> rounds it is planned to be absent (topology [[events]]).
+        on_leave: "forget" an absent neighbour, or "keep-last" its last model (plain only).
+        fetch_timeout_s: how long a site catching up waits for its neighbours' answers.
     """
 
     def __init__(self, me: str, graph: Adjacency, weights: dict[str, dict[str, float]], rounds: int, *,
                  round_timeout_s: float, secure: SecureSetup | None = None, aggregation: str = "mean",
-                 trim: float = 0.2):
+                 trim: float = 0.2, away: dict[str, frozenset[int]] | None = None, on_leave: str = "forget",
+                 fetch_timeout_s: float = 10.0):
         if me not in graph:
             raise ValueError(f"{me!r} is not a node of the gossip graph")
         if rounds < 1:
@@ -134,6 +149,11 @@ class GossipProtocol:
             raise ValueError(f"aggregation {aggregation!r} is not one of {AGGREGATIONS} (only mean with secure sums)")
         self.aggregation = aggregation
         self.trim = trim
+        if on_leave == "keep-last" and secure is not None:
+            raise ValueError("keep-last needs plain gossip: with masked sums nobody holds a site's last model")
+        self.away = away or {}
+        self.on_leave = on_leave
+        self.fetch_timeout_s = fetch_timeout_s
         self.round = 0  # the round being trained or mixed
         self.finished = False
         self._own: Weights | None = None  # this round's trained model, once training is done
@@ -152,18 +172,47 @@ class GossipProtocol:
         # Secure: after its last mix a site stays until it served its neighbours' last sums.
         self._final: Finish | None = None
         self._serve_until = 0.0
+        # Failures and catching up.
+        self._dead: set[str] = set()
+        self._peer_rounds: dict[str, int] = {}  # the rounds neighbours' heartbeats report
+        self._start_model: Weights | None = None  # the mixed model this round started from
+        self._start_shareable = False  # it is a mix, so serving it reveals no single site
+        self._last_models: dict[str, Weights] = {}  # plain, keep-last: each neighbour's last model
+        self._fetch: dict | None = None  # an open catch-up: asked, deadline, best answer
+        self._resumed = False
+        self._no_wait_round = -1  # plain: the round we caught up into; its models went by already
+        self.caught_up = 0
+        self.checkpoint_due = False
+
+    @property
+    def progress(self) -> int:
+        return self.round
+
+    def present(self, peer: str, round: int) -> bool:
+        return round not in self.away.get(peer, ())
+
+    def _live(self, round: int) -> list[str]:
+        """The neighbours expected in `round`: present by the plan and not dead."""
+        return [n for n in self.neighbours if self.present(n, round) and n not in self._dead]
 
     def start(self, now: float) -> list[Action]:
-        return [Train(0, None, progress=0.0)]
+        if not self.present(self.me, self.round):
+            return self._go_away(now)
+        if self._resumed:  # back from a checkpoint: the others may have gone on without us
+            return self._start_fetch(self.round + 1, now)
+        return [self._train_round()]
 
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
         """Round `round` trained: offer the model to the neighbours, then wait for theirs."""
+        if round < self.round or self._fetch is not None:
+            return []  # we caught up past this round while it trained: its result is stale
         if round != self.round:
             raise ValueError(f"trained round {round} while at round {self.round}")
         self._own = weights
         self._deadline = now + self.round_timeout_s
         if self.secure is None:
-            return [Send(n, wire.GOSSIP_MODEL, round, weights) for n in self.neighbours] + self._mix_plain(now)
+            to = [n for n in self.neighbours if n not in self._dead]
+            return [Send(n, wire.GOSSIP_MODEL, round, weights) for n in to] + self._mix_plain(now)
         flat, _ = flatten(weights)
         self._contributions = {r: v for r, v in self._contributions.items() if r >= round - 1}
         self._contributions[round] = flat
@@ -176,6 +225,11 @@ class GossipProtocol:
         """Reacts to a checked message. Raises wire.WireError for one this state refuses."""
         if msg.sender not in self.graph[self.me]:
             raise wire.WireError(f"{msg.sender} is not a neighbour of {self.me}")
+        self._dead.discard(msg.sender)
+        if msg.type == wire.GOSSIP_FETCH:
+            return [self._current_for(msg)]
+        if msg.type == wire.GOSSIP_CURRENT:
+            return self._on_current(msg, now)
         if self.secure is None:
             if msg.type != wire.GOSSIP_MODEL:
                 raise wire.WireError(f"unexpected {msg.type} message in plain gossip")
@@ -183,6 +237,8 @@ class GossipProtocol:
             if msg.sender in self._inbox.get(msg.round, {}):
                 raise wire.WireError(f"second model from {msg.sender} for round {msg.round}")
             self._inbox.setdefault(msg.round, {})[msg.sender] = dict(msg.tensors)
+            if self.on_leave == "keep-last":
+                self._last_models[msg.sender] = dict(msg.tensors)
             return self._mix_plain(now)
         self._suspects.discard(msg.sender)  # it is alive: ask it again next round
         if msg.type == wire.GOSSIP_GROUP:
@@ -194,9 +250,93 @@ class GossipProtocol:
         raise wire.WireError(f"unexpected {msg.type} message in secure gossip")
 
     def on_tick(self, now: float) -> list[Action]:
+        if self._fetch is not None:
+            return self._step_fetch(now)
         if self.secure is None:
             return self._mix_plain(now)
         return self._step_sum(now) + self._finish_when_served(now)
+
+    def on_peers(self, dead: set[str], revived: set[str], progress: dict[str, int], now: float) -> list[Action]:
+        """Liveness news from the heartbeats: who died, who is back, the rounds they report."""
+        self._dead = (self._dead | (dead & set(self.neighbours))) - revived
+        self._suspects -= revived
+        self._peer_rounds.update({n: r for n, r in progress.items() if n in self.graph[self.me]})
+        if self.finished or self._final is not None:
+            return self._finish_when_served(now)
+        if self._fetch is None and not self._away_now():
+            ahead = max((r for n, r in self._peer_rounds.items() if n not in self._dead), default=-1)
+            if ahead >= self.round + 2:  # fallen behind (a cut link): one round apart is normal
+                return self._start_fetch(self.round + 1, now)
+        if self._away_now():
+            back = self._return_round()
+            if back is not None and any(r >= back for r in self._peer_rounds.values()):
+                return self._start_fetch(back, now)
+            return []
+        return self.on_tick(now)
+
+    # Catching up.
+
+    def _away_now(self) -> bool:
+        return self._own is None and not self.present(self.me, self.round) and self._fetch is None
+
+    def _return_round(self) -> int | None:
+        return next((r for r in range(self.round, self.rounds) if self.present(self.me, r)), None)
+
+    def _go_away(self, now: float) -> list[Action]:
+        """Planned absence from this round: nothing to do until the round we come back."""
+        back = self._return_round()
+        if back is None:  # gone for good: our model is the one we had when we left
+            self.finished = True
+            return [Finish(self._start_model, meta={"rounds": self.rounds, "left_at": self.round})]
+        return []
+
+    def _start_fetch(self, wanted: int, now: float) -> list[Action]:
+        asked = set(self._live(self.round)) | {n for n in self.neighbours if n not in self._dead}
+        self._fetch = {"wanted": wanted, "asked": asked, "deadline": now + self.fetch_timeout_s, "best": None}
+        return [Send(n, wire.GOSSIP_FETCH, wanted) for n in sorted(asked)] + self._step_fetch(now)
+
+    def _current_for(self, msg: wire.Message) -> Send:
+        """Our answer to a neighbour catching up to round `msg.round` or later."""
+        if self._start_model is not None and self._start_shareable and self.round >= msg.round:
+            return Send(msg.sender, wire.GOSSIP_CURRENT, self.round, self._start_model, {"model": True})
+        return Send(msg.sender, wire.GOSSIP_CURRENT, self.round, None, {"model": False})
+
+    def _on_current(self, msg: wire.Message, now: float) -> list[Action]:
+        fetch = self._fetch
+        if fetch is None or msg.sender not in fetch["asked"]:
+            raise wire.WireError(f"{msg.type} from {msg.sender}, who was not asked")
+        fetch["asked"].discard(msg.sender)
+        self._peer_rounds[msg.sender] = msg.round
+        best = fetch["best"]
+        if msg.meta["model"] and msg.round >= fetch["wanted"] and msg.round < self.rounds and (
+                best is None or msg.round > best[0]):
+            fetch["best"] = (msg.round, dict(msg.tensors), msg.sender)
+        return self._step_fetch(now)
+
+    def _step_fetch(self, now: float) -> list[Action]:
+        fetch = self._fetch
+        if fetch["asked"] and now < fetch["deadline"]:
+            return []
+        self._fetch = None
+        if fetch["best"] is not None:
+            round, model, source = fetch["best"]
+            self.round, self._own, self._aggregation = round, None, None
+            self._start_model, self._start_shareable = model, True
+            self._inbox = {r: m for r, m in self._inbox.items() if r >= round}
+            self._no_wait_round = round
+            self._resumed = False
+            self.caught_up += 1
+            self.checkpoint_due = True
+            return [self._train_round({"caught_up_from": source})]
+        if not self.present(self.me, self.round):
+            return []  # still away: try again when a neighbour reports a later round
+        if self._resumed:  # nobody is ahead of our checkpoint: go on from it
+            self._resumed = False
+            return [self._train_round()]
+        return []
+
+    def _train_round(self, meta: dict | None = None) -> Train:
+        return Train(self.round, self._start_model, progress=self.round / self.rounds, meta=meta or {})
 
     def _finish_when_served(self, now: float) -> list[Action]:
         """The final model, once every live neighbour's last sum got our release (or the
@@ -208,7 +348,7 @@ class GossipProtocol:
             session = self._joined.get((self.rounds - 1, neighbour))
             return session is not None and session.first_announcement is not None
 
-        waiting = [n for n in self.neighbours if n not in self._suspects and not served(n)]
+        waiting = [n for n in self._live(self.rounds - 1) if n not in self._suspects and not served(n)]
         if waiting and now < self._serve_until:
             return []
         self.finished = True
@@ -219,9 +359,13 @@ class GossipProtocol:
     def _mix_plain(self, now: float) -> list[Action]:
         if self._own is None or self.finished:
             return []
-        heard = self._inbox.get(self.round, {})
-        if len(heard) < len(self.neighbours) and now < self._deadline:
+        heard = dict(self._inbox.get(self.round, {}))
+        expected = self._live(self.round)
+        waiting = any(n not in heard for n in expected) and self.round != self._no_wait_round
+        if waiting and now < self._deadline:
             return []
+        if self.on_leave == "keep-last":  # the absent and the silent count with their last model
+            heard.update({n: m for n, m in self._last_models.items() if n not in heard})
         names = sorted(heard)
         models = [self._own] + [heard[n] for n in names]
         if self.aggregation == "mean":
@@ -235,7 +379,7 @@ class GossipProtocol:
     # Secure gossip, aggregator side.
 
     def _start_sum(self, flat: np.ndarray, now: float) -> list[Action]:
-        members = [n for n in self.neighbours if n not in self._suspects]
+        members = [n for n in self._live(self.round) if n not in self._suspects]
         if len(members) < 2:
             self._aggregation = None
             return []  # _step_sum keeps the own model
@@ -283,7 +427,8 @@ class GossipProtocol:
             return self._mix_secure(None, "fewer than 2 live neighbours", now)
         session = agg.session
         if not agg.announced:
-            if not session.complete and now < agg.deadline:
+            outstanding = set(session.request.members) - set(session.replies) - self._dead
+            if outstanding and now < agg.deadline:
                 return []
             agg.announced = True
             agg.deadline = now + self.round_timeout_s
@@ -344,6 +489,7 @@ class GossipProtocol:
         if isinstance(outcome, Refusal):
             raise wire.WireError(f"group request refused: {outcome.reason}")
         session, reply = outcome
+        self.checkpoint_due = True  # the join is on disk before the reply leaves (JoinedRounds)
         self._joined = {k: s for k, s in self._joined.items() if k[0] >= self.round - 1}
         self._joined[(msg.round, aggregator)] = session
         others = sorted(reply.encrypted_shares)
@@ -380,15 +526,39 @@ class GossipProtocol:
         mixed = {name: mixed[name] for name in self._own}  # the model's order, as the wire expects
         record = {"mixed_round": self.round, **record}
         self._own = None
+        self._start_model = mixed
+        # A mix of at least two models reveals no single site; a kept own model would.
+        self._start_shareable = self.secure is None or not record.get("kept_own", False)
+        self.checkpoint_due = True
         if self.round + 1 >= self.rounds:
-            self._final = Finish(mixed, meta={"rounds": self.rounds, **record})
+            self._final = Finish(mixed, meta={"rounds": self.rounds, "caught_up": self.caught_up, **record})
             if self.secure is None:
                 self.finished = True
                 return [self._final]
             self._serve_until = now + 2 * self.round_timeout_s
             return self._finish_when_served(now)
         self.round += 1
-        return [Train(self.round, mixed, progress=self.round / self.rounds, meta=record)]
+        if not self.present(self.me, self.round):
+            return self._go_away(now)
+        return [self._train_round(record)]
+
+    # Checkpoints: the round, the model it starts from, and the sums joined (never join twice).
+
+    def snapshot(self) -> tuple[dict, Weights]:
+        model = self._start_model or {}
+        state = {"round": self.round, "start_model": self._start_model is not None,
+                 "shareable": self._start_shareable, "joined": dict(self._joined_rounds.last),
+                 "caught_up": self.caught_up}
+        return state, {f"start/{n}": a for n, a in model.items()}
+
+    def restore(self, state: dict, arrays: Weights, now: float) -> None:
+        self.round = state["round"]
+        if state["start_model"]:
+            self._start_model = {n[len("start/"):]: a for n, a in arrays.items() if n.startswith("start/")}
+        self._start_shareable = state["shareable"]
+        self._joined_rounds.last = {k: int(v) for k, v in state["joined"].items()}
+        self.caught_up = state["caught_up"]
+        self._resumed = True
 
 
 def _bytes(array: np.ndarray) -> bytes:

@@ -2,8 +2,16 @@
 
 One model travels. Hop h of the run is trained by `schedule[h]`; when it is done the holder
 hands the model to `schedule[h + 1]` and keeps its copy until that successor acknowledges.
-A successor silent past the hand-off deadline is skipped (its hop is lost, never the model).
-After the last hop the holder sends the final model to every site.
+A successor silent past the hand-off deadline, or dead by the heartbeats, is skipped (its hop
+is lost, never the model). After the last hop the holder sends the final model to every site.
+
+Repair: once acknowledged, a site still keeps the copy it handed on until some site reports
+(in its heartbeats) that it holds a later hop. If the holder dies before that, mid-training,
+the predecessor hands its copy to the next live site: at most one site's local work is lost
+and the ring never stalls. A holder that comes back from its checkpoint and finishes its hop
+anyway hands on a hop that the next site already has: it is acknowledged and ignored.
+
+Intermittent sites (`[[events]]`): a site away in a cycle has no hop in it.
 
 With `final = "average-last-cycle"` the final model is the mean of the models the last
 cycle produced, one per site (a running mean travels with the model in that cycle). A ring
@@ -18,6 +26,7 @@ it messages, finished training and the time, and carries out the actions it retu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -28,20 +37,31 @@ from p2p_fl.protocols.actions import Action, Finish, Send, Train, Weights
 FINAL_MODELS = ("last", "average-last-cycle")
 
 
-def ring_schedule(peers: list[str], cycles: int, order: str, seed: int) -> list[str]:
-    """The site that trains each hop: `cycles` passes over `peers`.
+def ring_cycles(peers: list[str], cycles: int, order: str, seed: int,
+                away: Mapping[str, frozenset[int]] | None = None) -> list[list[str]]:
+    """The sites of each cycle, in the order they train: `cycles` passes over `peers`.
 
     With order "shuffle" every cycle is a fresh seeded permutation, and a cycle never starts
-    with the site that ended the previous one (it would train twice in a row).
+    with the site that ended the previous one (it would train twice in a row). A site away in
+    cycle c (`away[site]` holds c) is left out of it; the others keep the order they would
+    have had, so a run with absences is comparable with one without.
     """
     rng = np.random.default_rng(seed)
-    schedule: list[str] = []
-    for _ in range(cycles):
+    away = away or {}
+    result: list[list[str]] = []
+    for c in range(cycles):
         cycle = list(peers) if order == "listed" else [peers[i] for i in rng.permutation(len(peers))]
-        if schedule and len(cycle) > 1 and cycle[0] == schedule[-1]:
+        cycle = [p for p in cycle if c not in away.get(p, ())]
+        if result and len(cycle) > 1 and cycle[0] == result[-1][-1]:
             cycle[0], cycle[1] = cycle[1], cycle[0]
-        schedule.extend(cycle)
-    return schedule
+        result.append(cycle)
+    return result
+
+
+def ring_schedule(peers: list[str], cycles: int, order: str, seed: int,
+                  away: Mapping[str, frozenset[int]] | None = None) -> list[str]:
+    """The site that trains each hop (`ring_cycles`, one after the other)."""
+    return [site for cycle in ring_cycles(peers, cycles, order, seed, away) for site in cycle]
 
 
 @dataclass
@@ -66,44 +86,73 @@ class RingProtocol:
         ack_timeout_s: resend an unacknowledged message after this.
         handoff_timeout_s: give up on a successor (skip it) or on delivering the final model.
         final: "last" (the last hop's model) or "average-last-cycle".
+        cycle_lengths: hops per cycle (`ring_cycles`); None: equal cycles of every site.
+        resume_wait_s: after a restart, how long to listen to the heartbeats before training
+            a hop the checkpoint holds (the ring may have been repaired round it meanwhile).
     """
 
     def __init__(self, me: str, schedule: list[str], *, ack_timeout_s: float, handoff_timeout_s: float,
-                 final: str = "last"):
+                 final: str = "last", cycle_lengths: list[int] | None = None, resume_wait_s: float = 3.0):
         if me not in schedule:
             raise ValueError(f"{me!r} has no hop in the ring schedule")
         if final not in FINAL_MODELS:
             raise ValueError(f"final must be one of {FINAL_MODELS}, got {final!r}")
+        if cycle_lengths is None:
+            per_cycle = len(set(schedule))
+            whole, rest = divmod(len(schedule), per_cycle)
+            cycle_lengths = [per_cycle] * whole + ([rest] if rest else [])
+        if sum(cycle_lengths) != len(schedule):
+            raise ValueError(f"cycle lengths {cycle_lengths} do not add up to {len(schedule)} hops")
         self.me = me
         self.schedule = schedule
         self.num_hops = len(schedule)
-        self.cycle_length = len(set(schedule))
+        self.cycle_of = [c for c, n in enumerate(cycle_lengths) for _ in range(n)]
+        self.cycle_length = max(cycle_lengths)  # the window a hand-off may come from
         self.ack_timeout_s = ack_timeout_s
         self.handoff_timeout_s = handoff_timeout_s
         self.last_round_accepted = -1
         self.skipped: list[str] = []
+        self.repaired = 0  # hand-offs re-sent because their holder died
         self.duplicates = 0
         # First hop whose output joins the final average (num_hops: no averaging).
-        self.average_from = self.num_hops - self.cycle_length if final == "average-last-cycle" else self.num_hops
+        self.average_from = self.num_hops - cycle_lengths[-1] if final == "average-last-cycle" else self.num_hops
         self._average: Weights | None = None  # running mean of the outputs of hops >= average_from
         self._averaged = 0  # how many outputs that mean holds (skipped hops add none)
         self.finished = False
         self._pending: list[_Pending] = []
         self._final: Weights | None = None
+        self._training: tuple[int, Weights | None] | None = None  # a hop accepted, not yet trained
+        self._kept: _Pending | None = None  # our last hand-off, acknowledged, until a later hop is seen
+        self._dead: set[str] = set()
+        self._seen = -1  # the highest hop any site reported holding
+        self.resume_wait_s = resume_wait_s
+        self._resume_until: float | None = None  # resumed: hold the checkpoint's hop until then
+        self.checkpoint_due = False
+
+    @property
+    def progress(self) -> int:
+        """The hop this site holds or held last (heartbeats tell the others)."""
+        return max(self.last_round_accepted, 0)
 
     def start(self, now: float) -> list[Action]:
-        if self.schedule[0] == self.me:
+        if self._training is not None:  # resumed with a hop accepted and not trained
+            self._resume_until = now + self.resume_wait_s
+            return []
+        if self.last_round_accepted < 0 and self.schedule[0] == self.me:
             self.last_round_accepted = 0
+            self._training = (0, None)
             return [self._train(0, None)]
         return []
 
     def on_message(self, msg: wire.Message, now: float) -> list[Action]:
         """Reacts to a checked message. Raises wire.WireError for one this state refuses."""
         if msg.type == wire.ACK:
-            self._pending = [
-                p for p in self._pending
-                if not (p.to == msg.sender and p.round == msg.round and p.type == msg.meta.get("of"))
-            ]
+            for p in [p for p in self._pending
+                      if p.to == msg.sender and p.round == msg.round and p.type == msg.meta.get("of")]:
+                self._pending.remove(p)
+                if p.type in (wire.MODEL, wire.MODEL_AVERAGE):
+                    self._kept = p  # until a later hop is seen: the holder may still die
+                    self.checkpoint_due = True
             return self._finish_if_delivered()
         ack = Send(msg.sender, wire.ACK, msg.round, meta={"of": msg.type})
         if msg.type == wire.FINAL:
@@ -121,7 +170,7 @@ class RingProtocol:
                 raise wire.WireError(f"running mean of {averaged!r} models does not fit hop {msg.round}")
             if msg.round <= self.last_round_accepted:
                 self.duplicates += 1
-                return [ack]  # a resend of a hop we already took: its ack was lost
+                return [ack]  # a resend of a hop we already took, or a repaired hop's twin
             if msg.round >= self.num_hops or self.schedule[msg.round] != self.me:
                 raise wire.WireError(f"hop {msg.round} is not {self.me}'s to train")
             # Only a site that held one of the hops just before may hand this one on (skips
@@ -130,43 +179,85 @@ class RingProtocol:
             if msg.sender not in previous:
                 raise wire.WireError(f"{msg.sender} held none of the hops before {msg.round}")
             self.last_round_accepted = msg.round
+            self._seen = max(self._seen, msg.round)
+            self._kept = None  # the model came round again: our copy is history
             model, self._average = _split_average(msg.tensors)
             self._averaged = averaged if self._average is not None else 0
+            self._training = (msg.round, model)
+            self.checkpoint_due = True  # the hop is ours once it is on disk: then acknowledge
             return [ack, self._train(msg.round, model)]
         raise wire.WireError(f"unexpected {msg.type} message in a ring")
 
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
         """The local training of hop `round` finished with `weights`."""
+        self._training = None
         if round >= self.average_from:
             mean = weights if not self._averaged else weighted_average([self._average, weights], [self._averaged, 1])
             self._average = {name: mean[name] for name in weights}  # keep the model's order
             self._averaged += 1
+        self.checkpoint_due = True
         return self._hand_on(round + 1, weights, now)
+
+    def on_peers(self, dead: set[str], revived: set[str], progress: Mapping[str, int], now: float) -> list[Action]:
+        """Liveness news from the heartbeats: who died, who is back, the hops they report."""
+        self._dead = (self._dead | dead) - revived
+        self._seen = max([self._seen, *progress.values()])
+        actions: list[Action] = []
+        for p in [p for p in self._pending if p.to in self._dead and p.type != wire.FINAL]:
+            self._pending.remove(p)  # a dead successor: skip it now, not at the hand-off deadline
+            actions += self._skip(p, now)
+        kept = self._kept
+        if kept is not None and self._seen > kept.round:
+            self._kept = None  # someone holds a later hop: the model moved on safely
+        elif kept is not None and kept.to in self._dead:
+            self._kept = None  # the holder died mid-training: hand our copy past it
+            self.repaired += 1
+            actions += self._skip(kept, now)
+        return actions + self._finish_if_delivered()
 
     def on_tick(self, now: float) -> list[Action]:
         """Resends what is unacknowledged; skips successors past their deadline."""
         actions: list[Action] = []
+        if self._resume_until is not None and now >= self._resume_until:
+            self._resume_until = None
+            round, model = self._training
+            if self._seen > round:  # repaired round us while we were down: that hop is lost
+                self._training = None
+                self.checkpoint_due = True
+            else:
+                actions.append(self._train(round, model))
         for p in list(self._pending):
             if now - p.first_sent > self.handoff_timeout_s:
                 self._pending.remove(p)
-                self.skipped.append(p.to)
-                if p.type in (wire.MODEL, wire.MODEL_AVERAGE):
-                    model, self._average = _split_average(p.weights)
-                    self._averaged = p.meta.get("averaged", 0)
-                    actions += self._hand_on(p.round + 1, model, now)
+                if p.type == wire.FINAL:
+                    self.skipped.append(p.to)
+                else:
+                    actions += self._skip(p, now)
             elif now - p.last_sent > self.ack_timeout_s:
                 p.last_sent = now
                 actions.append(Send(p.to, p.type, p.round, p.weights, p.meta))
         return actions + self._finish_if_delivered()
 
+    def _skip(self, handoff: _Pending, now: float) -> list[Action]:
+        """Hands the model of `handoff` past its addressee, whose hop is lost."""
+        self.skipped.append(handoff.to)
+        self.checkpoint_due = True
+        model, self._average = _split_average(handoff.weights)
+        self._averaged = handoff.meta.get("averaged", 0)
+        return self._hand_on(handoff.round + 1, model, now)
+
     def _hand_on(self, round: int, weights: Weights, now: float) -> list[Action]:
+        while round < self.num_hops and self.schedule[round] in self._dead:
+            self.skipped.append(self.schedule[round])  # dead now: do not wait for it
+            round += 1
         if round >= self.num_hops:
             return self._send_final(self._average if self._average is not None else weights, now)
         to = self.schedule[round]
         if to == self.me:
             self.last_round_accepted = round
+            self._training = (round, weights)
             return [self._train(round, weights)]
-        meta = {"cycle": round // self.cycle_length, "skipped": len(self.skipped)}
+        meta = {"cycle": self.cycle_of[round], "skipped": len(self.skipped)}
         msg_type, tensors = wire.MODEL, weights
         if self._average is not None:
             msg_type = wire.MODEL_AVERAGE
@@ -189,11 +280,56 @@ class RingProtocol:
         if self._final is None or self._pending or self.finished:
             return []
         self.finished = True
-        return [Finish(self._final, meta={"hops": self.num_hops, "skipped": len(self.skipped)})]
+        return [Finish(self._final, meta={"hops": self.num_hops, "skipped": len(self.skipped),
+                                          "repaired": self.repaired})]
 
     def _train(self, round: int, weights: Weights | None) -> Train:
-        return Train(round, weights, progress=round / self.num_hops,
-                     meta={"cycle": round // self.cycle_length})
+        return Train(round, weights, progress=round / self.num_hops, meta={"cycle": self.cycle_of[round]})
+
+    # Checkpoints: everything needed to go on after a crash, as JSON plus named arrays.
+
+    def snapshot(self) -> tuple[dict, Weights]:
+        arrays: Weights = {}
+
+        def put(prefix: str, weights: Weights | None) -> bool:
+            if weights is None:
+                return False
+            arrays.update({f"{prefix}/{n}": a for n, a in weights.items()})
+            return True
+
+        def handoff(prefix: str, p: _Pending) -> dict:
+            put(prefix, p.weights)
+            return {"to": p.to, "type": p.type, "round": p.round, "meta": p.meta}
+
+        state = {
+            "last_round_accepted": self.last_round_accepted, "skipped": self.skipped, "repaired": self.repaired,
+            "duplicates": self.duplicates, "averaged": self._averaged, "average": put("average", self._average),
+            "training": None if self._training is None else self._training[0],
+            "training_weights": self._training is not None and put("training", self._training[1]),
+            "pending": [handoff(f"pending{i}", p) for i, p in enumerate(self._pending)],
+            "kept": None if self._kept is None else handoff("kept", self._kept),
+            "final": put("final", self._final), "seen": self._seen,
+        }
+        return state, arrays
+
+    def restore(self, state: dict, arrays: Weights, now: float) -> None:
+        """Takes back a `snapshot`; unacknowledged messages go out again at once."""
+
+        def take(prefix: str) -> Weights:
+            return {n[len(prefix) + 1:]: a for n, a in arrays.items() if n.startswith(prefix + "/")}
+
+        def handoff(prefix: str, d: dict) -> _Pending:
+            return _Pending(d["to"], d["type"], d["round"], take(prefix), d["meta"], now, float("-inf"))
+
+        self.last_round_accepted = state["last_round_accepted"]
+        self.skipped, self.repaired, self.duplicates = list(state["skipped"]), state["repaired"], state["duplicates"]
+        self._averaged, self._seen = state["averaged"], state["seen"]
+        self._average = take("average") if state["average"] else None
+        if state["training"] is not None:
+            self._training = (state["training"], take("training") if state["training_weights"] else None)
+        self._pending = [handoff(f"pending{i}", d) for i, d in enumerate(state["pending"])]
+        self._kept = handoff("kept", state["kept"]) if state["kept"] else None
+        self._final = take("final") if state["final"] else None
 
 
 def _split_average(tensors: Weights) -> tuple[Weights, Weights | None]:

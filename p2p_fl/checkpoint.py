@@ -1,0 +1,61 @@
+"""A node's checkpoint: one .npz file written atomically (write, fsync, rename).
+
+Holds JSON-able state (under the key `state.json`, as bytes) and named arrays: the learner's
+state (weights, optimiser, RNG, privacy spent) and the protocol's (round, the models it must
+not lose, the secure sums it joined). A `kill -9` at any moment leaves either the previous
+checkpoint or the new one, never a torn file; no pickle is ever read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+FILENAME = "checkpoint.npz"
+_STATE_KEY = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says what to do."""
+
+
+def save_checkpoint(path: Path, state: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Writes `state` and `arrays` to `path` atomically."""
+    if _STATE_KEY in arrays:
+        raise ValueError(f"array name {_STATE_KEY!r} is reserved")
+    tmp = path.with_name(path.name + ".tmp")
+    payload = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    with open(tmp, "wb") as f:
+        np.savez(f, **{_STATE_KEY: payload}, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(state, arrays) from a file `save_checkpoint` wrote; CheckpointError if unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        state = json.loads(arrays.pop(_STATE_KEY).tobytes())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err}); move it away to start afresh") from None
+    return state, arrays
+
+
+def split_prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays under `prefix/`, with the prefix removed."""
+    return {name[len(prefix) + 1:]: a for name, a in arrays.items() if name.startswith(prefix + "/")}
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
