@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from p2p_fl.config import Topology
 from p2p_fl.data import load_dataset
 from p2p_fl.node import learning_rate_at, make_learner
@@ -43,4 +45,5 @@ def run_centralized(topology: Topology, out: Path, *, dataset: str | None = None
         "final": {f"test_{k}": float(v) for k, v in report.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    np.savez(out / "final_model.npz", **learner.get_weights())  # the reference ROC in `p2p-fl report`
     return summary

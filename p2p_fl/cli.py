@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
                             "rerunning into it resumes, skipping finished runs")
     experiment.add_argument("--list", action="store_true", help="list the runs and exit")
     experiment.set_defaults(func=cmd_experiment)
+
+    report = sub.add_parser("report", help="write DIR/report.html with plots, for a run or an experiment folder")
+    report.add_argument("folder", type=Path, help="a `launch` output folder or an `experiment` output folder")
+    report.add_argument("--centralized", type=Path, help="a `p2p-fl centralized` output folder for the reference ROC "
+                        "(default: ../centralized-seed<S> beside the run, as `experiment` makes)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -226,3 +232,15 @@ def cmd_experiment(args) -> int:
         return 0
     rows = run_sweep(runs, out)
     return 0 if len(rows) == len(runs) else 1
+
+
+def cmd_report(args) -> int:
+    _setup_runtime()
+    from p2p_fl.report import ReportError, write_report
+
+    try:
+        page = write_report(args.folder, centralized=args.centralized)
+    except ReportError as err:
+        raise ConfigError(str(err)) from None
+    print(f"report: {page}")
+    return 0
