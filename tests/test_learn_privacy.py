@@ -158,3 +158,50 @@ def test_fit_refuses_to_go_past_the_budget(shard):
 def test_privacy_spent_needs_dp():
     with pytest.raises(ValueError, match="dp=DPConfig"):
         Learner("small-cnn").privacy_spent(1e-5)
+
+
+def test_budget_refusal_is_its_own_error_type(shard):
+    from p2p_fl.learn.privacy import BudgetExceeded
+
+    learner = Learner("small-cnn", dp=DPConfig(noise_multiplier=1.0, target_epsilon=1e-3))
+    with pytest.raises(BudgetExceeded):
+        learner.fit(*shard, epochs=1)
+
+
+def test_checkpoint_keeps_the_privacy_spent(shard):
+    dp = DPConfig(noise_multiplier=1.0)
+    learner = Learner("small-cnn", seed=4, dp=dp)
+    learner.fit(*shard, epochs=1)
+    state = learner.get_state()
+    assert state["privacy_rounds"].shape == (1, 3)
+    resumed = Learner("small-cnn", seed=4, dp=dp)
+    resumed.set_state(state)
+    assert resumed.privacy_spent() == learner.privacy_spent() > 0
+    with pytest.raises(ValueError, match="noise multiplier 1, this learner uses 2"):
+        Learner("small-cnn", dp=DPConfig(noise_multiplier=2.0)).set_state(state)
+    with pytest.raises(ValueError, match="has no dp"):
+        Learner("small-cnn").set_state(state)
+    assert Learner("small-cnn").get_state()["privacy_rounds"].shape == (0, 3)
+
+
+def test_fedprox_under_dp_pulls_towards_the_anchor_at_no_privacy_cost(shard):
+    dp = DPConfig(noise_multiplier=1.0)
+    start = Learner("small-cnn", seed=6).get_weights()
+    moved, spent = {}, {}
+    for mu in (0.0, 10.0):
+        learner = Learner("small-cnn", seed=6, dp=dp, prox_mu=mu)
+        learner.fit(*shard, epochs=1)
+        weights = learner.get_weights()
+        moved[mu] = np.sqrt(sum(np.sum((weights[n] - start[n]) ** 2) for n in start))
+        spent[mu] = learner.privacy_spent()
+    assert moved[10.0] < 0.75 * moved[0.0]  # 0.37 against 0.71 here
+    assert spent[10.0] == spent[0.0]  # the proximal gradient is post-processing
+
+
+def test_batch_sampling_and_default_delta():
+    from p2p_fl.learn.privacy import batch_sampling, default_delta
+
+    assert batch_sampling(100, 32) == (0.32, 3)
+    assert batch_sampling(10, 64) == (1.0, 1)  # the batch is at most the shard
+    assert default_delta(470) == 1e-5
+    assert default_delta(1_000_000) == pytest.approx(1e-7)

@@ -206,3 +206,69 @@ def test_make_optimizer_learning_rate_in_state(name):
 def test_make_optimizer_unknown_name():
     with pytest.raises(ValueError, match="adam, adamw, sgd"):
         make_optimizer("rmsprop")
+
+
+def distance(weights, anchor, names):
+    return float(np.sqrt(sum(np.sum((weights[n] - anchor[n]) ** 2) for n in names)))
+
+
+def test_fedprox_with_mu_zero_is_plain_training_bit_for_bit(shard):
+    plain, prox = Learner("small-cnn", seed=7), Learner("small-cnn", seed=7, prox_mu=0.0)
+    for learner in (plain, prox):
+        learner.fit(*shard, epochs=1)
+    assert_same_weights(prox.get_weights(), plain.get_weights())
+
+
+def test_fedprox_pulls_towards_the_model_that_arrived(trained, shard):
+    arrived = trained[0].get_weights()  # the anchor: another site's model
+    moved = {}
+    for mu in (0.0, 10.0):
+        learner = Learner("small-cnn", seed=7, prox_mu=mu)
+        learner.set_weights(arrived)
+        learner.fit(*shard, epochs=1, learning_rate=3e-3)
+        params = [n for n in arrived if n not in ("bn1/mean", "bn1/var", "bn2/mean", "bn2/var")]
+        moved[mu] = distance(learner.get_weights(), arrived, params)
+    assert 0 < moved[10.0] < 0.5 * moved[0.0], moved
+
+
+def test_prox_gradient_is_the_gradient_of_the_proximal_term():
+    import jax
+
+    from p2p_fl.learn.train import prox_gradient
+
+    params, anchor = {"w": np.array([1.0, -2.0], np.float32)}, {"w": np.array([0.5, 0.0], np.float32)}
+    grads = {"w": np.array([0.1, 0.2], np.float32)}
+    term = jax.grad(lambda p: 0.5 * 3.0 * np.sum((p["w"] - anchor["w"]) ** 2))
+    expected = grads["w"] + np.asarray(term(params)["w"])
+    np.testing.assert_allclose(prox_gradient(grads, params, anchor, 3.0)["w"], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="prox_mu"):
+        Learner("small-cnn", prox_mu=-1.0)
+
+
+def test_batchnorm_names_cover_every_batchnorm_tensor():
+    assert Learner("small-cnn").batchnorm_names() == [
+        f"bn{i}/{leaf}" for i in (1, 2) for leaf in ("bias", "mean", "scale", "var")]
+    names = Learner("resnet8").batchnorm_names()
+    assert "stem_bn/var" in names and "stage2/shortcut_bn/scale" in names
+    assert not any("conv" in n or "head" in n for n in names)
+
+
+def test_set_weights_keeps_the_named_local_tensors(trained):
+    learner, _ = trained
+    local = learner.batchnorm_names()
+    incoming = Learner("small-cnn", seed=1).get_weights()
+    shared = {n: v for n, v in incoming.items() if n not in local}
+    other = Learner("small-cnn", seed=2)
+    own = other.get_weights()
+    with pytest.raises(ValueError, match="lacks tensor 'bn1/bias'"):
+        other.set_weights(shared)  # a partial dict stays an error by default
+    other.set_weights(shared, keep=local)
+    after = other.get_weights()
+    for name in incoming:
+        np.testing.assert_array_equal(after[name], own[name] if name in local else incoming[name])
+    other.set_weights(incoming, keep=local)  # given, the kept names are replaced too
+    assert_same_weights(other.get_weights(), incoming)
+    with pytest.raises(ValueError, match="keep names unknown tensor 'bn9/mean'"):
+        other.set_weights(shared, keep=["bn9/mean"])
+    with pytest.raises(ValueError, match="lacks tensor 'head/bias'"):
+        other.set_weights({n: v for n, v in shared.items() if n != "head/bias"}, keep=local)

@@ -45,6 +45,15 @@ from dp_accounting.rdp import rdp_privacy_accountant
 _NOISE_RELATIVE_TOLERANCE = 1e-4
 # Noise multipliers searched by noise_for_target lie in this range.
 _MIN_NOISE, _MAX_NOISE = 1e-2, 1e3
+# A budget check forgives this relative excess: composing rounds one by one and
+# all at once (as noise_for_target plans) differ by float rounding only.
+_BUDGET_RELATIVE_SLACK = 1e-9
+# The default delta is at most this (and at most a tenth of 1/N).
+_MAX_DEFAULT_DELTA = 1e-5
+
+
+class BudgetExceeded(ValueError):
+    """Training would spend more than the privacy budget; nothing was trained."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +160,34 @@ def private_gradient(grads, clip_norm: float, noise_multiplier: float,
 
 
 # -- accounting -----------------------------------------------------------------
+
+
+def batch_sampling(num_examples: int, batch_size: int) -> tuple[float, int]:
+    """(sample rate, steps per epoch) of training on ``num_examples`` examples.
+
+    The batch is at most the shard; the last ``num_examples % batch`` examples
+    of each shuffled epoch are dropped, as ``train.train_epoch`` does.
+    """
+    batch = min(batch_size, num_examples)
+    return batch / num_examples, num_examples // batch
+
+
+def default_delta(num_examples: int) -> float:
+    """A delta well below 1/N: min(1e-5, 1 / (10 N)).
+
+    A mechanism that publishes one random example in the clear is
+    (0, 1/N)-DP, so a delta near 1/N promises nothing; 1e-5 is the customary
+    value for shards of up to 10,000 examples, 1/(10 N) keeps the same margin
+    for larger ones.
+    """
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    return min(_MAX_DEFAULT_DELTA, 0.1 / num_examples)
+
+
+def within_budget(epsilon: float, budget: float) -> bool:
+    """Whether ``epsilon`` stays within ``budget`` (up to float rounding)."""
+    return epsilon <= budget * (1 + _BUDGET_RELATIVE_SLACK)
 
 
 def epsilon_of_rounds(noise_multiplier: float, rounds: list[tuple[float, int]],

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -158,11 +158,14 @@ def example_loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.Gra
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                step_key: jax.Array, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, augment: bool,
-               dp: DPConfig | None = None) -> tuple[TrainState, jax.Array]:
+               dp: DPConfig | None = None, prox_mu: float = 0.0,
+               anchor: nnx.State | None = None) -> tuple[TrainState, jax.Array]:
     """One optimizer step on one batch of raw (uint8 or float) images.
 
     With ``dp``, the gradient is DP-SGD's (``privacy.private_gradient``) and
-    the BatchNorm statistics are left unchanged.
+    the BatchNorm statistics are left unchanged. With ``prox_mu`` > 0
+    (FedProx), the gradient of (mu / 2) * ||params - anchor||^2 is added; the
+    returned loss is the data loss alone.
 
     Returns:
       (new state, batch loss). ``state.key`` is left alone: the epoch owns it.
@@ -184,17 +187,34 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
         grads = privacy.private_gradient(example_grads, dp.clip_norm,
                                          dp.noise_multiplier, noise_key=dropout_key)
         loss, batch_stats = losses.mean(), state.batch_stats
+    if prox_mu:  # a static float: mu = 0 compiles the plain step, bit for bit
+        grads = prox_gradient(grads, state.params, anchor, prox_mu)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, batch_stats, opt_state, state.key), loss
 
 
+def prox_gradient(grads: nnx.State, params: nnx.State, anchor: nnx.State,
+                  prox_mu: float) -> nnx.State:
+    """``grads`` plus the gradient of FedProx's (mu / 2) * ||params - anchor||^2.
+
+    Under DP-SGD this is added to the already clipped and noised gradient: it
+    depends on the current weights and the model that arrived, never on an
+    example, so it is post-processing and costs no privacy (clipping it would
+    only bias the proximal pull).
+    """
+    return jax.tree_util.tree_map(lambda g, w, a: g + prox_mu * (w - a),
+                                  grads, params, anchor)
+
+
 @functools.partial(jax.jit,
-                   static_argnames=("graphdef", "tx", "batch_size", "augment", "dp"),
+                   static_argnames=("graphdef", "tx", "batch_size", "augment", "dp",
+                                    "prox_mu"),
                    donate_argnames=("state",))
 def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
                 graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                batch_size: int, augment: bool, dp: DPConfig | None = None
+                batch_size: int, augment: bool, dp: DPConfig | None = None,
+                prox_mu: float = 0.0, anchor: nnx.State | None = None
                 ) -> tuple[TrainState, jax.Array]:
     """One shuffled pass over device-resident data, as a single compiled program.
 
@@ -210,6 +230,8 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
       batch_size: samples per step, at most N.
       augment: whether to apply random shifts.
       dp: DP-SGD settings, or None for plain training.
+      prox_mu: FedProx's mu (0: no proximal term).
+      anchor: the parameters the proximal term pulls towards (with prox_mu > 0).
 
     Returns:
       (new state with an advanced key, mean training loss over the batches).
@@ -223,7 +245,8 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
     def body(state, batch):
         indices, step_key = batch
         return train_step(state, images[indices], labels[indices], step_key,
-                          graphdef=graphdef, tx=tx, augment=augment, dp=dp)
+                          graphdef=graphdef, tx=tx, augment=augment, dp=dp,
+                          prox_mu=prox_mu, anchor=anchor)
 
     state, losses = jax.lax.scan(body, state, (batch_indices, step_keys))
     return state._replace(key=key), losses.mean()
@@ -269,6 +292,12 @@ def _check_array(name: str, value, dtype: np.dtype, shape: tuple) -> np.ndarray:
     return value
 
 
+def _batchnorm_prefixes(module: nnx.Module) -> tuple[str, ...]:
+    """'path/to/bn/' of every BatchNorm layer of a model, as tensor names start."""
+    return tuple("/".join(map(str, path)) + "/" for path, node in nnx.iter_graph(module)
+                 if isinstance(node, nnx.BatchNorm))
+
+
 def _check_names(kind: str, given, expected) -> None:
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -297,14 +326,19 @@ class Learner:
         With DP, BatchNorm statistics are frozen and dropout is off while
         training; ``privacy_spent`` reports the epsilon so far and ``fit``
         refuses to go past ``dp.target_epsilon`` if set.
+      prox_mu: FedProx's mu: each ``fit`` adds (mu / 2) * ||w - w0||^2 over
+        the trainable parameters to the loss, w0 being the parameters at the
+        start of that fit (the model that arrived). 0: plain training.
     """
 
     def __init__(self, model: str = "small-cnn", *, num_classes: int = 2,
                  image_shape: tuple[int, int, int] = (28, 28, 1), optimizer: str = "adam",
                  learning_rate: float = 1e-3, weight_decay: float = 0.0,
                  batch_size: int = 64, augment: bool = True, seed: int = 0,
-                 dp: DPConfig | None = None):
+                 dp: DPConfig | None = None, prox_mu: float = 0.0):
         height, width, channels = image_shape
+        if not prox_mu >= 0:
+            raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
         if height != width:
             raise ValueError(f"images must be square, got image_shape={image_shape}")
         if batch_size < 1:
@@ -315,6 +349,7 @@ class Learner:
         self.batch_size = batch_size
         self.augment = augment
         self.dp = dp
+        self.prox_mu = float(prox_mu)
         # (sample_rate, steps) of each fit with DP, for the accountant.
         self._dp_rounds: list[tuple[float, int]] = []
         module = build_model(model, num_classes=num_classes, in_channels=channels,
@@ -331,6 +366,9 @@ class Learner:
             (name, str(leaf.dtype), tuple(leaf.shape))
             for name, leaf in zip(self._param_names + self._stat_names,
                                   jax.tree_util.tree_leaves((params, batch_stats))))
+        prefixes = _batchnorm_prefixes(module)
+        self._batchnorm_names = [name for name, _, _ in self._spec
+                                 if name.startswith(prefixes)]
 
     # -- training and inference ------------------------------------------------
 
@@ -353,8 +391,8 @@ class Learner:
           The mean training loss of each epoch.
 
         Raises:
-          ValueError: with DP and a target epsilon, if these epochs would
-            spend more than the budget (nothing is trained then).
+          privacy.BudgetExceeded: with DP and a target epsilon, if these
+            epochs would spend more than the budget (nothing is trained then).
         """
         images = self._checked_images(images)
         labels = self._checked_labels(labels, len(images))
@@ -366,16 +404,20 @@ class Learner:
             self._state = self._state._replace(
                 opt_state=_with_learning_rate(self._state.opt_state, learning_rate))
         batch_size = min(self.batch_size, images.shape[0])
-        sample_rate = batch_size / images.shape[0]
+        sample_rate, steps = privacy.batch_sampling(images.shape[0], self.batch_size)
         if self.dp is not None:
-            self._check_budget(sample_rate, epochs * (images.shape[0] // batch_size))
+            self._check_budget(sample_rate, epochs * steps)
+        # A copy: the parameters' own buffers are donated to the first epoch.
+        anchor = (jax.tree_util.tree_map(jnp.copy, self._state.params)
+                  if self.prox_mu else None)
         losses = []
         for epoch in range(epochs):
             self._state, loss = train_epoch(
                 self._state, images, labels, graphdef=self._graphdef, tx=self._tx,
-                batch_size=batch_size, augment=self.augment, dp=self.dp)
+                batch_size=batch_size, augment=self.augment, dp=self.dp,
+                prox_mu=self.prox_mu, anchor=anchor)
             if self.dp is not None:
-                self._dp_rounds.append((sample_rate, images.shape[0] // batch_size))
+                self._dp_rounds.append((sample_rate, steps))
             losses.append(float(loss))
             if on_epoch is not None:
                 on_epoch(epoch, losses[-1])
@@ -403,8 +445,8 @@ class Learner:
             return
         after = privacy.epsilon_of_rounds(self.dp.noise_multiplier,
                                  self._dp_rounds + [(sample_rate, steps)], self.dp.delta)
-        if after > self.dp.target_epsilon:
-            raise ValueError(
+        if not privacy.within_budget(after, self.dp.target_epsilon):
+            raise privacy.BudgetExceeded(
                 f"privacy budget exceeded: {steps} more steps would spend epsilon="
                 f"{after:.3g} > target {self.dp.target_epsilon:g} at delta={self.dp.delta:g}")
 
@@ -456,6 +498,11 @@ class Learner:
         """(name, dtype, shape) of every tensor of ``get_weights``, sorted by name."""
         return list(self._spec)
 
+    def batchnorm_names(self) -> list[str]:
+        """Names of the BatchNorm tensors (scale, bias, running mean and var),
+        sorted: what FedBN keeps at the site."""
+        return list(self._batchnorm_names)
+
     def get_weights(self) -> dict[str, np.ndarray]:
         """Parameters and BatchNorm statistics as fresh host arrays.
 
@@ -469,22 +516,34 @@ class Learner:
                          (np.array(leaf) for leaf in leaves)))
         return {name: named[name] for name, _, _ in self._spec}
 
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def set_weights(self, weights: dict[str, np.ndarray], *,
+                    keep: Iterable[str] = ()) -> None:
         """Replaces parameters and BatchNorm statistics; the optimizer state stays.
 
         Args:
-          weights: exactly the names, dtypes and shapes of ``weight_spec``.
+          weights: the names, dtypes and shapes of ``weight_spec``; only the
+            names in ``keep`` may be left out.
+          keep: tensors that keep their current values when ``weights`` lacks
+            them (FedBN: ``batchnorm_names()``, which never travel).
 
         Raises:
           ValueError: naming the first tensor that is missing, unknown, or of
             the wrong dtype or shape. Nothing is changed then.
         """
-        _check_names("weights", weights, [name for name, _, _ in self._spec])
+        names = [name for name, _, _ in self._spec]
+        keep = frozenset(keep)
+        if not keep <= set(names):
+            raise ValueError(f"keep names unknown tensor {sorted(keep - set(names))[0]!r}")
+        _check_names("weights", weights,
+                     [name for name in names if name not in keep or name in weights])
         checked = {name: _check_array(name, weights[name], np.dtype(dtype), shape)
-                   for name, dtype, shape in self._spec}
+                   for name, dtype, shape in self._spec if name in weights}
+        current = dict(zip(self._param_names + self._stat_names, jax.tree_util.tree_leaves(
+            (self._state.params, self._state.batch_stats))))
 
         def rebuilt(tree, names):
-            leaves = [jnp.array(checked[name]) for name in names]
+            leaves = [jnp.array(checked[name]) if name in checked else current[name]
+                      for name in names]
             return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree), leaves)
 
         self._state = self._state._replace(
@@ -509,14 +568,21 @@ class Learner:
         """Everything needed to continue training bit-identically, as host arrays.
 
         Returns:
-          {"weight/<name>": ..., "optimizer/<index>": ..., "rng_key": ...}:
-          the weights, the optimizer state's leaves in pytree order, and the
-          PRNG key's raw data.
+          {"weight/<name>": ..., "optimizer/<index>": ..., "rng_key": ...,
+          "privacy_rounds": ...}: the weights (FedBN's local BatchNorm tensors
+          among them), the optimizer state's leaves in pytree order, the PRNG
+          key's raw data, and one row (noise multiplier, sample rate, steps)
+          per DP-SGD epoch so far (float64, (0, 3) without DP), so that a
+          resumed learner keeps the privacy already spent.
         """
         state = {f"weight/{name}": value for name, value in self.get_weights().items()}
         for index, leaf in enumerate(jax.tree_util.tree_leaves(self._state.opt_state)):
             state[f"optimizer/{index:04d}"] = np.array(leaf)
         state["rng_key"] = np.array(jax.random.key_data(self._state.key))
+        noise = self.dp.noise_multiplier if self.dp is not None else 0.0
+        state["privacy_rounds"] = np.array(
+            [(noise, rate, steps) for rate, steps in self._dp_rounds],
+            np.float64).reshape(-1, 3)
         return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -533,7 +599,8 @@ class Learner:
         expected.update({f"optimizer/{index:04d}": (leaf.dtype, leaf.shape)
                          for index, leaf in enumerate(opt_leaves)})
         expected["rng_key"] = (key_data.dtype, key_data.shape)
-        _check_names("state", state, expected)
+        _check_names("state", state, [*expected, "privacy_rounds"])
+        dp_rounds = self._checked_privacy_rounds(state["privacy_rounds"])
         checked = {name: _check_array(name, state[name], dtype, shape)
                    for name, (dtype, shape) in expected.items()}
         self.set_weights({name[len("weight/"):]: value for name, value in checked.items()
@@ -543,6 +610,24 @@ class Learner:
                        for index in range(len(opt_leaves))])
         self._state = self._state._replace(
             opt_state=opt_state, key=jax.random.wrap_key_data(jnp.array(checked["rng_key"])))
+        self._dp_rounds = dp_rounds
+
+    def _checked_privacy_rounds(self, rows) -> list[tuple[float, int]]:
+        rows = np.asarray(rows)
+        if rows.dtype != np.float64 or rows.ndim != 2 or rows.shape[1] != 3:
+            raise ValueError(f"tensor 'privacy_rounds' is {rows.dtype}{list(rows.shape)}, "
+                             "expected float64[k, 3]")
+        if len(rows) and self.dp is None:
+            raise ValueError("state 'privacy_rounds' holds DP-SGD steps; this learner has no dp")
+        noise = self.dp.noise_multiplier if self.dp is not None else 0.0
+        if len(rows) and not np.all(rows[:, 0] == noise):
+            raise ValueError(f"state 'privacy_rounds' was trained with noise multiplier "
+                             f"{rows[0, 0]:g}, this learner uses {noise:g}")
+        rates, steps = rows[:, 1], rows[:, 2]
+        if np.any((rates <= 0) | (rates > 1)) or np.any((steps < 0) | (steps != np.round(steps))):
+            raise ValueError("state 'privacy_rounds' holds a sample rate outside (0, 1] "
+                             "or a step count that is not a whole number >= 0")
+        return [(float(rate), int(count)) for rate, count in zip(rates, steps)]
 
     # -- input checks ------------------------------------------------------------
 
