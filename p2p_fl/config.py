@@ -49,6 +49,11 @@ class TrainingConfig:
     # less, so the last sites of a skewed ring cannot drag it to their labels.
     lr_schedule: str = "cosine"
     augment: bool = True
+    # FedProx: each fit adds (prox_mu / 2) * ||w - w_start||^2 to the local loss, w_start
+    # being the model that arrived, so skewed sites drift less from it. 0: plain training.
+    prox_mu: float = 0.0
+    # FedBN: BatchNorm scale, bias and running statistics stay at each site, never sent.
+    fedbn: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,21 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    # DP-SGD on every site (learn/privacy.py): per-example clipping and Gaussian noise,
+    # epsilon accounted per site for its own shard (docs/protocols.md).
+    enabled: bool = False
+    # The site's budget for its whole run. Alone: the noise is chosen so that the planned
+    # run (training.rounds fits x local_epochs) spends exactly this. 0: unset.
+    target_epsilon: float = 0.0
+    # Fixed noise (sigma); the site reports what it spends, and stops training before it
+    # would pass target_epsilon if that is also given. 0: unset.
+    noise_multiplier: float = 0.0
+    clip_norm: float = 1.0  # C: each example's gradient is clipped to this L2 norm
+    delta: float = 0.0  # 0: min(1e-5, 1 / (10 x the site's training samples))
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
     ack_timeout_s: float = 2.0  # resend a hand-off not acknowledged within this
     handoff_timeout_s: float = 60.0  # then skip the successor that never acknowledged
@@ -144,6 +164,7 @@ class Topology:
     ring: RingConfig = field(default_factory=RingConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     events: tuple[Event, ...] = ()
@@ -181,7 +202,7 @@ class Topology:
         return away
 
 
-_SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "gossip": GossipConfig, "ensemble": EnsembleConfig, "data": DataConfig, "network": NetworkConfig}
+_SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "gossip": GossipConfig, "ensemble": EnsembleConfig, "privacy": PrivacyConfig, "data": DataConfig, "network": NetworkConfig}
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -303,6 +324,11 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"training.batch_size must be >= 1, got {tr.batch_size}")
     if not tr.learning_rate > 0:
         fail(f"training.learning_rate must be > 0, got {tr.learning_rate}")
+    if not tr.prox_mu >= 0:
+        fail(f"training.prox_mu must be >= 0, got {tr.prox_mu}")
+    if tr.fedbn and t.protocol == "ensemble":
+        fail("training.fedbn does not apply to protocol ensemble: its members travel as whole models")
+    _check_privacy(t.privacy, fail)
     _choice(tr.optimizer, OPTIMIZERS, "training.optimizer", fail)
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule", fail)
     _choice(t.ring.order, RING_ORDERS, "ring.order", fail)
@@ -331,6 +357,18 @@ def _check_semantics(t: Topology, fail) -> None:
         fail("network.heartbeat_interval_s must be > 0")
     if not net.peer_timeout_s >= 2 * net.heartbeat_interval_s:
         fail("network.peer_timeout_s must be at least 2 x network.heartbeat_interval_s")
+
+
+def _check_privacy(p: PrivacyConfig, fail) -> None:
+    for key in ("target_epsilon", "noise_multiplier", "delta"):
+        if not getattr(p, key) >= 0:
+            fail(f"privacy.{key} must be > 0 (or 0: unset), got {getattr(p, key)}")
+    if not p.clip_norm > 0:
+        fail(f"privacy.clip_norm must be > 0, got {p.clip_norm}")
+    if not p.delta < 1:
+        fail(f"privacy.delta must be below 1, got {p.delta}")
+    if p.enabled and not (p.target_epsilon or p.noise_multiplier):
+        fail("privacy.enabled = true needs privacy.target_epsilon or privacy.noise_multiplier")
 
 
 def gossip_graph(t: Topology) -> mixing.Adjacency:

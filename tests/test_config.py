@@ -65,3 +65,31 @@ def test_missing_file_is_one_clear_line(tmp_path):
 def test_unknown_node_name_lists_the_peers(tmp_path):
     with pytest.raises(ConfigError, match="peers: a, b"):
         load_text(tmp_path, MINIMAL).peer("z")
+
+
+@pytest.mark.parametrize("text, field", [
+    (MINIMAL + "[training]\nprox_mu = -0.1\n", "training.prox_mu must be >= 0"),
+    (MINIMAL.replace('"cwt"', '"ensemble"') + "[training]\nfedbn = true\n", "training.fedbn"),
+    (MINIMAL + "[privacy]\nenabled = true\n", "privacy.target_epsilon or privacy.noise_multiplier"),
+    (MINIMAL + "[privacy]\nenabled = true\ntarget_epsilon = -1\n", "privacy.target_epsilon must be > 0"),
+    (MINIMAL + "[privacy]\nnoise_multiplier = nan\n", "privacy.noise_multiplier must be > 0"),
+    (MINIMAL + "[privacy]\nenabled = true\nnoise_multiplier = 1.0\nclip_norm = 0\n", "privacy.clip_norm"),
+    (MINIMAL + "[privacy]\nenabled = true\ntarget_epsilon = 3\ndelta = 1\n", "privacy.delta must be below 1"),
+    (MINIMAL + "[privacy]\nepsilon = 3\n", "unknown field privacy.epsilon"),
+])
+def test_non_iid_and_privacy_fields_are_checked(tmp_path, text, field):
+    with pytest.raises(ConfigError, match=field):
+        load_text(tmp_path, text)
+
+
+def test_non_iid_and_privacy_fields_parse_and_round_trip(tmp_path):
+    import tomllib
+
+    t = load_text(tmp_path, MINIMAL + "[training]\nprox_mu = 0.01\nfedbn = true\n"
+                  "[privacy]\nenabled = true\ntarget_epsilon = 3\nnoise_multiplier = 1.1\n")
+    assert (t.training.prox_mu, t.training.fedbn) == (0.01, True)
+    assert (t.privacy.target_epsilon, t.privacy.noise_multiplier, t.privacy.delta) == (3.0, 1.1, 0.0)
+    assert "[privacy]" in dump_topology(t)
+    assert parse_topology(tomllib.loads(dump_topology(t))) == t
+    default = load_text(tmp_path, MINIMAL)
+    assert not default.privacy.enabled and default.training.prox_mu == 0 and not default.training.fedbn
