@@ -285,21 +285,27 @@ def _supervise(node: _NodeProcess, state: dict, supervision: Supervision, env: d
         return None
     if verdict == "failed":
         node.outcome = "failed"
-        state["state"] = f"failed ({how})"
-        gave_up = f" after {node.restarts} restarts" if node.restarts else ""
+        state["state"] = f"failed ({_exit_cause(returncode)})"
+        gave_up = f" after {node.restarts} restart{'s' * (node.restarts > 1)}" if node.restarts else ""
         return f"[red]{node.name} {how}{gave_up}; see {node.folder / 'node.log'}[/]"
     node.restart_at = time.monotonic() + supervision.delay_s
-    state["state"] = f"{how}; restarting"
+    state["state"] = f"restarting ({_exit_cause(returncode)})"
     return f"[yellow]{node.name} {how}; restarting it in {supervision.delay_s:g} s[/]"
 
 
 def _exit_words(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with {returncode}"
+    cause = _exit_cause(returncode)
+    return f"was killed by {cause}" if returncode < 0 else f"exited with {returncode}"
+
+
+def _exit_cause(returncode: int) -> str:
+    """"SIGKILL" for a process killed by a signal, "exit 1" for one that exited."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
 
 
 def _write_netns_layout(topology: Topology, out: Path, hosts: Hosts | None) -> None:
@@ -329,6 +335,11 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "model": topology.training.model,
         "rounds": topology.training.rounds,
         "local_epochs": topology.training.local_epochs,
+        "prox_mu": topology.training.prox_mu,
+        "fedbn": topology.training.fedbn,
+        "privacy": dataclasses.asdict(topology.privacy),
+        # Each site's own (epsilon, delta) for its own shard; they do not add up across sites.
+        "epsilon": {n["name"]: n.get("epsilon") for n in nodes} if topology.privacy.enabled else {},
         "wall_s": wall_s,
         "final": _final_metrics(topology, nodes),
         "restarts": restarts or {p.name: 0 for p in topology.peers},
@@ -359,19 +370,31 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _options(summary: dict) -> str:
+    """' · FedProx mu=0.01 · FedBN · DP' for the options a run used ('' for none)."""
+    options = [f"FedProx mu={summary['prox_mu']:g}"] if summary.get("prox_mu") else []
+    options += ["FedBN"] if summary.get("fedbn") else []
+    options += ["DP"] if summary.get("privacy", {}).get("enabled") else []
+    return "".join(f" · {option}" for option in options)
+
+
 def results_table(summary: dict) -> Table:
-    table = Table(title=f"{summary['protocol']} · {summary['peers']} sites · {summary['wall_s']:.1f} s")
-    for col in ("node", "samples", "test loss", "acc@0.5", "AUC", "sens", "spec", "local AUC", "wall s", "MB sent"):
+    table = Table(title=f"{summary['protocol']}{_options(summary)} · {summary['peers']} sites · {summary['wall_s']:.1f} s")
+    private = bool(summary.get("epsilon"))  # a column of each site's epsilon spent
+    for col in ("node", "samples", "test loss", "acc@0.5", "AUC", "sens", "spec", "local AUC", "wall s", "MB sent",
+                *(["epsilon"] if private else [])):
         table.add_column(col, justify="right" if col != "node" else "left")
     for n in summary["nodes"]:
         table.add_row(n["name"], str(n["samples"]), _f(n.get("test_loss")), _f(n.get("test_acc")),
                       _f(n.get("test_auc")), _f(n.get("test_sens")), _f(n.get("test_spec")),
-                      _f(n.get("local_test_auc")), f"{n['wall_s']:.1f}", f"{n['bytes_sent'] / 1e6:.2f}")
+                      _f(n.get("local_test_auc")), f"{n['wall_s']:.1f}", f"{n['bytes_sent'] / 1e6:.2f}",
+                      *([_f(n.get("epsilon"))] if private else []))
     f = summary["final"]
     label = "final (mean of sites)" if summary["protocol"] in SITE_MODEL_PROTOCOLS else "final model"
     table.add_row(f"[bold]{label}[/]", "", _f(f.get("test_loss")), _f(f.get("test_acc")),
                   f"[bold]{_f(f.get('test_auc'))}[/]", _f(f.get("test_sens")), _f(f.get("test_spec")), "",
-                  f"{summary['wall_s']:.1f}", f"{sum(n['bytes_sent'] for n in summary['nodes']) / 1e6:.2f}")
+                  f"{summary['wall_s']:.1f}", f"{sum(n['bytes_sent'] for n in summary['nodes']) / 1e6:.2f}",
+                  *([""] if private else []))
     return table
 
 
