@@ -100,6 +100,8 @@ def create_hosts(count: int) -> Hosts:
             _ip("-n", ns, "addr", "add", f"{hosts.address(i)}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+        # Some containers allow `ip netns add` but not the mounts `ip netns exec` makes.
+        _ip("netns", "exec", hosts.namespace(0), sys.executable, "-I", "-S", "-c", "")
     except BaseException:
         destroy(hosts.run)
         raise
