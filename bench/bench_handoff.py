@@ -11,6 +11,7 @@ Prints JSON lines {"name", "value", "reference", "ratio", "unit", ...}: per mode
 hand-off over CURVE against the raw socket (`handoff_*`), and the same hand-off with CURVE
 against without (`curve_vs_plain_*`), all measured in the same run.
 Run: .venv/bin/python bench/bench_handoff.py [--repeats 30]
+(functions in p2p_fl/bench.py; `p2p-fl bench --only handoff` gives the same figures)
 """
 
 from __future__ import annotations
@@ -18,70 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
-import zmq
 
-from p2p_fl.launch import free_ports
-from p2p_fl.net import Curve, Peer, wire
-
-
-def model_weights(name: str) -> dict[str, np.ndarray]:
-    """The real tensors of a model (names, shapes, values) as a site would send them."""
-    from p2p_fl.learn import Learner
-
-    return Learner(name).get_weights()
-
-
-def time_peer_handoff(weights: dict, repeats: int, curve: bool) -> list[float]:
-    pa, pb = free_ports(2)
-    keys = {n: tuple(k.decode() for k in zmq.curve_keypair()) for n in "ab"}
-    curves = {n: Curve(*keys[n], {o: keys[o][0] for o in "ab" if o != n}) if curve else None for n in "ab"}
-    spec = wire.spec_of(weights)
-    a = Peer("a", f"tcp://127.0.0.1:{pa}", {"b": f"tcp://127.0.0.1:{pb}"}, "bench", spec, curve=curves["a"])
-    b = Peer("b", f"tcp://127.0.0.1:{pb}", {"a": f"tcp://127.0.0.1:{pa}"}, "bench", spec, curve=curves["b"])
-    times = []
-    try:
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            a.send("b", wire.MODEL, i, weights)
-            got = []
-            while not got:
-                got = b.receive(1.0)
-            b.send("a", wire.ACK, i, meta={"of": wire.MODEL})
-            acks = []
-            while not acks:
-                acks = a.receive(1.0)
-            if i >= 3:  # the first hand-offs pay for connection set-up
-                times.append(time.perf_counter() - t0)
-    finally:
-        a.close()
-        b.close()
-    return times
-
-
-def time_raw_socket(payload: bytes, repeats: int) -> list[float]:
-    ctx = zmq.Context.instance()
-    (port,) = free_ports(1)
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(f"tcp://127.0.0.1:{port}")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    times = []
-    try:
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            dealer.send(payload, copy=False)
-            ident, _ = router.recv_multipart(copy=False)
-            router.send_multipart([ident, b"k"])
-            dealer.recv()
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-    finally:
-        dealer.close(0)
-        router.close(0)
-    return times
+from p2p_fl.bench import model_weights, time_peer_handoff, time_raw_socket
 
 
 def main() -> None:

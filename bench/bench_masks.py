@@ -10,57 +10,14 @@ repetition, so load from other processes on a shared machine affects both alike.
 * update: the same returning fresh bytes (what a naive caller pays, page faults included).
 
 `prg` and `masked_contribution` return fresh arrays, so their fair floor lies between the two.
+The function lives in p2p_fl/bench.py; `p2p-fl bench --only masks` gives JSON lines.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-from p2p_fl.federate import masks
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _aes():
-    return Cipher(algorithms.AES(bytes(16)), modes.CTR(bytes(16))).encryptor()
-
-
-def bench(nbytes: int, peers: int, reps: int) -> dict[str, float]:
-    """Median rates (MB/s) and per-repetition ratios for one vector size."""
-    length = nbytes // 4
-    zeros = bytearray(nbytes)
-    out = bytearray(nbytes + 16)
-    encoded = np.zeros(length, np.uint32)
-    seed = bytes(range(32))
-    pair_seeds = {f"peer{i}": bytes([i]) * 32 for i in range(peers)}
-    rows = []
-    for _ in range(reps):
-        floor_into = _time(lambda: _aes().update_into(zeros, out))
-        floor_update = _time(lambda: _aes().update(zeros))
-        ours_prg = _time(lambda: masks.prg(seed, length))
-        floor_many = _time(lambda: [_aes().update_into(zeros, out) for _ in range(peers + 1)])
-        ours_masked = _time(lambda: masks.masked_contribution(encoded, self_seed=seed, pair_seeds=pair_seeds,
-                                                              me="me"))
-        rows.append((floor_into, floor_update, ours_prg, floor_many, ours_masked))
-    t = np.array(rows)
-    mb = nbytes / 1e6
-    return {
-        "floor_update_into_MBps": mb / np.median(t[:, 0]),
-        "floor_update_MBps": mb / np.median(t[:, 1]),
-        "prg_MBps": mb / np.median(t[:, 2]),
-        "prg_vs_update_into": float(np.median(t[:, 0] / t[:, 2])),
-        "prg_vs_update": float(np.median(t[:, 1] / t[:, 2])),
-        "masked_keystream_MBps": (peers + 1) * mb / np.median(t[:, 4]),
-        "masked_vs_update_into": float(np.median(t[:, 3] / t[:, 4])),
-    }
+from p2p_fl.bench import mask_rates as bench
 
 
 def main() -> None:

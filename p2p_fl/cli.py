@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     experiment.add_argument("--out", type=Path, help="output folder (default: runs/<sweep name>); "
                             "rerunning into it resumes, skipping finished runs")
     experiment.add_argument("--list", action="store_true", help="list the runs and exit")
+    experiment.add_argument("--only", action="append", metavar="GLOB",
+                            help="run only the runs whose names match (repeatable), e.g. '*-seed0'")
     experiment.set_defaults(func=cmd_experiment)
 
     report = sub.add_parser("report", help="write DIR/report.html with plots, for a run or an experiment folder")
@@ -94,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--centralized", type=Path, help="a `p2p-fl centralized` output folder for the reference ROC "
                         "(default: ../centralized-seed<S> beside the run, as `experiment` makes)")
     report.set_defaults(func=cmd_report)
+
+    from p2p_fl.bench import FAMILIES
+
+    bench = sub.add_parser("bench", help="run the benchmarks: one JSON line per figure, each with its reference")
+    bench.add_argument("--quick", action="store_true", help="a short version of each benchmark")
+    bench.add_argument("--only", action="append", choices=FAMILIES, metavar="FAMILY",
+                       help=f"run only this family (repeatable): {', '.join(FAMILIES)}")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -222,16 +232,17 @@ def cmd_centralized(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from p2p_fl.experiment import load_sweep, run_sweep
+    from p2p_fl.experiment import load_sweep, run_sweep, select
 
     runs = load_sweep(args.sweep)
     out = args.out or Path("runs") / args.sweep.stem
+    if args.only and not select(runs, args.only):
+        raise ConfigError(f"--only {' '.join(args.only)}: matches none of the {len(runs)} runs (see --list)")
     if args.list:
-        for run in runs:
+        for run in select(runs, args.only):
             print(f"{run.name}{'  (done)' if (out / run.name / 'summary.json').exists() else ''}")
         return 0
-    rows = run_sweep(runs, out)
-    return 0 if len(rows) == len(runs) else 1
+    return 1 if run_sweep(runs, out, only=args.only) else 0
 
 
 def cmd_report(args) -> int:
@@ -243,4 +254,12 @@ def cmd_report(args) -> int:
     except ReportError as err:
         raise ConfigError(str(err)) from None
     print(f"report: {page}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    _setup_runtime()
+    from p2p_fl.bench import FAMILIES, run_benchmarks
+
+    run_benchmarks(args.only or list(FAMILIES), args.quick, lambda line: print(json.dumps(line), flush=True))
     return 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fnmatch
 import json
 import math
 import shutil
@@ -129,7 +130,6 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
         fail("federations must be a list of tables ([[federations]])")
     if not federations and central is None:
         fail("nothing to run: add [[federations]] entries or a [centralized] table")
-    labels = []
     for i, fed in enumerate(federations):
         where = f"federations[{i}]"
         _known(fed, _FEDERATION_FIELDS, where + ".", fail)
@@ -138,9 +138,8 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
             fail(f"{where}.label is missing")
         if not label.replace("-", "").replace("_", "").isalnum():
             fail(f"{where}.label {label!r} must be letters, digits, '-' or '_' (it names folders)")
-        if label in labels or label == "centralized":
-            fail(f"{where}.label {label!r} is used twice")
-        labels.append(label)
+        if label == "centralized":
+            fail(f"{where}.label 'centralized' names the reference; choose another")
         base = _get(fed, "topology", str, f"{where}.topology", fail) or default_base
         if base is None:
             fail(f"{where}.topology is missing (and there is no top-level topology)")
@@ -177,6 +176,8 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
                         fail(f"{where}: {err}")
                     t = parse_topology(tomllib.loads(dump_topology(t)), source=f"{path}: {where} with {peers} peers")
                     name = f"{label}-{peers}-{partition.replace(':', '')}-seed{seed}"
+                    if any(r.name == name for r in runs):  # one label may span entries, not repeat a run
+                        fail(f"{where}: run {name} is already in an earlier entry with label {label!r}")
                     runs.append(Run(name, label, peers, partition, seed, t))
     return runs
 
@@ -241,15 +242,28 @@ def _str_list(table, key, field, fail, *, default):
 
 # Running.
 
-def run_sweep(runs: list[Run], out: Path, *, console: Console | None = None) -> list[dict]:
-    """Runs every run not done yet (no summary.json), rewriting the tables after each; returns the rows."""
+def select(runs: list[Run], patterns: list[str] | None) -> list[Run]:
+    """The runs whose names match any of the glob patterns (all without patterns)."""
+    if not patterns:
+        return runs
+    return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
+
+
+def run_sweep(runs: list[Run], out: Path, *, only: list[str] | None = None,
+              console: Console | None = None) -> list[str]:
+    """Runs every run (of those matching `only`) not done yet, rewriting the tables after each.
+
+    The tables cover every run of the sweep that has a summary. Returns the names of the
+    selected runs that failed.
+    """
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for i, run in enumerate(runs, 1):
+    chosen = select(runs, only)
+    for i, run in enumerate(chosen, 1):
         run_dir = out / run.name
         done = (run_dir / "summary.json").exists()
-        head = f"[{i}/{len(runs)}] {run.name}"
+        head = f"[{i}/{len(chosen)}] {run.name}"
         if done:
             console.print(f"{head}: done before, skipped")
             continue
@@ -266,11 +280,11 @@ def run_sweep(runs: list[Run], out: Path, *, console: Console | None = None) -> 
             failed.append(run.name)
             console.print(f"[red]{head}: failed after {took:.0f} s; see {run_dir}[/]")
         write_tables(runs, out)
-    rows = write_tables(runs, out)
+    write_tables(runs, out)
     console.print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'runs.csv'}")
     if failed:
         console.print(f"[red]{len(failed)} runs failed: {', '.join(failed)}; rerun the command to retry them[/]")
-    return rows
+    return failed
 
 
 def _run_federation(run: Run, run_dir: Path, console: Console) -> bool:

@@ -73,7 +73,7 @@ set = {{ "training.batch_size" = 32 }}
     (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\nset = {{ "training.modle" = 1 }}\n', "training.modle"),
     (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\nprotocol = "fedsgd"\n', "federations[0].protocol"),
     (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\n[[federations]]\nlabel = "a"\ntopology = "{RING}"\n',
-     "federations[1].label 'a' is used twice"),
+     "federations[1]: run a-3-iid-seed0 is already in an earlier entry"),
     ("seeds = [0]\n", "nothing to run"),
 ])
 def test_a_wrong_sweep_file_is_refused_naming_the_field(tmp_path, text, field):

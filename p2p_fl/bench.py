@@ -1,0 +1,437 @@
+"""`p2p-fl bench`: every benchmark in one command, one JSON line per figure.
+
+Each line has `name`, `value`, `unit`, `reference` (measured in the same run, on the same
+machine, interleaved where possible), `ratio` (value / reference) and `family`, plus what
+the figure needs to be read (`reference_is`, sizes, repeats). Families:
+
+* train: images/s of a node's `Learner.fit` (one `lax.scan` per epoch) against a plain
+  jitted step looped in Python, same model, data, batch and Adam.
+* handoff: one model hand-off between two `Peer`s over CURVE (send, receive and check
+  every field, acknowledge) against the same bytes through a bare DEALER/ROUTER pair; and
+  CURVE against the same hand-off in plain ZeroMQ.
+* masks: keystream rate of a masked contribution (self mask + one pairwise mask per
+  neighbour) and of one PRG call, against AES-128-CTR encrypting into a preallocated buffer.
+* secure-round: the CPU of one secure neighbourhood sum on the complete graph (every
+  member's join and release, the aggregator's unmasking; a site does one such sum's worth
+  per round) against the plain FedAvg average of the same models, real small-cnn weights.
+* scaling: wall time per round of CWT and secure gossip as peers grow, one process per
+  site on this machine (`launch`), tiny shards (128 training images a site); reference:
+  the same protocol with 3 peers. Each line carries the peak RSS of the largest node.
+
+`--quick` runs a short version of each (fewer repeats, smaller sizes, 3 and 5 peers).
+The bench/*.py scripts print the longer per-family reports from the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+FAMILIES = ("train", "handoff", "masks", "secure-round", "scaling")
+
+
+def figure(family: str, name: str, value: float, reference: float, unit: str, **extra) -> dict:
+    return {"family": family, "name": name, "value": value, "unit": unit, "reference": reference,
+            "ratio": value / reference if reference else None, **extra}
+
+
+def run_benchmarks(families: list[str], quick: bool, emit: Callable[[dict], None]) -> None:
+    benches = {"train": bench_train, "handoff": bench_handoff, "masks": bench_masks,
+               "secure-round": bench_secure_round, "scaling": bench_scaling}
+    for family in families:
+        for line in benches[family](quick):
+            emit(line)
+
+
+# Training throughput.
+
+def reference_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> Callable[[], None]:
+    """One epoch of a hand-written jitted step looped in Python, as a callable."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from p2p_fl.learn import build_model
+
+    model = build_model(model_name, num_classes=2, in_channels=images.shape[-1], image_size=images.shape[1], seed=0)
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params, batch_stats, opt_state, x, y, key):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, batch_stats, copy=True)
+            logits = model(x, train=True, rngs=nnx.Rngs(dropout=key))
+            loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], y).mean()
+            return loss, nnx.state(model, nnx.BatchStat)
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    num_batches = len(images) // batch_size
+    batches = [(jnp.asarray(images[i * batch_size:(i + 1) * batch_size]),
+                jnp.asarray(labels[i * batch_size:(i + 1) * batch_size], jnp.float32))
+               for i in range(num_batches)]
+    keys = jax.random.split(jax.random.key(0), num_batches)
+
+    def epoch():
+        nonlocal params, batch_stats, opt_state
+        for (x, y), key in zip(batches, keys):
+            params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x, y, key)
+        loss.block_until_ready()
+
+    return epoch
+
+
+def learner_epoch(model_name: str, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                  augment: bool) -> Callable[[], None]:
+    """One epoch of Learner.fit (data transfer included), as a callable."""
+    from p2p_fl.learn import Learner
+
+    learner = Learner(model_name, image_shape=images.shape[1:], batch_size=batch_size, augment=augment)
+    return lambda: learner.fit(images, labels, epochs=1)
+
+
+def median_seconds(epochs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds per epoch of each callable after a warm-up (compiling) epoch.
+
+    Repeats are interleaved so that a change of load on a shared machine affects every
+    contender alike.
+    """
+    for epoch in epochs.values():
+        epoch()
+    seconds = {name: [] for name in epochs}
+    for _ in range(repeats):
+        for name, epoch in epochs.items():
+            start = time.perf_counter()
+            epoch()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def bench_train(quick: bool) -> Iterator[dict]:
+    from p2p_fl.data import load_dataset
+    from p2p_fl.learn import describe_backend
+
+    models = ["small-cnn"] if quick else ["small-cnn", "seed-cnn"]
+    count, repeats, batch = (1024, 3, 64) if quick else (2048, 5, 64)
+    train = load_dataset("builtin:pneumoniamnist").train
+    images, labels = train.images[:count], train.labels[:count]
+    per_epoch = len(images) // batch * batch
+    for model in models:
+        seconds = median_seconds({
+            "reference": reference_epoch(model, images, labels, batch),
+            "learner": learner_epoch(model, images, labels, batch, augment=False),
+            "learner_augment": learner_epoch(model, images, labels, batch, augment=True),
+        }, repeats)
+        common = {"reference_is": "plain jitted step looped in Python", "backend": describe_backend(),
+                  "images_per_epoch": per_epoch, "batch_size": batch, "repeats": repeats}
+        yield figure("train", f"train_throughput_{model}", per_epoch / seconds["learner"],
+                     per_epoch / seconds["reference"], "images/s", **common)
+        yield figure("train", f"train_throughput_augmented_{model}", per_epoch / seconds["learner_augment"],
+                     per_epoch / seconds["reference"], "images/s", **common)
+
+
+# Hand-off.
+
+def model_weights(name: str) -> dict[str, np.ndarray]:
+    """The real tensors of a model (names, shapes, values) as a site would send them."""
+    from p2p_fl.learn import Learner
+
+    return Learner(name).get_weights()
+
+
+def time_peer_handoff(weights: dict, repeats: int, curve: bool) -> list[float]:
+    """Seconds per hand-off (send, receive and check, ack) between two Peers on loopback."""
+    import zmq
+
+    from p2p_fl.launch import free_ports
+    from p2p_fl.net import Curve, Peer, wire
+
+    pa, pb = free_ports(2)
+    keys = {n: tuple(k.decode() for k in zmq.curve_keypair()) for n in "ab"}
+    curves = {n: Curve(*keys[n], {o: keys[o][0] for o in "ab" if o != n}) if curve else None for n in "ab"}
+    spec = wire.spec_of(weights)
+    a = Peer("a", f"tcp://127.0.0.1:{pa}", {"b": f"tcp://127.0.0.1:{pb}"}, "bench", spec, curve=curves["a"])
+    b = Peer("b", f"tcp://127.0.0.1:{pb}", {"a": f"tcp://127.0.0.1:{pa}"}, "bench", spec, curve=curves["b"])
+    times = []
+    try:
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            a.send("b", wire.MODEL, i, weights)
+            got = []
+            while not got:
+                got = b.receive(1.0)
+            b.send("a", wire.ACK, i, meta={"of": wire.MODEL})
+            acks = []
+            while not acks:
+                acks = a.receive(1.0)
+            if i >= 3:  # the first hand-offs pay for connection set-up
+                times.append(time.perf_counter() - t0)
+    finally:
+        a.close()
+        b.close()
+    return times
+
+
+def time_raw_socket(payload: bytes, repeats: int) -> list[float]:
+    """Seconds per round trip of the payload through a bare DEALER/ROUTER pair (1-byte reply)."""
+    import zmq
+
+    from p2p_fl.launch import free_ports
+
+    ctx = zmq.Context.instance()
+    (port,) = free_ports(1)
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(f"tcp://127.0.0.1:{port}")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    times = []
+    try:
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            dealer.send(payload, copy=False)
+            ident, _ = router.recv_multipart(copy=False)
+            router.send_multipart([ident, b"k"])
+            dealer.recv()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    finally:
+        dealer.close(0)
+        router.close(0)
+    return times
+
+
+def bench_handoff(quick: bool) -> Iterator[dict]:
+    models, repeats = (["small-cnn"], 10) if quick else (["small-cnn", "seed-cnn"], 30)
+    for model in models:
+        weights = model_weights(model)
+        payload = b"".join(np.ascontiguousarray(w).tobytes() for w in weights.values())
+        secure = statistics.median(time_peer_handoff(weights, repeats, curve=True))
+        plain = statistics.median(time_peer_handoff(weights, repeats, curve=False))
+        raw = statistics.median(time_raw_socket(payload, repeats))
+        common = {"bytes": len(payload), "tensors": len(weights), "repeats": repeats}
+        yield figure("handoff", f"handoff_{model}", secure, raw, "s (median)",
+                     reference_is="the same bytes through a bare DEALER/ROUTER pair", **common)
+        yield figure("handoff", f"curve_vs_plain_{model}", secure, plain, "s (median)",
+                     reference_is="the same hand-off without CURVE", **common)
+
+
+# Masks.
+
+def mask_rates(nbytes: int, peers: int, reps: int) -> dict[str, float]:
+    """Median rates (MB/s) and per-repetition ratios for one vector size.
+
+    Each repetition times the floor and ours back to back and the ratio is taken per
+    repetition, so load from other processes affects both alike. Floors: update_into is
+    AES-128-CTR over a zero buffer into a preallocated, already touched output (the cipher
+    alone); update is the same returning fresh bytes.
+    """
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from p2p_fl.federate import masks
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def aes():
+        return Cipher(algorithms.AES(bytes(16)), modes.CTR(bytes(16))).encryptor()
+
+    length = nbytes // 4
+    zeros = bytearray(nbytes)
+    out = bytearray(nbytes + 16)
+    encoded = np.zeros(length, np.uint32)
+    seed = bytes(range(32))
+    pair_seeds = {f"peer{i}": bytes([i]) * 32 for i in range(peers)}
+    rows = []
+    for _ in range(reps):
+        floor_into = timed(lambda: aes().update_into(zeros, out))
+        floor_update = timed(lambda: aes().update(zeros))
+        ours_prg = timed(lambda: masks.prg(seed, length))
+        floor_many = timed(lambda: [aes().update_into(zeros, out) for _ in range(peers + 1)])
+        ours_masked = timed(lambda: masks.masked_contribution(encoded, self_seed=seed, pair_seeds=pair_seeds, me="me"))
+        rows.append((floor_into, floor_update, ours_prg, floor_many, ours_masked))
+    t = np.array(rows)
+    mb = nbytes / 1e6
+    return {
+        "floor_update_into_MBps": mb / np.median(t[:, 0]),
+        "floor_update_MBps": mb / np.median(t[:, 1]),
+        "prg_MBps": mb / np.median(t[:, 2]),
+        "prg_vs_update_into": float(np.median(t[:, 0] / t[:, 2])),
+        "prg_vs_update": float(np.median(t[:, 1] / t[:, 2])),
+        "masked_keystream_MBps": (peers + 1) * mb / np.median(t[:, 4]),
+        "masked_vs_update_into": float(np.median(t[:, 3] / t[:, 4])),
+    }
+
+
+def bench_masks(quick: bool) -> Iterator[dict]:
+    sizes, peers, reps = ([4], 9, 5) if quick else ([4, 16], 9, 15)
+    for mib in sizes:
+        r = mask_rates(mib << 20, peers, reps)
+        common = {"mib": mib, "repeats": reps, "reference_is": "AES-128-CTR update_into a preallocated buffer"}
+        yield figure("masks", f"mask_rate_{mib}MiB_{peers}peers", r["masked_keystream_MBps"],
+                     r["floor_update_into_MBps"], "MB/s of keystream",
+                     ratio_per_repeat=r["masked_vs_update_into"], **common)
+        yield figure("masks", f"prg_rate_{mib}MiB", r["prg_MBps"], r["floor_update_into_MBps"], "MB/s",
+                     ratio_per_repeat=r["prg_vs_update_into"], **common)
+
+
+# Secure against plain round.
+
+def time_secure_sum(models: dict[str, np.ndarray], repeats: int) -> tuple[float, float]:
+    """(median s of one whole secure sum, median s of the plain average), one aggregator.
+
+    The aggregator's neighbours are every other site (complete graph, FedAvg weights equal
+    here); all parties' work is timed in one process, so it is the CPU a site spends per
+    round (each site runs one sum as aggregator and joins its neighbours' sums).
+    """
+    import zmq
+
+    from p2p_fl.federate import (JoinedRounds, complete, fixed_point_for, join, mix_with_own, shared_secrets_with,
+                                 start_sum, weighted_average)
+
+    names = sorted(models)
+    me, members = names[0], names[1:]
+    keys = {n: zmq.curve_keypair() for n in names}
+    public = {n: k[0] for n, k in keys.items()}
+    shared = {n: shared_secrets_with(keys[n][1], public, n) for n in names}
+    graph = complete(names)
+    weight = 1.0 / len(names)
+    cfg = fixed_point_for(clip=16.0, num_contributions=len(members), total_weight=1.0)
+    length = models[me].size
+
+    def secure(round_: int):
+        session = start_sum(federation="bench", round=round_, me=me, members=members,
+                            weights={m: weight for m in members}, fixed_point=cfg, length=length)
+        sessions = {}
+        for m in members:
+            sessions[m], reply = join(session.request, federation="bench", me=m, topology=graph, shared=shared[m],
+                                      contribution=models[m], weight=weight, fixed_point=cfg, joined=JoinedRounds())
+            session.receive(m, reply)
+        announcements = session.announce()
+        releases = {m: sessions[m].release(a) for m, a in announcements.items()}
+        return mix_with_own(models[me], weight, session.finish(releases))
+
+    def plain():
+        return weighted_average([{"w": models[n]} for n in names], [weight] * len(names))["w"]
+
+    np.testing.assert_allclose(secure(0), plain(), atol=1e-3)  # the same average, up to fixed point
+    secure_s, plain_s = [], []
+    for r in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        secure(r)
+        t1 = time.perf_counter()
+        plain()
+        secure_s.append(t1 - t0)
+        plain_s.append(time.perf_counter() - t1)
+    return statistics.median(secure_s), statistics.median(plain_s)
+
+
+def bench_secure_round(quick: bool) -> Iterator[dict]:
+    from p2p_fl.federate import flatten
+
+    peer_counts, repeats = ([3, 10], 3) if quick else ([3, 5, 10, 20], 7)
+    base, _ = flatten(model_weights("small-cnn"))
+    rng = np.random.default_rng(0)
+    for peers in peer_counts:
+        models = {f"site-{i:02d}": (base + rng.normal(0, 0.01, base.size)).astype(np.float32) for i in range(peers)}
+        secure, plain = time_secure_sum(models, repeats)
+        yield figure("secure-round", f"secure_vs_plain_round_{peers}peers", secure, plain, "s per site per round (median)",
+                     reference_is="plain weighted average of the same models", parameters=int(base.size),
+                     peers=peers, repeats=repeats)
+
+
+# Scaling with peers.
+
+def bench_scaling(quick: bool) -> Iterator[dict]:
+    peer_counts, rounds = ([3, 5], 2) if quick else ([3, 5, 10, 20], 3)
+    with tempfile.TemporaryDirectory(prefix="p2p-fl-bench-") as tmp:
+        for protocol, template in (("cwt", "ring-3.toml"), ("gossip", "gossip-3.toml")):
+            reference = None
+            for peers in peer_counts:
+                result = _scaling_run(Path(tmp) / f"{protocol}-{peers}", template, peers, rounds)
+                reference = reference or result["round_s"]
+                yield figure("scaling", f"round_wall_{protocol}_{peers}peers", result["round_s"], reference,
+                             "s per round (cycle for cwt)", reference_is=f"{protocol} with {peer_counts[0]} peers",
+                             peers=peers, rounds=rounds, peak_rss_mb_largest_node=result["peak_rss_mb"],
+                             launcher_rss_mb=result["launcher_rss_mb"], run_wall_s=result["wall_s"],
+                             train_images_per_site=SCALING_IMAGES_PER_SITE)
+
+
+SCALING_IMAGES_PER_SITE = 128
+
+
+def _scaling_run(out: Path, template: str, peers: int, rounds: int) -> dict:
+    """One launch in a child process, so its nodes' peak RSS is that child's RUSAGE_CHILDREN."""
+    spec = {"out": str(out), "template": template, "peers": peers, "rounds": rounds}
+    proc = subprocess.run([sys.executable, "-c", "import sys, json; from p2p_fl.bench import _scaling_child; "
+                           "print(json.dumps(_scaling_child(json.loads(sys.argv[1]))))", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scaling run {out.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _scaling_child(spec: dict) -> dict:
+    import os
+    import resource
+
+    from rich.console import Console
+
+    from p2p_fl.config import load_topology
+    from p2p_fl.data import Dataset, Split, load_dataset, save_npz
+    from p2p_fl.launch import run_launch, with_overrides
+
+    out, peers = Path(spec["out"]), spec["peers"]
+    out.mkdir(parents=True)
+    full = load_dataset("builtin:pneumoniamnist")
+    take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
+    n = SCALING_IMAGES_PER_SITE * peers
+    data = save_npz(Dataset(take(full.train, n), take(full.val, n // 4), take(full.test, n // 4), 2, "bench"),
+                    out / "data.npz")
+    root = Path(__file__).resolve().parent.parent
+    topology = with_overrides(load_topology(root / "topologies" / spec["template"]), peers=peers,
+                              rounds=spec["rounds"], local_epochs=1, dataset=str(data))
+    topology = dataclasses.replace(topology, data=dataclasses.replace(topology.data, test=""),
+                                   training=dataclasses.replace(topology.training, batch_size=32))
+    with open(os.devnull, "w") as devnull:
+        summary = run_launch(topology, out / "run", console=Console(file=devnull))
+    round_s = _round_seconds(out / "run", [p.name for p in topology.peers])
+    kib = 1024  # ru_maxrss is in KiB on Linux
+    return {"round_s": round_s, "wall_s": summary["wall_s"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib / 1e6,
+            "launcher_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1e6}
+
+
+def _round_seconds(run: Path, names: list[str]) -> float:
+    """Seconds per round (a ring's cycle): the median over sites of the mean gap between
+    the site's consecutive training ends.
+
+    A site trains once per round (per cycle on a ring), so the gap is one round; gaps are
+    taken on each node's own clock (its elapsed time), and leave out start-up and
+    compilation.
+    """
+    per_site = []
+    for name in names:
+        ends = [json.loads(line).get("elapsed_s") for line in (run / name / "metrics.jsonl").read_text().splitlines()]
+        ends = [e for e in ends if e is not None]
+        if len(ends) >= 2:
+            per_site.append((ends[-1] - ends[0]) / (len(ends) - 1))
+    if not per_site:
+        raise RuntimeError(f"{run}: no site trained two rounds")
+    return statistics.median(per_site)
