@@ -49,6 +49,8 @@ def test_defaults_fill_missing_sections(tmp_path):
     ('protocol = "cwt"\n[[peers]]\nname = "a"\n', "missing field 'federation'"),
     (MINIMAL.replace('"cwt"', '"swt"') + "[training]\nrounds = 3\n", "must be 1 for swt"),
     (MINIMAL + "[network]\nack_timeout_s = -1\n", "network.ack_timeout_s"),
+    (MINIMAL.replace('"cwt"', '"ensemble"') + "[ensemble]\nwait_s = 0\n", "ensemble.wait_s must be > 0"),
+    ('federation = "f"\nprotocol = "ensemble"\n[[peers]]\nname = "a"\n', "an ensemble needs at least 2 peers"),
     ("federation = \n", "not valid TOML"),
 ])
 def test_wrong_files_are_refused_naming_the_field(tmp_path, text, field):
