@@ -208,6 +208,7 @@ def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | N
             node_out = out / peer.name
             node_out.mkdir(exist_ok=True)
             (node_out / "node.log").write_bytes(b"")
+            (node_out / "node.pid").unlink(missing_ok=True)  # a rerun's: that process is gone
             cmd = [sys.executable, "-m", "p2p_fl", "node", "--config", str(out / "topology.toml"),
                    "--name", peer.name, "--data", str(shard_paths[peer.name]), "--out", str(node_out),
                    "--key", str(out / "keys" / f"{peer.name}.key_secret"), "--events"]
@@ -241,6 +242,8 @@ def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | N
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for node in nodes.values():
+            (node.folder / "node.pid").unlink(missing_ok=True)
         raise
     finally:
         if live:
@@ -254,10 +257,12 @@ def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | N
 
 
 def _start(node: _NodeProcess, env: dict, events: queue.Queue) -> None:
-    """Starts (or starts again) the node's process; its pid goes to FOLDER/node.pid."""
+    """Starts (or starts again) the node's process; its pid goes to FOLDER/node.pid while it runs."""
     with (node.folder / "node.log").open("ab") as log_file:  # a restart appends to the same log
         node.proc = subprocess.Popen(node.cmd, stdout=subprocess.PIPE, stderr=log_file, env=env)
-    (node.folder / "node.pid").write_text(f"{node.proc.pid}\n")
+    pid_file = node.folder / "node.pid"
+    pid_file.with_suffix(".pid.tmp").write_text(f"{node.proc.pid}\n")
+    os.replace(pid_file.with_suffix(".pid.tmp"), pid_file)  # a reader never sees half a pid
     threading.Thread(target=_pump_events, args=(node.name, node.proc, events), daemon=True).start()
 
 
@@ -278,13 +283,14 @@ def _supervise(node: _NodeProcess, state: dict, supervision: Supervision, env: d
     returncode = node.proc.poll()
     if returncode is None:
         return None
+    (node.folder / "node.pid").unlink(missing_ok=True)  # it names a running process only
     how = _exit_words(returncode)
     verdict = after_exit(returncode, node.restarts, supervision)
+    if verdict != "restart":
+        node.outcome = verdict
     if verdict == "done":
-        node.outcome = "done"
         return None
     if verdict == "failed":
-        node.outcome = "failed"
         state["state"] = f"failed ({_exit_cause(returncode)})"
         gave_up = f" after {node.restarts} restart{'s' * (node.restarts > 1)}" if node.restarts else ""
         return f"[red]{node.name} {how}{gave_up}; see {node.folder / 'node.log'}[/]"
@@ -448,6 +454,6 @@ def _opt(value) -> str:
 
 def _event_line(name: str, event: dict) -> str:
     if event["event"] == "trained":
-        return (f"{name}: round {event['round']} trained, loss {event['train_loss']:.3f}, "
+        return (f"{name}: round {event['round']} trained, loss {_f(event['train_loss'])}, "
                 f"val AUC {_f(event['val_auc'])}, {event['train_s']:.1f} s")
     return f"{name}: done, test AUC {_f(event['test_auc'])}"

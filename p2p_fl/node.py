@@ -20,9 +20,10 @@ import numpy as np
 
 from p2p_fl.checkpoint import FILENAME as CHECKPOINT_FILE
 from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefixed
-from p2p_fl.config import RING_PROTOCOLS, Topology, gossip_graph
+from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, gossip_graph
 from p2p_fl.data import Dataset, Split
 from p2p_fl.learn import Learner
+from p2p_fl.learn.privacy import BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
 from p2p_fl.net import Curve, Peer, WireError
 from p2p_fl.federate import shared_secrets_with
 from p2p_fl.protocols import Finish, GossipProtocol, LocalProtocol, RingProtocol, Send, Train
@@ -45,14 +46,38 @@ def learning_rate_at(topology: Topology, progress: float) -> float:
     return base
 
 
-def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, ...]) -> Learner:
+def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, ...],
+                 dp: DPConfig | None = None) -> Learner:
     """Every site builds the same initial model from the federation's seed."""
     t = topology.training
     return Learner(
         t.model, num_classes=num_classes, image_shape=image_shape, optimizer=t.optimizer,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, batch_size=t.batch_size,
-        augment=t.augment, seed=topology.seed,
+        augment=t.augment, seed=topology.seed, dp=dp, prox_mu=t.prox_mu,
     )
+
+
+def dp_config(topology: Topology, num_train: int) -> DPConfig | None:
+    """This site's DP-SGD settings from [privacy] and its shard size (None: DP is off).
+
+    With a target epsilon and no noise multiplier, the noise is the smallest whose planned
+    run spends at most the target: training.rounds fits of local_epochs epochs on this shard,
+    the most any protocol asks of a site (a ring: one hop per cycle). The target is the
+    site's budget either way; ConfigError if no noise up to 1000 meets it.
+    """
+    p, t = topology.privacy, topology.training
+    if not p.enabled:
+        return None
+    delta = p.delta or default_delta(num_train)
+    budget = p.target_epsilon or None
+    noise = p.noise_multiplier
+    if not noise:
+        sample_rate, steps = batch_sampling(num_train, t.batch_size)
+        try:
+            noise = noise_for_target(budget, delta, sample_rate, t.rounds * t.local_epochs * steps)
+        except ValueError as err:
+            raise ConfigError(f"privacy.target_epsilon: {err} on {num_train} training samples") from None
+    return DPConfig(clip_norm=p.clip_norm, noise_multiplier=noise, target_epsilon=budget, delta=delta)
 
 
 def make_protocol(topology: Topology, me: str, curve: Curve | None):
@@ -107,7 +132,13 @@ def run_node(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     me = topology.peer(name)
-    learner = make_learner(topology, data.num_classes, data.image_shape)
+    dp = dp_config(topology, len(data.train))
+    learner = make_learner(topology, data.num_classes, data.image_shape, dp=dp)
+    if dp is not None:
+        log.info("%s: DP-SGD with noise multiplier %.4g, clip norm %g, delta %.3g, budget epsilon %s",
+                 name, dp.noise_multiplier, dp.clip_norm, dp.delta, dp.target_epsilon or "none")
+    # FedBN: these tensors never leave the site; the peer knows only the shared ones.
+    local = frozenset(learner.batchnorm_names()) if topology.training.fedbn else frozenset()
     protocol = make_protocol(topology, name, curve)
     listed = topology.gossip.samples.get(name) if topology.protocol == "gossip" else None
     if listed is not None and listed != len(data.train):
@@ -119,7 +150,8 @@ def run_node(
         missing = [n for n, a in others.items() if not a] + ([name] if not me.address else [])
         if missing:
             raise ValueError(f"peers {', '.join(missing)} have no address in the topology; use launch or fill in [[peers]].address")
-        peer = Peer(name, me.address, others, topology.federation, learner.weight_spec(), curve=curve,
+        shared_spec = [spec for spec in learner.weight_spec() if spec[0] not in local]
+        peer = Peer(name, me.address, others, topology.federation, shared_spec, curve=curve,
                     max_message_bytes=topology.network.max_message_mb * 2**20,
                     heartbeat_interval_s=topology.network.heartbeat_interval_s,
                     peer_timeout_s=topology.network.peer_timeout_s)
@@ -152,10 +184,15 @@ def run_node(
     waiting_train: list[Train] = []
     final: Finish | None = None
     deadline = started + topology.network.run_timeout_s
+    budget_reached_round: int | None = None
+
+    def privacy_fields() -> dict:
+        return {} if dp is None else {"epsilon": learner.privacy_spent(), "delta": dp.delta}
 
     def train(step: Train) -> tuple[dict, dict]:
+        nonlocal budget_reached_round
         if step.weights is not None:
-            learner.set_weights(step.weights)
+            learner.set_weights(step.weights, keep=local)
             learner.reset_optimizer()  # the arriving model was shaped by another site's moments
         lr = learning_rate_at(topology, step.progress)
         t0 = time.monotonic()
@@ -164,13 +201,26 @@ def run_node(
             emit({"event": "epoch", "round": step.round, "epoch": epoch + 1,
                   "epochs": topology.training.local_epochs, "loss": loss, **step.meta})
 
-        losses = learner.fit(data.train.images, data.train.labels,
-                             epochs=topology.training.local_epochs, learning_rate=lr, on_epoch=on_epoch)
+        try:
+            losses = learner.fit(data.train.images, data.train.labels,
+                                 epochs=topology.training.local_epochs, learning_rate=lr, on_epoch=on_epoch)
+        except BudgetExceeded as err:
+            # Out of privacy budget, the site stops training but stays in the federation: it
+            # hands on (ring) or mixes (gossip) the models it holds, already released, which
+            # costs no privacy. Exiting would cost the others a ring hand-off timeout per hop
+            # or a member of every secure sum.
+            if budget_reached_round is None:
+                budget_reached_round = step.round
+                log.warning("%s: %s; no more training from round %d, the site only passes models on",
+                            name, err, step.round)
+            losses = [None]
         val = learner.evaluate(data.val.images, data.val.labels)
         record = {"round": step.round, **step.meta, "lr": lr, "train_loss": _plain(losses[-1]),
                   "val_loss": _plain(val["loss"]), "val_auc": _plain(val["auc"]),  # None: one class only
-                  "train_s": time.monotonic() - t0}
-        return learner.get_weights(), record
+                  "train_s": time.monotonic() - t0, **privacy_fields()}
+        if budget_reached_round is not None:
+            record["budget_reached"] = True
+        return {k: v for k, v in learner.get_weights().items() if k not in local}, record
 
     try:
         while final is None:
@@ -186,7 +236,8 @@ def run_node(
                     final = action
                     if "mixed_round" in action.meta:  # gossip: the last round's mix, like the others'
                         with metrics_path.open("a") as f:
-                            f.write(json.dumps({"round": topology.training.rounds, **action.meta}) + "\n")
+                            f.write(json.dumps({"round": topology.training.rounds, **action.meta,
+                                                **privacy_fields()}) + "\n")
             queue = []
             if training is None and waiting_train:
                 step = waiting_train.pop(0)
@@ -234,7 +285,7 @@ def run_node(
 
     emit({"event": "state", "state": "evaluating"})
     if final.weights is not None:
-        learner.set_weights(final.weights)
+        learner.set_weights(final.weights, keep=local)
     result = _evaluate(learner, data, common_test, final.members)
     result.update({
         "name": name,
@@ -248,6 +299,11 @@ def run_node(
         "resumes": resumes,
         "repaired": getattr(protocol, "repaired", 0),
         "caught_up": getattr(protocol, "caught_up", 0),
+        "prox_mu": topology.training.prox_mu,
+        "fedbn": topology.training.fedbn,
+        **({} if dp is None else {
+            **privacy_fields(), "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
+            "target_epsilon": dp.target_epsilon, "budget_reached_round": budget_reached_round}),
         **{f"final_{k}": v for k, v in final.meta.items()},
     })
     _write_json_atomic(out_dir / "result.json", result)

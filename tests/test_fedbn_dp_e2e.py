@@ -1,0 +1,185 @@
+"""FedBN, FedProx and DP-SGD end to end: real node processes, real sockets, real training.
+
+FedBN is checked on the wire: every byte the nodes send each other passes through a TCP
+relay in this test (plaintext ZeroMQ, so the message headers can be read), and no header
+names a BatchNorm tensor. DP runs a 2-site ring through `launch` with a budget that covers
+two of its three hops. Bounded for CI: tiny shards, one or three short rounds.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from processes import ROOT, p2p_fl, small_dataset, small_shards
+
+from p2p_fl.config import parse_topology
+from p2p_fl.launch import free_ports, node_env
+from p2p_fl.learn import Learner
+from p2p_fl.learn.privacy import batch_sampling, default_delta, privacy_spent
+from p2p_fl.node import dp_config
+
+SITES = ["a", "b", "c"]
+
+
+class Relay:
+    """Accepts TCP connections on a free loopback port, forwards each to `target_port`, and
+    keeps a copy of every byte it forwards (both directions)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.captured = bytearray()
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()  # the node is not listening yet; ZeroMQ reconnects
+                continue
+            upstream.settimeout(None)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                with self._lock:
+                    self.captured += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def header_entry(name: str) -> bytes:
+    """How a tensor's name starts its [name, dtype, shape] entry in a msgpack header."""
+    assert len(name) < 32
+    return bytes([0xA0 | len(name)]) + name.encode()
+
+
+def test_fedbn_never_puts_batchnorm_tensors_on_the_wire(tmp_path):
+    shards = small_shards(tmp_path, SITES, train=3 * 256, val=3 * 64, test=3 * 64)
+    ports = dict(zip(SITES, free_ports(len(SITES))))
+    relays = {n: Relay(ports[n]) for n in SITES}
+    settings = ('federation = "fedbn-wire"\nprotocol = "gossip"\n'
+                '[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 32\nfedbn = true\n'
+                '[gossip]\nsecure = false\nround_timeout_s = 60.0\n[network]\ninsecure = true\n[data]\ntest = ""\n')
+    procs = {}
+    try:
+        for n in SITES:
+            # Each node binds its own port; it reaches the others only through their relays.
+            peers = "".join(f'[[peers]]\nname = "{m}"\naddress = "tcp://127.0.0.1:'
+                            f'{ports[m] if m == n else relays[m].port}"\n' for m in SITES)
+            config = tmp_path / f"{n}.toml"
+            config.write_text(settings + peers)
+            (tmp_path / n).mkdir()
+            procs[n] = subprocess.Popen(
+                [sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", n,
+                 "--data", str(shards[n]), "--out", str(tmp_path / n)],
+                cwd=ROOT, env=node_env(len(SITES)), stdout=subprocess.DEVNULL,
+                stderr=open(tmp_path / n / "node.log", "wb"))
+        codes = {n: p.wait(timeout=300) for n, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+        for relay in relays.values():
+            relay.close()
+    assert codes == dict.fromkeys(SITES, 0), {n: (tmp_path / n / "node.log").read_text()[-2000:] for n in SITES}
+
+    learner = Learner("small-cnn")
+    local = learner.batchnorm_names()
+    shared = [name for name, _, _ in learner.weight_spec() if name not in local]
+    wire = b"".join(bytes(relay.captured) for relay in relays.values())
+    # The relays saw the models: every shared tensor is named in some header...
+    assert all(header_entry(name) in wire for name in shared)
+    # ...and no BatchNorm tensor ever is (nor its name anywhere in the stream).
+    assert not [name for name in local if name.encode() in wire]
+
+    models = {n: dict(np.load(tmp_path / n / "final_model.npz")) for n in SITES}
+    for n in SITES:
+        assert set(models[n]) == set(shared) | set(local)  # each site keeps its own BatchNorm
+        result = json.loads((tmp_path / n / "result.json").read_text())
+        assert result["fedbn"] is True and result["dropped"] == {}
+    # Complete-graph plain gossip is FedAvg of the shared tensors: equal to float rounding...
+    for name in shared:
+        for n in SITES[1:]:
+            np.testing.assert_allclose(models[n][name], models["a"][name], atol=1e-6, err_msg=name)
+    # ...while each site's BatchNorm statistics stay fitted to its own shard.
+    for name in ("bn1/mean", "bn2/var"):
+        for i, n in enumerate(SITES):
+            for m in SITES[i + 1:]:
+                assert np.max(np.abs(models[n][name] - models[m][name])) > 1e-4, (name, n, m)
+
+
+def test_dp_ring_reports_epsilon_and_stops_training_at_its_budget(tmp_path):
+    """Noise multiplier 1 and a budget covering two of three hops: each site trains twice,
+    then only hands the model on; epsilon is in every metrics line, result and the summary."""
+    data = small_dataset(tmp_path / "small.npz", train=2 * 128, val=2 * 64, test=128)
+    train_per_site, batch, epochs = 128, 32, 1
+    rate, steps = batch_sampling(train_per_site, batch)
+    delta = default_delta(train_per_site)
+    two_hops = privacy_spent(1.0, rate, 2 * epochs * steps, delta)
+    budget = (two_hops + privacy_spent(1.0, rate, 3 * epochs * steps, delta)) / 2
+    config = tmp_path / "ring.toml"
+    config.write_text(
+        'federation = "dp-ring"\nprotocol = "cwt"\n'
+        f'[training]\nrounds = 3\nlocal_epochs = {epochs}\nbatch_size = {batch}\nprox_mu = 0.01\nfedbn = true\n'
+        '[ring]\norder = "listed"\nfinal = "last"\n'
+        f'[privacy]\nenabled = true\nnoise_multiplier = 1.0\ntarget_epsilon = {budget!r}\n'
+        '[data]\npartition = "iid"\n[[peers]]\nname = "a"\n[[peers]]\nname = "b"\n')
+    out = tmp_path / "out"
+    proc = p2p_fl("launch", str(config), "--data", str(data), "--out", str(out), "--no-restart")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fedbn"] is True and summary["prox_mu"] == 0.01 and summary["privacy"]["enabled"]
+    assert "FedProx mu=0.01 · FedBN · DP" in proc.stdout and "epsilon" in proc.stdout
+    for node in summary["nodes"]:
+        name = node["name"]
+        assert node["samples"] == train_per_site
+        lines = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [line["round"] for line in lines] == ([0, 2, 4] if name == "a" else [1, 3, 5])
+        assert [line.get("budget_reached", False) for line in lines] == [False, False, True]
+        assert lines[2]["train_loss"] is None  # the third hop was handed on untrained
+        assert [line["epsilon"] for line in lines] == pytest.approx([
+            privacy_spent(1.0, rate, steps, delta), two_hops, two_hops])
+        assert all(line["delta"] == delta for line in lines)
+        assert node["epsilon"] == pytest.approx(two_hops) and node["epsilon"] <= budget
+        assert node["budget_reached_round"] == lines[2]["round"]
+        assert summary["epsilon"][name] == node["epsilon"]
+        assert "privacy budget exceeded" in (out / name / "node.log").read_text()
+
+
+@pytest.mark.parametrize("target", [1.0, 8.0])
+def test_a_target_epsilon_alone_plans_noise_spending_it_exactly(target):
+    topology = parse_topology({
+        "federation": "f", "protocol": "gossip", "peers": [{"name": "a"}, {"name": "b"}],
+        "training": {"rounds": 5, "local_epochs": 2, "batch_size": 64},
+        "gossip": {"secure": False}, "network": {"insecure": True},
+        "privacy": {"enabled": True, "target_epsilon": target}})
+    dp = dp_config(topology, 470)
+    rate, steps = batch_sampling(470, 64)
+    assert dp.delta == 1e-5 and dp.target_epsilon == target
+    spent = privacy_spent(dp.noise_multiplier, rate, 5 * 2 * steps, dp.delta)
+    assert spent <= target and spent == pytest.approx(target, rel=1e-3)
