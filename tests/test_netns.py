@@ -146,15 +146,17 @@ def test_a_launch_stopped_by_sigterm_stops_its_nodes_and_deletes_its_namespaces(
             time.sleep(0.05)
         run = json.loads((out / "netns.json").read_text())["run"]
         assert len(names_of_run(run)) == 4
+        pids = [int(p.read_text()) for p in pid_files]
         launch.terminate()
         assert launch.wait(timeout=60) == 130
     finally:
         if launch.poll() is None:
             launch.kill()
     assert names_of_run(run) == []
-    for p in pid_files:
+    for pid in pids:
         with pytest.raises(ProcessLookupError):
-            os.kill(int(p.read_text()), 0)
+            os.kill(pid, 0)
+    assert not any(p.exists() for p in pid_files)  # node.pid names running processes only
 
 
 def test_launch_netns_is_refused_in_one_line_where_it_cannot_work(tmp_path):
