@@ -9,8 +9,10 @@ in the honest range and predict as well as ever. Two federations, about a minute
 """
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,17 @@ peer.close()
 """ % SCALE
 
 
+def wait_listening(port: int, proc, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"the attacker is not listening on port {port}")
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
@@ -80,6 +93,7 @@ def run_poisoned(setup, out: Path, aggregation: str) -> dict:
     env = node_env(len(HONEST))
     attacker = subprocess.Popen([sys.executable, "-c", ATTACK, str(config), str(tmp / "keys"), "240"], cwd=ROOT,
                                 env=env, stdout=subprocess.PIPE, stderr=(out / "m.log").open("wb"))
+    wait_listening(ports[ATTACKER], attacker)  # up before the honest sites start counting its silence
     procs = {n: subprocess.Popen([sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", n,
                                   "--data", str(shards[n]), "--key", str(tmp / "keys" / f"{n}.key_secret"),
                                   "--out", str(out / n)], cwd=ROOT, env=env,
