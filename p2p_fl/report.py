@@ -79,8 +79,8 @@ def _run_report(folder: Path, centralized: Path | None) -> str:
     parts = [f"<h1>{html.escape(summary.get('federation', folder.name))}</h1>",
              f"<p>{html.escape(summary['protocol'])}, {summary['peers']} sites, partition "
              f"{html.escape(str(summary.get('partition')))}, seed {summary.get('seed')}, model "
-             f"{html.escape(str(summary.get('model')))}, {summary.get('rounds')} rounds of "
-             f"{summary.get('local_epochs')} epochs; wall time {summary['wall_s']:.1f} s "
+             f"{html.escape(str(summary.get('model')))}, rounds {summary.get('rounds')} × local epochs "
+             f"{summary.get('local_epochs')}; wall time {summary['wall_s']:.1f} s "
              f"(<code>{html.escape(str(folder))}</code>)</p>",
              "<h2>Results on the common test set</h2>", _results_table(summary)]
 
