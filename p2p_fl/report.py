@@ -323,7 +323,7 @@ def _experiment_report(folder: Path) -> str:
                ("site test AUC", "local_test_auc"))
     columns = ["configuration", "protocol", "sites", "partition", "seeds"] + [c for c, _ in metrics]
     table_rows = [[r["label"], r["protocol"], r["peers"], r["partition"], r["seeds"]]
-                  + [_mean_sd(r.get(k), r.get(k + "_std")) for _, k in metrics] for r in rows]
+                  + [_mean_sd(r.get(k), r.get(k + "_std"), DIGITS.get(k, 3)) for _, k in metrics] for r in rows]
     parts += ["<h2>Results (mean ± sd over seeds)</h2>", html_table(columns, table_rows)]
     plot_experiment(rows, folder / "auc_by_configuration.png")
     parts.append('<img src="auc_by_configuration.png" alt="test AUC per configuration">')
@@ -335,11 +335,13 @@ def _experiment_report(folder: Path) -> str:
     return "\n".join(parts)
 
 
-def _mean_sd(mean, sd) -> str:
+DIGITS = {"rounds": 0, "wall_s": 0, "time_reduction": 2}
+
+
+def _mean_sd(mean, sd, digits: int) -> str:
     m, s = _float(mean), _float(sd)
     if m is None:
         return "-"
-    digits = 0 if abs(m) >= 10 else 3
     return f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
 
 
