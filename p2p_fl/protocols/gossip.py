@@ -211,8 +211,7 @@ class GossipProtocol:
         self._own = weights
         self._deadline = now + self.round_timeout_s
         if self.secure is None:
-            to = [n for n in self.neighbours if n not in self._dead]
-            return [Send(n, wire.GOSSIP_MODEL, round, weights) for n in to] + self._mix_plain(now)
+            return [Send(n, wire.GOSSIP_MODEL, round, weights) for n in self._live(round)] + self._mix_plain(now)
         flat, _ = flatten(weights)
         self._contributions = {r: v for r, v in self._contributions.items() if r >= round - 1}
         self._contributions[round] = flat
@@ -233,7 +232,8 @@ class GossipProtocol:
         if self.secure is None:
             if msg.type != wire.GOSSIP_MODEL:
                 raise wire.WireError(f"unexpected {msg.type} message in plain gossip")
-            self._check_round(msg, self.round, self.round + 1)
+            low = self._return_round() if self._away_now() else self.round  # away: keep what comes for our return
+            self._check_round(msg, low, low + 1)
             if msg.sender in self._inbox.get(msg.round, {}):
                 raise wire.WireError(f"second model from {msg.sender} for round {msg.round}")
             self._inbox.setdefault(msg.round, {})[msg.sender] = dict(msg.tensors)

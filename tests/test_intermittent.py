@@ -1,0 +1,232 @@
+"""Sites that come and go: heartbeats, checkpoints, [[events]] and the protocols' answers to them.
+
+Pure parts driven by hand (no sockets, a hand-moved clock); the checkpoint's atomicity is
+checked against real `kill -9`s of a writing process.
+"""
+
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from p2p_fl.config import ConfigError, parse_topology
+from p2p_fl.federate import complete
+from p2p_fl.net import wire
+from p2p_fl.net.heartbeat import DEAD, SUSPECT, ALIVE, Heartbeats
+from p2p_fl.protocols import Finish, GossipProtocol, Send, Train
+from p2p_fl.protocols.gossip import mixing_weights
+from p2p_fl.protocols.ring import RingProtocol, ring_cycles
+
+# -- heartbeats ---------------------------------------------------------------------------
+
+
+def test_a_silent_peer_turns_suspect_then_dead_and_is_back_when_it_speaks():
+    hb = Heartbeats(["b", "c"], interval_s=1.0, timeout_s=5.0, now=0.0)
+    assert hb.state("b", 2.0) == ALIVE
+    hb.heard("c", 3.0)
+    assert hb.state("b", 3.5) == SUSPECT and hb.state("c", 3.5) == ALIVE
+    assert hb.changes(5.5) == ({"b"}, set())
+    assert hb.changes(5.6) == (set(), set())  # reported once
+    hb.heard("b", 6.0, progress=7)
+    assert hb.changes(6.0) == (set(), {"b"}) and hb.progress == {"b": 7}
+
+
+def test_heartbeats_go_out_every_interval_and_to_the_dead_only_now_and_then():
+    hb = Heartbeats(["b"], interval_s=1.0, timeout_s=4.0, now=0.0)
+    sent = [t / 10 for t in range(0, 100) if hb.due(t / 10)]
+    assert sent[:5] == [0.0, 1.0, 2.0, 3.0, 4.0]  # alive and suspect: every interval
+    assert sent[5:] == [8.0]  # dead after 4.0: once per timeout, so a cut link can heal
+
+
+def test_heartbeat_interval_must_be_below_the_timeout():
+    with pytest.raises(ValueError, match="interval"):
+        Heartbeats(["b"], interval_s=5.0, timeout_s=5.0, now=0.0)
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trips_state_and_arrays(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, {"round": 3, "joined": {"a": 2}}, {"w": np.arange(4, dtype=np.float32)})
+    state, arrays = load_checkpoint(path)
+    assert state == {"round": 3, "joined": {"a": 2}}
+    np.testing.assert_array_equal(arrays["w"], np.arange(4, dtype=np.float32))
+
+
+def test_an_unreadable_checkpoint_is_one_clear_error(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="move it away"):
+        load_checkpoint(path)
+
+
+def test_kill_9_while_writing_checkpoints_always_leaves_a_valid_one(tmp_path):
+    """A process rewrites its checkpoint as fast as it can; killed at 25 random moments, the
+    file left behind always loads and is self-consistent (state and arrays of one write)."""
+    path = tmp_path / "checkpoint.npz"
+    writer = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        import numpy as np
+        from p2p_fl.checkpoint import save_checkpoint
+        i = int(sys.argv[1])
+        while True:
+            save_checkpoint(Path({str(path)!r}), {{"i": i}}, {{"w": np.full(200_000, i, np.float32)}})
+            if i == int(sys.argv[1]):
+                print("writing", flush=True)
+            i += 1
+    """)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for trial in range(25):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(trial * 1_000_000)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"writing\n"
+        time.sleep(float(rng.uniform(0.0, 0.2)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state, arrays = load_checkpoint(path)
+        assert np.all(arrays["w"] == state["i"])
+        assert state["i"] >= trial * 1_000_000  # this writer's, not an older one left over
+        seen.add(state["i"] - trial * 1_000_000)
+    assert len(seen) > 1  # the kills did land at different points of the writing
+
+
+# -- [[events]] in the topology -----------------------------------------------------------
+
+BASE = {"federation": "f", "protocol": "gossip", "training": {"rounds": 6},
+        "gossip": {"secure": False}, "peers": [{"name": n} for n in "abcd"]}
+
+
+def topology(**changes):
+    return parse_topology({**BASE, **changes})
+
+
+def test_events_give_each_peer_the_rounds_it_is_away():
+    t = topology(events=[{"round": 2, "peer": "b", "action": "leave"}, {"round": 4, "peer": "b", "action": "join"},
+                         {"round": 3, "peer": "c", "action": "join"}, {"round": 5, "peer": "d", "action": "leave"}])
+    assert t.absences() == {"b": {2, 3}, "c": {0, 1, 2}, "d": {5}}
+
+
+@pytest.mark.parametrize("events, gossip, message", [
+    ([{"round": 2, "peer": "x", "action": "leave"}], {}, "events[0].peer 'x' is not a peer"),
+    ([{"round": 2, "peer": "b", "action": "pause"}], {}, "events[0].action 'pause' is not one of leave, join"),
+    ([{"round": 6, "peer": "b", "action": "leave"}], {}, "events[0].round must be in 1..5"),
+    ([{"round": 2, "peer": "b", "action": "leave"}, {"round": 3, "peer": "b", "action": "leave"}], {},
+     "must alternate leave and join"),
+    ([{"round": 1, "peer": n, "action": "leave"} for n in "abc"], {}, "fewer than 2 peers present in round 1"),
+    ([], {"secure": True, "on_leave": "keep-last"}, "keep-last\" needs gossip.secure = false"),
+    ([], {"secure": False, "on_leave": "remember"}, "gossip.on_leave 'remember' is not one of forget, keep-last"),
+])
+def test_bad_events_are_refused_naming_the_field(events, gossip, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        topology(events=events, gossip=gossip)
+
+
+def test_a_ring_leaves_an_absent_site_out_of_its_cycles_and_keeps_the_others_order():
+    plain = ring_cycles(list("abcd"), 3, "shuffle", seed=1)
+    away = ring_cycles(list("abcd"), 3, "shuffle", seed=1, away={"b": frozenset({1})})
+    assert away[0] == plain[0] and away[2] == plain[2]
+    assert "b" not in away[1] and set(away[1]) == set("acd")
+
+
+def test_ring_average_of_a_short_last_cycle_counts_only_its_hops():
+    p = RingProtocol("a", ["a", "b", "c", "a", "c"], ack_timeout_s=1, handoff_timeout_s=5,
+                     final="average-last-cycle", cycle_lengths=[3, 2])
+    assert p.average_from == 3 and p.cycle_of == [0, 0, 0, 1, 1]
+
+
+# -- gossip with absences, driven by hand ---------------------------------------------------
+
+
+def model(value):
+    return {"w": np.full(3, value, np.float32)}
+
+
+def over_the_wire(sender, send):
+    frames = [bytes(f) for f in wire.encode(send.type, federation="fed", sender=sender, round=send.round, seq=0,
+                                            tensors=send.weights, meta=send.meta)]
+    return wire.decode(frames, federation="fed", senders={sender}, tensor_spec=wire.spec_of(model(0.0)))
+
+
+def run_plain(rounds, away, on_leave, train):
+    """Three plain-gossip sites on the complete graph; heartbeats' progress fed as sites move."""
+    graph = complete("abc")
+    sites = {n: GossipProtocol(n, graph, mixing_weights(graph, {}), rounds, round_timeout_s=10.0, away=away,
+                               on_leave=on_leave, fetch_timeout_s=1.0) for n in graph}
+    now, finals, records, dropped = 0.0, {}, [], []
+    queue = [(n, a) for n in graph for a in sites[n].start(now)]
+    for _ in range(10_000):
+        if len(finals) == len(graph):
+            break
+        if not queue:
+            now += 0.5
+            progress = {n: s.progress for n, s in sites.items()}
+            for n in graph:
+                if n not in finals:
+                    queue += [(n, a) for a in sites[n].on_peers(set(), set(), progress, now)]
+            continue
+        site, action = queue.pop(0)
+        if isinstance(action, Train):
+            records.append((site, action.round, dict(action.meta)))
+            queue += [(site, a) for a in sites[site].on_trained(action.round, train(site, action), now)]
+        elif isinstance(action, Send) and action.to not in finals:
+            try:
+                queue += [(action.to, a) for a in sites[action.to].on_message(over_the_wire(site, action), now)]
+            except wire.WireError as err:  # what a node drops and counts
+                dropped.append((action.to, str(err)))
+        elif isinstance(action, Finish):
+            finals[site] = action
+    assert not dropped, dropped
+    return finals, records
+
+
+def test_forget_a_site_away_is_left_out_and_catches_up_when_it_returns():
+    # b leaves at round 1 and joins again at round 3 of 4. Training adds the site's number.
+    add = {"a": 1.0, "b": 10.0, "c": 100.0}
+    finals, records = run_plain(4, {"b": frozenset({1, 2})}, "forget",
+                                lambda site, step: model((0.0 if step.weights is None else step.weights["w"][0]) + add[site]))
+    trained = {(s, r) for s, r, _ in records}
+    assert ("b", 1) not in trained and ("b", 2) not in trained and ("b", 3) in trained
+    back = [meta for s, r, meta in records if s == "b" and r == 3][0]
+    assert back.get("caught_up_from") in ("a", "c")
+    # Rounds 1 and 2 mix a and c only; b's weights count again from round 3.
+    x = (1 + 10 + 100) / 3
+    for _ in (1, 2):
+        x = ((x + 1) + (x + 100)) / 2
+    x = ((x + 1) + (x + 10) + (x + 100)) / 3
+    for n in "abc":
+        np.testing.assert_allclose(finals[n].weights["w"], x, rtol=1e-5)
+
+
+def test_keep_last_keeps_an_absent_site_s_last_model_in_the_mean():
+    add = {"a": 1.0, "b": 10.0, "c": 100.0}
+    finals, _ = run_plain(3, {"b": frozenset({1, 2})}, "keep-last",
+                          lambda site, step: model((0.0 if step.weights is None else step.weights["w"][0]) + add[site]))
+    x0 = (1 + 10 + 100) / 3  # every site's model after round 0; b's last is 10
+    x1 = ((x0 + 1) + 10 + (x0 + 100)) / 3
+    x2 = ((x1 + 1) + 10 + (x1 + 100)) / 3
+    for n in "ac":
+        np.testing.assert_allclose(finals[n].weights["w"], x2, rtol=1e-5)
+    assert finals["b"].meta.get("left_at") == 1  # gone for good: its model when it left
+    np.testing.assert_allclose(finals["b"].weights["w"], x0, rtol=1e-5)
+
+
+def test_a_neighbour_never_serves_a_model_that_is_one_site_s_own():
+    graph = complete("abc")
+    p = GossipProtocol("a", graph, mixing_weights(graph, {}), 3, round_timeout_s=10.0)
+    ask = wire.Message(wire.GOSSIP_FETCH, "fed", "b", 1, seq=0)
+    assert p.on_message(ask, 0.0)[0].meta == {"model": False}  # round 0: nothing mixed yet
+    p.start(0.0)
+    p.on_trained(0, model(1.0), 0.0)
+    p.on_message(over_the_wire("b", Send("a", wire.GOSSIP_MODEL, 0, model(2.0))), 0.0)
+    p.on_message(over_the_wire("c", Send("a", wire.GOSSIP_MODEL, 0, model(3.0))), 0.0)
+    reply = p.on_message(ask, 0.0)[0]
+    assert reply.meta == {"model": True} and reply.round == 1
+    np.testing.assert_allclose(reply.weights["w"], 2.0)
