@@ -303,7 +303,7 @@ def _check_events(t: Topology, fail) -> None:
                 fail(f"events for {name!r} must alternate leave and join at distinct rounds "
                      f"(round {a.round} {a.action}, round {b.round} {b.action})")
     away = t.absences()
-    for r in range(t.training.rounds):
+    for r in range(t.training.rounds if t.events else 0):
         present = [n for n in t.names if r not in away.get(n, ())]
         if len(present) < 2:
             fail(f"[[events]] leave fewer than 2 peers present in round {r}")

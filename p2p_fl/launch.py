@@ -223,7 +223,7 @@ def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | N
                 pass
             else:
                 _apply_event(status[name], event)
-                if live is None and event.get("event") in ("trained", "done"):
+                if live is None and event.get("event") in ("trained", "done", "resumed"):
                     console.print(_event_line(name, event))
             for node in nodes.values():
                 line = _supervise(node, status[node.name], supervision, env, events)
@@ -430,6 +430,8 @@ def _apply_event(state: dict, event: dict) -> None:
         state.update(val_auc=event["val_auc"], bytes_sent=event["bytes_sent"], loss=event["train_loss"])
     elif kind == "done":
         state.update(state="done", test_auc=event["test_auc"], bytes_sent=event["bytes_sent"])
+    elif kind == "resumed":
+        state.update(state=f"resumed from checkpoint ({event['resumes']})")
 
 
 def _status_table(topology: Topology, status: dict, started: float) -> Table:
@@ -456,4 +458,6 @@ def _event_line(name: str, event: dict) -> str:
     if event["event"] == "trained":
         return (f"{name}: round {event['round']} trained, loss {_f(event['train_loss'])}, "
                 f"val AUC {_f(event['val_auc'])}, {event['train_s']:.1f} s")
+    if event["event"] == "resumed":
+        return f"{name}: resumed from its checkpoint (restart {event['resumes']})"
     return f"{name}: done, test AUC {_f(event['test_auc'])}"

@@ -15,14 +15,18 @@ class LocalProtocol:
         self.me = me
         self.rounds = rounds
         self.finished = False
+        self.round = 0  # the next round to train
+        self.checkpoint_due = False
 
     def start(self, now: float) -> list[Action]:
-        return [Train(0, None, progress=0.0)]
+        return [Train(self.round, None, progress=self.round / self.rounds)]
 
     def on_message(self, msg, now: float) -> list[Action]:
         return []
 
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
+        self.round = round + 1
+        self.checkpoint_due = True  # the learner's state is the model: the node saves it
         if round + 1 < self.rounds:
             return [Train(round + 1, None, progress=(round + 1) / self.rounds)]
         self.finished = True
@@ -30,3 +34,9 @@ class LocalProtocol:
 
     def on_tick(self, now: float) -> list[Action]:
         return []
+
+    def snapshot(self) -> tuple[dict, Weights]:
+        return {"round": self.round}, {}
+
+    def restore(self, state: dict, arrays: Weights, now: float) -> None:
+        self.round = state["round"]
