@@ -294,7 +294,8 @@ def _run_federation(run: Run, run_dir: Path, console: Console) -> bool:
     except RuntimeError:
         # collect_summary wrote what the surviving nodes reported; keep it aside so a
         # rerun retries this run instead of counting it as done.
-        (run_dir / "summary.json").rename(run_dir / "summary.failed.json")
+        if (run_dir / "summary.json").exists():
+            (run_dir / "summary.json").rename(run_dir / "summary.failed.json")
         return False
 
 
