@@ -232,8 +232,7 @@ class GossipProtocol:
         if self.secure is None:
             if msg.type != wire.GOSSIP_MODEL:
                 raise wire.WireError(f"unexpected {msg.type} message in plain gossip")
-            low = self._return_round() if self._away_now() else self.round  # away: keep what comes for our return
-            self._check_round(msg, low, low + 1)
+            self._check_round(msg, self.round, self._highest_expected() + 1)
             if msg.sender in self._inbox.get(msg.round, {}):
                 raise wire.WireError(f"second model from {msg.sender} for round {msg.round}")
             self._inbox.setdefault(msg.round, {})[msg.sender] = dict(msg.tensors)
@@ -278,6 +277,15 @@ class GossipProtocol:
 
     def _away_now(self) -> bool:
         return self._own is None and not self.present(self.me, self.round) and self._fetch is None
+
+    def _highest_expected(self) -> int:
+        """The latest round whose models we keep: away or catching up, the round we go to."""
+        ahead = [self.round]
+        if self._fetch is not None:
+            ahead.append(self._fetch["wanted"])
+        if self._away_now():
+            ahead.append(self._return_round() or self.round)
+        return max(ahead)
 
     def _return_round(self) -> int | None:
         return next((r for r in range(self.round, self.rounds) if self.present(self.me, r)), None)
