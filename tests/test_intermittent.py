@@ -171,6 +171,7 @@ def run_plain(rounds, away, on_leave, train):
             for n in graph:
                 if n not in finals:
                     queue += [(n, a) for a in sites[n].on_peers(set(), set(), progress, now)]
+                    queue += [(n, a) for a in sites[n].on_tick(now)]
             continue
         site, action = queue.pop(0)
         if isinstance(action, Train):
@@ -230,3 +231,42 @@ def test_a_neighbour_never_serves_a_model_that_is_one_site_s_own():
     reply = p.on_message(ask, 0.0)[0]
     assert reply.meta == {"model": True} and reply.round == 1
     np.testing.assert_allclose(reply.weights["w"], 2.0)
+
+
+# -- ring repair, driven by hand -------------------------------------------------------------
+
+
+def ring_site(me):
+    return RingProtocol(me, ["a", "b", "c", "a", "b", "c"], ack_timeout_s=1, handoff_timeout_s=60)
+
+
+def handed_to_b():
+    """Site a trained hop 0 and b acknowledged hop 1."""
+    a = ring_site("a")
+    a.start(0.0)
+    [send] = a.on_trained(0, model(1.0), 0.0)
+    assert (send.to, send.round) == ("b", 1)
+    a.on_message(wire.Message(wire.ACK, "fed", "b", 1, seq=0, meta={"of": wire.MODEL}), 0.0)
+    return a
+
+
+def test_when_the_holder_dies_mid_training_its_predecessor_hands_its_copy_to_the_next_site():
+    a = handed_to_b()
+    actions = a.on_peers({"b"}, set(), {"b": 1, "c": 0}, 5.0)
+    [send] = [x for x in actions if isinstance(x, Send)]
+    assert (send.to, send.round) == ("c", 2) and a.repaired == 1 and a.skipped == ["b"]
+    np.testing.assert_array_equal(send.weights["w"], model(1.0)["w"])  # the model b received, not lost
+
+
+def test_no_repair_once_a_later_hop_is_reported_the_model_moved_on():
+    a = handed_to_b()
+    assert a.on_peers(set(), set(), {"b": 1, "c": 2}, 5.0) == []  # c holds hop 2: b handed on
+    assert a.on_peers({"b"}, set(), {}, 6.0) == [] and a.repaired == 0
+
+
+def test_a_dead_successor_is_skipped_at_once_not_at_the_hand_off_deadline():
+    a = ring_site("a")
+    a.start(0.0)
+    a.on_trained(0, model(1.0), 0.0)  # hop 1 to b, not acknowledged
+    [send] = [x for x in a.on_peers({"b"}, set(), {}, 3.0) if isinstance(x, Send)]
+    assert (send.to, send.round) == ("c", 2)

@@ -270,8 +270,7 @@ class GossipProtocol:
             back = self._return_round()
             if back is not None and any(r >= back for r in self._peer_rounds.values()):
                 return self._start_fetch(back, now)
-            return []
-        return self.on_tick(now)
+        return []  # the node's next on_tick stops waiting for whoever just died
 
     # Catching up.
 
