@@ -270,3 +270,19 @@ def test_a_dead_successor_is_skipped_at_once_not_at_the_hand_off_deadline():
     a.on_trained(0, model(1.0), 0.0)  # hop 1 to b, not acknowledged
     [send] = [x for x in a.on_peers({"b"}, set(), {}, 3.0) if isinstance(x, Send)]
     assert (send.to, send.round) == ("c", 2)
+
+
+def test_a_resumed_holder_given_a_newer_hop_while_it_listens_trains_only_that_one():
+    """Found on a quiet machine: the ring had moved on to the resumed site's next hop before
+    its listening time ended, and it trained that hop twice."""
+    b = RingProtocol("b", ["a", "b", "c", "a", "b", "c"], ack_timeout_s=1, handoff_timeout_s=60)
+    b.start(0.0)
+    b.on_message(over_the_wire("a", Send("b", wire.MODEL, 1, model(1.0))), 0.0)  # b now trains hop 1
+    state, arrays = b.snapshot()
+    resumed = RingProtocol("b", ["a", "b", "c", "a", "b", "c"], ack_timeout_s=1, handoff_timeout_s=60,
+                           resume_wait_s=1.0)
+    resumed.restore(state, arrays, 10.0)
+    assert resumed.start(10.0) == []  # listens first
+    actions = resumed.on_message(over_the_wire("a", Send("b", wire.MODEL, 4, model(2.0))), 10.5)
+    assert [a.round for a in actions if isinstance(a, Train)] == [4]
+    assert [a for a in resumed.on_tick(11.5) if isinstance(a, Train)] == []

@@ -184,6 +184,7 @@ class RingProtocol:
             model, self._average = _split_average(msg.tensors)
             self._averaged = averaged if self._average is not None else 0
             self._training = (msg.round, model)
+            self._resume_until = None  # a newer hop came while we listened: the old one is history
             self.checkpoint_due = True  # the hop is ours once it is on disk: then acknowledge
             return [ack, self._train(msg.round, model)]
         raise wire.WireError(f"unexpected {msg.type} message in a ring")
