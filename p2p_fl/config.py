@@ -205,16 +205,20 @@ class Topology:
 _SECTIONS = {"training": TrainingConfig, "ring": RingConfig, "gossip": GossipConfig, "ensemble": EnsembleConfig, "privacy": PrivacyConfig, "data": DataConfig, "network": NetworkConfig}
 
 
+def read_toml(path: Path, what: str, error: type[ConfigError] = ConfigError) -> dict:
+    """The parsed TOML of `path`; `error` with one line if it is missing or not TOML."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what} file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{path}: not valid TOML ({err})") from None
+
+
 def load_topology(path: str | Path) -> Topology:
     """Reads and checks a topology file; raises ConfigError naming the field."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such topology file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    return parse_topology(raw, source=str(path))
+    return parse_topology(read_toml(path, "topology"), source=str(path))
 
 
 def parse_topology(raw: dict, source: str = "<topology>") -> Topology:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from p2p_fl.config import PROTOCOLS, ConfigError, Topology, dump_topology, load_topology, parse_topology
+from p2p_fl.config import PROTOCOLS, ConfigError, Topology, dump_topology, load_topology, parse_topology, read_toml
 from p2p_fl.data import parse_partition
 from p2p_fl.launch import run_launch, with_overrides
 
@@ -84,13 +84,7 @@ class Run:
 def load_sweep(path: str | Path) -> list[Run]:
     """Reads a sweep file and expands it into runs (centralized first); SweepError names the field."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{path}: no such sweep file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise SweepError(f"{path}: not valid TOML ({err})") from None
-    return parse_sweep(raw, path)
+    return parse_sweep(read_toml(path, "sweep", SweepError), path)
 
 
 def parse_sweep(raw: dict, path: Path) -> list[Run]:

@@ -298,7 +298,7 @@ class GossipProtocol:
         return []
 
     def _start_fetch(self, wanted: int, now: float) -> list[Action]:
-        asked = set(self._live(self.round)) | {n for n in self.neighbours if n not in self._dead}
+        asked = {n for n in self.neighbours if n not in self._dead}
         self._fetch = {"wanted": wanted, "asked": asked, "deadline": now + self.fetch_timeout_s, "best": None}
         return [Send(n, wire.GOSSIP_FETCH, wanted) for n in sorted(asked)] + self._step_fetch(now)
 
