@@ -119,10 +119,13 @@ def _setup_runtime() -> None:
 
 
 def _check_model(topology: Topology, source: Path) -> None:
-    from p2p_fl.learn import MODELS
+    from p2p_fl.learn.models import MODELS, has_batchnorm
 
-    if topology.training.model not in MODELS:
-        raise ConfigError(f"{source}: training.model {topology.training.model!r} is not one of {', '.join(MODELS)}")
+    model = topology.training.model
+    if model not in MODELS:
+        raise ConfigError(f"{source}: training.model {model!r} is not one of {', '.join(MODELS)}")
+    if topology.training.fedbn and not has_batchnorm(model):
+        raise ConfigError(f"{source}: training.fedbn needs a model with BatchNorm; {model} has none")
 
 
 def cmd_node(args) -> int:

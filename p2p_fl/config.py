@@ -54,6 +54,11 @@ class TrainingConfig:
     prox_mu: float = 0.0
     # FedBN: BatchNorm scale, bias and running statistics stay at each site, never sent.
     fedbn: bool = False
+    # false: a site's optimizer restarts (fresh Adam moments / SGD momentum) on every model
+    # that arrives, shaped by other sites. true: its state carries over from its own last
+    # fit. With DP-SGD keep it: a site's 1 to 10 noisy steps per round never build up SGD
+    # momentum, which is what averages the noise out (docs/results.md, DP recipe).
+    keep_optimizer_state: bool = False
 
 
 @dataclass(frozen=True)

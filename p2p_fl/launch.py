@@ -343,6 +343,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "local_epochs": topology.training.local_epochs,
         "prox_mu": topology.training.prox_mu,
         "fedbn": topology.training.fedbn,
+        "keep_optimizer_state": topology.training.keep_optimizer_state,
         "privacy": dataclasses.asdict(topology.privacy),
         # Each site's own (epsilon, delta) for its own shard; they do not add up across sites.
         "epsilon": {n["name"]: n.get("epsilon") for n in nodes} if topology.privacy.enabled else {},
@@ -377,9 +378,10 @@ def _mean(values):
 
 
 def _options(summary: dict) -> str:
-    """' · FedProx mu=0.01 · FedBN · DP' for the options a run used ('' for none)."""
+    """' · FedProx mu=0.01 · FedBN · optimizer state kept · DP' for the options a run used ('' for none)."""
     options = [f"FedProx mu={summary['prox_mu']:g}"] if summary.get("prox_mu") else []
     options += ["FedBN"] if summary.get("fedbn") else []
+    options += ["optimizer state kept"] if summary.get("keep_optimizer_state") else []
     options += ["DP"] if summary.get("privacy", {}).get("enabled") else []
     return "".join(f" · {option}" for option in options)
 

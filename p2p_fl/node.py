@@ -80,6 +80,17 @@ def dp_config(topology: Topology, num_train: int) -> DPConfig | None:
     return DPConfig(clip_norm=p.clip_norm, noise_multiplier=noise, target_epsilon=budget, delta=delta)
 
 
+def adopt_model(learner: Learner, weights: dict[str, np.ndarray], *, keep: frozenset,
+                keep_optimizer_state: bool) -> None:
+    """Trains on from a model that arrived: its tensors replace the learner's (except `keep`,
+    FedBN's local ones), and the optimizer restarts unless `keep_optimizer_state`: the
+    arriving model was shaped by other sites' moments, but under DP-SGD momentum built over
+    a site's own noisy steps is what averages the noise out (training.keep_optimizer_state)."""
+    learner.set_weights(weights, keep=keep)
+    if not keep_optimizer_state:
+        learner.reset_optimizer()
+
+
 def make_protocol(topology: Topology, me: str, curve: Curve | None):
     t = topology
     if t.protocol in RING_PROTOCOLS:
@@ -192,8 +203,8 @@ def run_node(
     def train(step: Train) -> tuple[dict, dict]:
         nonlocal budget_reached_round
         if step.weights is not None:
-            learner.set_weights(step.weights, keep=local)
-            learner.reset_optimizer()  # the arriving model was shaped by another site's moments
+            adopt_model(learner, step.weights, keep=local,
+                        keep_optimizer_state=topology.training.keep_optimizer_state)
         lr = learning_rate_at(topology, step.progress)
         t0 = time.monotonic()
 
@@ -301,6 +312,7 @@ def run_node(
         "caught_up": getattr(protocol, "caught_up", 0),
         "prox_mu": topology.training.prox_mu,
         "fedbn": topology.training.fedbn,
+        "keep_optimizer_state": topology.training.keep_optimizer_state,
         **({} if dp is None else {
             **privacy_fields(), "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
             "target_epsilon": dp.target_epsilon, "budget_reached_round": budget_reached_round}),

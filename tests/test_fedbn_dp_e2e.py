@@ -17,10 +17,11 @@ import pytest
 from processes import ROOT, p2p_fl, small_dataset, small_shards
 
 from p2p_fl.config import parse_topology
+from p2p_fl.data.sources import load_dataset
 from p2p_fl.launch import free_ports, node_env
 from p2p_fl.learn import Learner
 from p2p_fl.learn.privacy import batch_sampling, default_delta, privacy_spent
-from p2p_fl.node import dp_config
+from p2p_fl.node import adopt_model, dp_config
 
 SITES = ["a", "b", "c"]
 
@@ -182,3 +183,21 @@ def test_a_target_epsilon_alone_plans_noise_spending_it_exactly(target):
     assert dp.delta == 1e-5 and dp.target_epsilon == target
     spent = privacy_spent(dp.noise_multiplier, rate, 5 * 2 * steps, dp.delta)
     assert spent <= target and spent == pytest.approx(target, rel=1e-3)
+
+
+@pytest.mark.parametrize("keep_optimizer_state", [False, True])
+def test_an_arriving_model_restarts_the_optimizer_unless_its_state_is_kept(keep_optimizer_state):
+    data = load_dataset("builtin:pneumoniamnist")
+    images, labels = data.train.images[:128], data.train.labels[:128]
+    site = Learner("small-cnn", optimizer="sgd", learning_rate=0.01, seed=1)
+    site.fit(images, labels)
+    momentum = {k: v for k, v in site.get_state().items() if k.startswith("optimizer/")}
+    assert any(np.abs(v).max() > 0 for v in momentum.values())
+    arriving = Learner("small-cnn", seed=2).get_weights()
+    adopt_model(site, arriving, keep=frozenset(), keep_optimizer_state=keep_optimizer_state)
+    for name, value in site.get_weights().items():
+        np.testing.assert_array_equal(value, arriving[name], err_msg=name)
+    fresh = Learner("small-cnn", optimizer="sgd", learning_rate=0.01).get_state()
+    expected = momentum if keep_optimizer_state else fresh
+    for name in momentum:
+        np.testing.assert_array_equal(site.get_state()[name], expected[name], err_msg=name)

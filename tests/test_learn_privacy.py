@@ -143,6 +143,23 @@ def test_dp_training_lowers_loss_and_counts_privacy(shard):
         np.testing.assert_array_equal(weights[name], value, err_msg=name)
 
 
+def test_dp_trains_the_groupnorm_model_whole(shard):
+    """small-cnn-dp has no frozen layer under DP: every tensor moves, GroupNorm's too, and
+    each example's logit is its own (the same alone as in a batch)."""
+    learner = Learner("small-cnn-dp", optimizer="sgd", learning_rate=0.02,
+                      dp=DPConfig(clip_norm=5.0, noise_multiplier=1.0))
+    images = shard[0][:8]
+    alone = np.concatenate([learner.predict_proba(images[i:i + 1]) for i in range(8)])
+    np.testing.assert_allclose(learner.predict_proba(images), alone, rtol=1e-5)
+    before = learner.get_weights()
+    learner.fit(*shard, epochs=1)
+    after = learner.get_weights()
+    assert learner.batchnorm_names() == []
+    assert {"gn1/scale", "gn2/bias"} <= set(after)
+    unchanged = [name for name in after if np.array_equal(after[name], before[name])]
+    assert unchanged == []
+
+
 def test_fit_refuses_to_go_past_the_budget(shard):
     budget = privacy_spent(1.0, 64 / SHARD, SHARD // 64, 1e-5) * 1.01
     learner = Learner("small-cnn", dp=DPConfig(noise_multiplier=1.0,

@@ -30,6 +30,8 @@ from p2p_fl.learn.conv import conv_general_dilated, max_pool_2x2
 # 0.99 (the Flax default) leaves the running statistics of a small site's
 # model far from its data after a few hundred steps; 0.9 tracks them.
 BATCHNORM_MOMENTUM = 0.9
+# Channels per group 4 (conv1) and 8 (conv2).
+GROUPNORM_GROUPS = 8
 
 
 def head_width(num_classes: int) -> int:
@@ -127,6 +129,39 @@ class SmallCNN(nnx.Module):
         return self.head(x)
 
 
+class SmallCNNForDP(nnx.Module):
+    """SmallCNN made for DP-SGD: GroupNorm (8 groups) for BatchNorm, tanh for ReLU, no dropout.
+
+    GroupNorm normalises each example by its own statistics, so it trains under DP-SGD's
+    per-example gradients; BatchNorm cannot (its batch statistics mix examples), so DP
+    training freezes it at its running statistics (``privacy``'s docstring) and a
+    BatchNorm model runs unnormalised. Bounded activations keep the noisy steps from
+    blowing activations up (Papernot et al. 2021, "Tempered sigmoid activations for deep
+    learning with differential privacy"). Same parameter count as small-cnn.
+    """
+
+    def __init__(self, *, num_classes: int, in_channels: int, image_size: int,
+                 rngs: nnx.Rngs):
+        self.conv1 = _conv(in_channels, 32, 3, rngs)
+        self.gn1 = nnx.GroupNorm(32, num_groups=GROUPNORM_GROUPS, rngs=rngs)
+        self.conv2 = _conv(32, 64, 3, rngs)
+        self.gn2 = nnx.GroupNorm(64, num_groups=GROUPNORM_GROUPS, rngs=rngs)
+        side = (_pooled_size(image_size, 2) - 3) // 2 + 1
+        if side < 1:
+            raise ValueError(f"small-cnn-dp needs image_size >= 9, got {image_size}")
+        self.dense = nnx.Linear(side * side * 64, 128, rngs=rngs)
+        self.head = nnx.Linear(128, head_width(num_classes), rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        del train, rngs  # No batch statistics, no dropout.
+        x = max_pool_2x2(nnx.tanh(self.gn1(self.conv1(x))))
+        x = max_pool_2x2(nnx.tanh(self.gn2(self.conv2(x))))
+        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        x = nnx.tanh(self.dense(x.reshape(x.shape[0], -1)))
+        return self.head(x)
+
+
 class BasicBlock(nnx.Module):
     """ResNet basic block: two 3x3 conv-BN, identity or 1x1-conv shortcut."""
 
@@ -175,6 +210,7 @@ class ResNet8(nnx.Module):
 
 MODELS: dict[str, type[nnx.Module]] = {
     "small-cnn": SmallCNN,
+    "small-cnn-dp": SmallCNNForDP,
     "seed-cnn": SeedCNN,
     "resnet8": ResNet8,
 }
@@ -201,6 +237,13 @@ def build_model(name: str, *, num_classes: int, in_channels: int, image_size: in
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels,
                         image_size=image_size, rngs=nnx.Rngs(params=seed))
+
+
+def has_batchnorm(name: str) -> bool:
+    """Whether model ``name`` has a BatchNorm layer (FedBN needs one); builds no weights."""
+    model = nnx.eval_shape(lambda: build_model(name, num_classes=2, in_channels=1,
+                                               image_size=28, seed=0))
+    return any(isinstance(node, nnx.BatchNorm) for _, node in nnx.iter_graph(model))
 
 
 def count_params(model: nnx.Module) -> int:

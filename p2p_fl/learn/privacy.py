@@ -13,7 +13,8 @@ runs the model in inference mode: BatchNorm normalizes with its running
 statistics, held constant, and those statistics are neither trained nor
 updated from private data (they stay as initialized or as received from the
 federation). Each per-example gradient then depends on its own example only.
-Inference mode also turns dropout off.
+Inference mode also turns dropout off. A model frozen that way runs unnormalised;
+``small-cnn-dp`` (GroupNorm, per example) is the one to train with DP-SGD.
 
 What the reported epsilon means: it is the (epsilon, delta) of the Poisson-
 subsampled Gaussian mechanism with sampling rate batch_size / N, composed
