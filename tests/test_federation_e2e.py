@@ -93,7 +93,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, args, message):
 def test_fedbn_with_a_model_without_batchnorm_is_refused_in_one_line(tmp_path):
     config = tmp_path / "gn.toml"
     config.write_text((ROOT / "topologies" / "ring-3.toml").read_text().replace(
-        "[training]", '[training]\nmodel = "small-cnn-dp"\nfedbn = true', 1))
+        'model = "small-cnn"', 'fedbn = true\nmodel = "small-cnn-dp"', 1))
     proc = p2p_fl("launch", str(config), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().endswith("training.fedbn needs a model with BatchNorm; small-cnn-dp has none")
