@@ -1,7 +1,9 @@
 """What the end-to-end tests share: running the `p2p-fl` command and making small shards."""
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from p2p_fl.data import Dataset, Split, load_dataset, partition_dataset, save_npz
@@ -60,3 +62,30 @@ def start_node(config: Path, name: str, data: Path, out: Path, *, num_nodes: int
         [sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", name, "--data", str(data),
          "--key", str(config.parent / "keys" / f"{name}.key_secret"), "--out", str(out), "--events"],
         cwd=ROOT, env=node_env(num_nodes), stdout=subprocess.PIPE, stderr=open(out / "node.log", "ab"), text=True)
+
+
+def run_nodes(config: Path, shards: dict[str, Path], out: Path, *, timeout=300) -> dict[str, str]:
+    """Runs one `start_node` per site to the end; returns each site that failed -> its log's tail."""
+    procs = {n: start_node(config, n, data, out / n, num_nodes=len(shards)) for n, data in shards.items()}
+    try:
+        for proc in procs.values():
+            proc.communicate(timeout=timeout)  # reads the events, so no pipe fills up
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {n: (out / n / "node.log").read_text()[-2000:] for n, proc in procs.items() if proc.returncode != 0}
+
+
+def wait_listening(port: int, procs: list[subprocess.Popen], timeout_s: float = 120) -> None:
+    """Returns once something accepts TCP connections on the loopback `port`; AssertionError
+    if one of `procs` exits first or nothing listens within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on port {port}")

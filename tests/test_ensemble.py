@@ -6,18 +6,15 @@ The end-to-end run is bounded for CI: 128 training images a site, one round of o
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from processes import ROOT, small_shards
+from processes import run_nodes, small_shards, write_federation
 
 from p2p_fl.data import load_dataset
-from p2p_fl.launch import free_ports, node_env
 from p2p_fl.learn import Learner, evaluation_report
 from p2p_fl.learn.ensemble import ensemble_proba, evaluate_ensemble, mean_probabilities
-from p2p_fl.net import generate_keypair, load_public_key, wire
+from p2p_fl.net import wire
 from p2p_fl.protocols import EnsembleProtocol, Finish, Send, Train
 
 
@@ -132,28 +129,11 @@ SITES = ["a", "b", "c"]
 
 def test_three_node_processes_swap_models_and_predict_with_the_mean(tmp_path):
     shards = small_shards(tmp_path, SITES, train=384, val=96, test=96)
-    for n in SITES:
-        generate_keypair(tmp_path / "keys", n)
-    ports = dict(zip(SITES, free_ports(len(SITES))))
-    peers = "".join(f'[[peers]]\nname = "{n}"\naddress = "tcp://127.0.0.1:{ports[n]}"\n'
-                    f'public_key = "{load_public_key(tmp_path / "keys" / f"{n}.key")}"\n' for n in SITES)
-    config = tmp_path / "topology.toml"
-    config.write_text('federation = "ensemble-e2e"\nprotocol = "ensemble"\n[training]\nrounds = 1\nlocal_epochs = 1\n'
-                      'batch_size = 32\n[ensemble]\nwait_s = 120.0\n[data]\ntest = ""\n' + peers)
+    config = write_federation(tmp_path, SITES, 'protocol = "ensemble"\n[training]\nrounds = 1\nlocal_epochs = 1\n'
+                              'batch_size = 32\n[ensemble]\nwait_s = 120.0\n[data]\ntest = ""\n', federation="ensemble-e2e")
     out = tmp_path / "out"
-    env = node_env(len(SITES))
-    procs = {n: subprocess.Popen([sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", n,
-                                  "--data", str(shards[n]), "--key", str(tmp_path / "keys" / f"{n}.key_secret"),
-                                  "--out", str(out / n)], cwd=ROOT, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for n in SITES}
-    try:
-        errors = {n: p.communicate(timeout=300)[1].decode() for n, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs.values()), errors
+    failed = run_nodes(config, shards, out)
+    assert failed == {}, failed
     own = {n: dict(np.load(out / n / "final_model.npz")) for n in SITES}
     assert not np.array_equal(own["a"]["conv1/kernel"], own["b"]["conv1/kernel"])  # trained apart
     learner = Learner("small-cnn", num_classes=2, image_shape=(28, 28, 1))

@@ -9,7 +9,6 @@ equal, bit for bit, those of the same run without the attack.
 """
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from processes import ROOT, small_shards
+from processes import ROOT, small_shards, wait_listening
 import zmq
 
 from p2p_fl.launch import free_ports, node_env
@@ -82,7 +81,7 @@ def attack_nodes(ports, keys, tmp, procs, spec) -> int:
 
     socks = {n: dealer(n) for n in "ab"}
     for n in "ab":  # attack running nodes, not a queue that dies with the attacker's socket
-        wait_listening(ports[n], procs)
+        wait_listening(ports[n], list(procs.values()))
     strangers = outsiders(ctx, ports["b"], load_public_key(tmp / "keys" / "b.key").encode())
     rng = np.random.default_rng(1234)
     sent = 0
@@ -128,17 +127,6 @@ def outsiders(ctx, port: int, server_key: bytes) -> list:
             sock.send_multipart(wire.encode(wire.ACK, federation="outsider", sender="a", round=0, seq=seq),
                                 flags=zmq.NOBLOCK)
     return [stranger, plaintext]
-
-
-def wait_listening(port: int, procs, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and all(p.poll() is None for p in procs.values()):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"no node listening on port {port}")
 
 
 def learner_spec():

@@ -9,18 +9,16 @@ in the honest range and predict as well as ever. Two federations, about a minute
 """
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from processes import ROOT, small_shards
+from processes import ROOT, run_nodes, small_shards, wait_listening, write_federation
 
-from p2p_fl.launch import free_ports, node_env
-from p2p_fl.net import generate_keypair, load_public_key
+from p2p_fl.config import load_topology
+from p2p_fl.launch import node_env
 
 HONEST = ["a", "b", "c"]
 ATTACKER = "m"
@@ -58,55 +56,28 @@ peer.close()
 """ % SCALE
 
 
-def wait_listening(port: int, proc, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"the attacker is not listening on port {port}")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
-    shards = small_shards(tmp, HONEST, train=1536, val=192, test=96)
-    for n in HONEST + [ATTACKER]:
-        generate_keypair(tmp / "keys", n)
-    return tmp, shards
+    return small_shards(tmp, HONEST, train=1536, val=192, test=96)
 
 
-def run_poisoned(setup, out: Path, aggregation: str) -> dict:
+def run_poisoned(shards, out: Path, aggregation: str) -> dict:
     """Three honest nodes and the attacker; returns site -> result.json, models in `models`."""
-    tmp, shards = setup
-    sites = HONEST + [ATTACKER]
-    ports = dict(zip(sites, free_ports(len(sites))))
-    peers = "".join(f'[[peers]]\nname = "{n}"\naddress = "tcp://127.0.0.1:{ports[n]}"\n'
-                    f'public_key = "{load_public_key(tmp / "keys" / f"{n}.key")}"\n' for n in sites)
-    out.mkdir(parents=True)
-    config = out / "topology.toml"
-    config.write_text('federation = "robust-e2e"\nprotocol = "gossip"\n[training]\nrounds = 1\nlocal_epochs = 2\n'
-                      'batch_size = 32\n'
-                      f'[gossip]\nsecure = false\naggregation = "{aggregation}"\nround_timeout_s = 60.0\n' + peers)
-    env = node_env(len(HONEST))
-    attacker = subprocess.Popen([sys.executable, "-c", ATTACK, str(config), str(tmp / "keys"), "240"], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=(out / "m.log").open("wb"))
-    wait_listening(ports[ATTACKER], attacker)  # up before the honest sites start counting its silence
-    procs = {n: subprocess.Popen([sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", n,
-                                  "--data", str(shards[n]), "--key", str(tmp / "keys" / f"{n}.key_secret"),
-                                  "--out", str(out / n)], cwd=ROOT, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for n in HONEST}
+    config = write_federation(out, HONEST + [ATTACKER], federation="robust-e2e", settings=(
+        'protocol = "gossip"\n[training]\nrounds = 1\nlocal_epochs = 2\nbatch_size = 32\n'
+        f'[gossip]\nsecure = false\naggregation = "{aggregation}"\nround_timeout_s = 60.0\n'))
+    attacker = subprocess.Popen([sys.executable, "-c", ATTACK, str(config), str(out / "keys"), "240"], cwd=ROOT,
+                                env=node_env(len(HONEST)), stdout=subprocess.PIPE, stderr=(out / "m.log").open("wb"))
+    port = int(load_topology(config).peer(ATTACKER).address.rsplit(":", 1)[1])
+    wait_listening(port, [attacker])  # up before the honest sites start counting its silence
     try:
-        errors = {n: p.communicate(timeout=300)[1].decode()[-2000:] for n, p in procs.items()}
+        failed = run_nodes(config, shards, out)
     finally:
-        for p in [*procs.values(), attacker]:
-            if p.poll() is None:
-                p.kill()
+        if attacker.poll() is None:
+            attacker.kill()
     attack_log = attacker.communicate()[0].decode()
-    assert all(p.returncode == 0 for p in procs.values()), errors
+    assert failed == {}, failed
     assert "attacked round 0" in attack_log, (out / "m.log").read_text()[-2000:]
     return {n: {**json.loads((out / n / "result.json").read_text()),
                 "models": dict(np.load(out / n / "final_model.npz"))} for n in HONEST}
