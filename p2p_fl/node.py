@@ -168,7 +168,10 @@ def run_node(
                     peer_timeout_s=topology.network.peer_timeout_s)
     metrics_path = out_dir / "metrics.jsonl"
     checkpoint_path = out_dir / CHECKPOINT_FILE
-    resumes = _resume(checkpoint_path, topology, name, learner, protocol)
+    resumed = _resume(checkpoint_path, topology, name, learner, protocol)
+    resumes = resumed["resumes"] + 1 if resumed else 0
+    # The round this site first found its privacy budget spent (kept across restarts).
+    budget_reached_round: int | None = resumed.get("budget_reached_round")
     if resumes:
         log.warning("%s: resumed from %s (restart %d)", name, checkpoint_path, resumes)
         emit({"event": "resumed", "resumes": resumes})
@@ -184,7 +187,7 @@ def run_node(
             state, arrays = protocol.snapshot()
             save_checkpoint(checkpoint_path, {
                 "federation": topology.federation, "name": name, "protocol": topology.protocol,
-                "resumes": resumes, "protocol_state": state,
+                "resumes": resumes, "protocol_state": state, "budget_reached_round": budget_reached_round,
             }, {**{f"learner/{k}": v for k, v in learner_state.items()},
                 **{f"protocol/{k}": v for k, v in arrays.items()}})
         return actions
@@ -195,7 +198,6 @@ def run_node(
     waiting_train: list[Train] = []
     final: Finish | None = None
     deadline = started + topology.network.run_timeout_s
-    budget_reached_round: int | None = None
 
     def privacy_fields() -> dict:
         return {} if dp is None else {"epsilon": learner.privacy_spent(), "delta": dp.delta}
@@ -328,11 +330,12 @@ def run_node(
     return result
 
 
-def _resume(path: Path, topology: Topology, name: str, learner: Learner, protocol) -> int:
-    """Restores learner and protocol from this node's checkpoint; returns the restart count
-    (0: no checkpoint, a fresh start). Raises CheckpointError for one of another run."""
+def _resume(path: Path, topology: Topology, name: str, learner: Learner, protocol) -> dict:
+    """Restores learner and protocol from this node's checkpoint; returns the node's own part
+    of its state (`resumes`, `budget_reached_round`), {} for a fresh start (no checkpoint).
+    Raises CheckpointError for one of another run."""
     if not path.exists() or not hasattr(protocol, "restore"):
-        return 0
+        return {}
     state, arrays = load_checkpoint(path)
     mine = {"federation": topology.federation, "name": name, "protocol": topology.protocol}
     theirs = {k: state.get(k) for k in mine}
@@ -344,7 +347,7 @@ def _resume(path: Path, topology: Topology, name: str, learner: Learner, protoco
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{path} does not fit this topology's model or protocol ({err}); "
                               "use another --out or move it away") from None
-    return state["resumes"] + 1
+    return {"resumes": state["resumes"], "budget_reached_round": state.get("budget_reached_round")}
 
 
 def _evaluate(learner: Learner, data: Dataset, common_test: Split | None, members: tuple = ()) -> dict:

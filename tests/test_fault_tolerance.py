@@ -169,3 +169,33 @@ def test_a_node_killed_between_rounds_resumes_and_ends_bit_identical_to_an_unint
     assert not (fed.out / "a" / "checkpoint.npz").exists()  # the run is over: result.json is its record
     for k in finals["uninterrupted"].files:
         np.testing.assert_array_equal(finals["killed"][k], finals["uninterrupted"][k])
+
+
+def test_a_site_restarted_after_spending_its_privacy_budget_keeps_its_epsilon_and_the_round_it_stopped(
+        tmp_path, shards4):
+    """DP-SGD, a budget for two of four rounds: killed after the round that found the budget
+    spent, the restarted site trains no more, reports the same epsilon and the first round."""
+    from p2p_fl.learn.privacy import batch_sampling, default_delta, privacy_spent
+
+    rate, steps = batch_sampling(400, 32)  # shards4's 400 training images, batch 32
+    two_rounds, three_rounds = (privacy_spent(1.0, rate, r * steps, default_delta(400)) for r in (2, 3))
+    settings = ('protocol = "local"\n[training]\nrounds = 4\nlocal_epochs = 1\nbatch_size = 32\n[data]\ntest = ""\n'
+                f'[privacy]\nenabled = true\nnoise_multiplier = 1.0\ntarget_epsilon = {(two_rounds + three_rounds) / 2!r}\n')
+    config = write_federation(tmp_path, ["a"], federation="dp-resume", settings=settings)
+    fed = Federation(config, {"a": shards4["a"]}, tmp_path / "out")
+    fed.start("a")
+    fed.wait_for(lambda n, e: e.get("event") == "trained" and e["round"] == 2)
+    # The checkpoint follows the event at once; round 3 (no training) and the end take longer.
+    time.sleep(0.1)
+    fed.kill("a")
+    assert fed.exits["a"] == [-signal.SIGKILL] and (fed.out / "a" / "checkpoint.npz").exists()
+    fed.start("a")
+    assert fed.wait_all() == {"a": 0}
+    result = fed.result("a")
+    assert result["resumes"] == 1
+    assert result["budget_reached_round"] == 2  # not 3, the round the restarted site next tried
+    assert result["epsilon"] == pytest.approx(two_rounds)
+    lines = fed.metrics("a")
+    assert [m["round"] for m in lines] == [0, 1, 2, 3]
+    assert [m.get("budget_reached", False) for m in lines] == [False, False, True, True]
+    assert [m["train_loss"] is None for m in lines] == [False, False, True, True]
