@@ -24,9 +24,9 @@ from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, gossip_graph
 from p2p_fl.data import Dataset, Split
 from p2p_fl.learn import Learner
 from p2p_fl.learn.privacy import BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
-from p2p_fl.net import Curve, Peer, WireError
+from p2p_fl.net import Curve, Peer, WireError, wire
 from p2p_fl.federate import shared_secrets_with
-from p2p_fl.protocols import Finish, GossipProtocol, LocalProtocol, RingProtocol, Send, Train
+from p2p_fl.protocols import Finish, GossipProtocol, LocalProtocol, Refuse, RingProtocol, Send, Train
 from p2p_fl.protocols.ring import ring_cycles
 from p2p_fl.protocols.ensemble import EnsembleProtocol
 from p2p_fl.learn.ensemble import evaluate_ensemble
@@ -112,7 +112,8 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None):
         return GossipProtocol(me, graph, mixing_weights(graph, t.gossip.samples), t.training.rounds,
                               round_timeout_s=t.gossip.round_timeout_s, secure=secure,
                               aggregation=t.gossip.aggregation, trim=t.gossip.trim, away=t.absences(),
-                              on_leave=t.gossip.on_leave, fetch_timeout_s=t.network.peer_timeout_s)
+                              on_leave=t.gossip.on_leave, resume_wait_s=3 * t.network.heartbeat_interval_s,
+                              hello_interval_s=t.network.heartbeat_interval_s)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
 
 
@@ -192,8 +193,23 @@ def run_node(
                 **{f"protocol/{k}": v for k, v in arrays.items()}})
         return actions
 
+    def guarded(callback: Callable[..., list], *args) -> list:
+        """Runs a protocol callback under drop-and-count: a message it refuses, or an error
+        it hits on something a peer sent, is counted and logged; the node never exits on it."""
+        if peer is None:  # a local run: nothing from outside, so an error is a bug
+            return checkpointed(callback(*args))
+        try:
+            return checkpointed(callback(*args))
+        except WireError as err:
+            what = f"{args[0].type} from {args[0].sender}: " if args and isinstance(args[0], wire.Message) else ""
+            peer.drop("refused", f"{what}{err}")
+        except (ValueError, KeyError, TypeError, ArithmeticError) as err:
+            log.exception("%s: %s failed; dropped and counted", name, callback.__name__)
+            peer.drop("protocol-error", f"{callback.__name__}: {type(err).__name__}: {err}")
+        return []
+
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{name}")
-    queue: list = checkpointed(protocol.start(time.monotonic()))
+    queue: list = guarded(protocol.start, time.monotonic())
     training: tuple[Train, concurrent.futures.Future] | None = None
     waiting_train: list[Train] = []
     final: Finish | None = None
@@ -245,6 +261,8 @@ def run_node(
                     peer.send(action.to, action.type, action.round, action.weights, action.meta)
                 elif isinstance(action, Train):
                     waiting_train.append(action)
+                elif isinstance(action, Refuse):
+                    peer.drop("refused", action.reason)
                 elif isinstance(action, Finish):
                     final = action
                     if "mixed_round" in action.meta:  # gossip: the last round's mix, like the others'
@@ -266,16 +284,13 @@ def run_node(
                     f.write(json.dumps(record) + "\n")
                 emit({"event": "trained", **record})
                 learner_state = learner.get_state()
-                queue += checkpointed(protocol.on_trained(step.round, weights, time.monotonic()))
+                queue += guarded(protocol.on_trained, step.round, weights, time.monotonic())
                 if not waiting_train and not any(isinstance(a, Train) for a in queue):
                     emit({"event": "state", "state": "waiting"})  # handed on; the next model is elsewhere
                 continue
             if peer is not None:
                 for msg in peer.receive(POLL_S if training is None else POLL_S / 5):
-                    try:
-                        queue += checkpointed(protocol.on_message(msg, time.monotonic()))
-                    except WireError as err:
-                        peer.drop("refused", f"{msg.type} from {msg.sender}: {err}")
+                    queue += guarded(protocol.on_message, msg, time.monotonic())
                 peer.pulse(getattr(protocol, "progress", 0))
                 if hasattr(protocol, "on_peers"):
                     dead, revived = peer.liveness_changes()
@@ -283,8 +298,8 @@ def run_node(
                         log.warning("%s: %s is silent past %.1f s: dead", name, site, topology.network.peer_timeout_s)
                     for site in sorted(revived):
                         log.warning("%s: %s is back", name, site)
-                    queue += checkpointed(protocol.on_peers(dead, revived, peer.health.progress, time.monotonic()))
-                queue += checkpointed(protocol.on_tick(time.monotonic()))
+                    queue += guarded(protocol.on_peers, dead, revived, peer.health.progress, time.monotonic())
+                queue += guarded(protocol.on_tick, time.monotonic())
             elif training is not None:
                 time.sleep(POLL_S / 5)
         # Let the last acks/finals drain before the sockets close.
@@ -311,7 +326,7 @@ def run_node(
         "wall_s": time.monotonic() - started,
         "resumes": resumes,
         "repaired": getattr(protocol, "repaired", 0),
-        "caught_up": getattr(protocol, "caught_up", 0),
+        "rejoined": getattr(protocol, "rejoined", 0),
         "prox_mu": topology.training.prox_mu,
         "fedbn": topology.training.fedbn,
         "keep_optimizer_state": topology.training.keep_optimizer_state,

@@ -35,24 +35,30 @@ def over_the_wire(sender, send):
 def run(graph, rounds, samples, train, silent=(), tick=None, secure=None):
     """Routes every action between the sites' protocols; `train(site, round, weights)` trains.
 
-    Sites in `silent` never train nor send. Returns site -> its Finish action.
+    Sites in `silent` only exchange run keys (gossip-hello): they never train nor answer
+    anything else. Returns site -> its Finish action.
     """
     sites = {n: gossip(n, graph, rounds, samples, secure=secure) for n in graph}
     now = 0.0
-    queue = [(n, a) for n in graph if n not in silent for a in sites[n].start(now)]
+
+    def heard(site, action):
+        return site not in silent or (isinstance(action, Send) and action.type == wire.GOSSIP_HELLO)
+
+    queue = [(n, a) for n in graph for a in sites[n].start(now) if heard(n, a)]
     finals = {}
     while len(finals) < len(graph) - len(silent):
         if not queue:  # everyone waits: time passes to the deadline
             now += tick
-            queue = [(n, a) for n in graph if n not in silent for a in sites[n].on_tick(now)]
+            queue = [(n, a) for n in graph for a in sites[n].on_tick(now) if heard(n, a)]
             continue
         site, action = queue.pop(0)
         if isinstance(action, Train):
             weights = train(site, action.round, action.weights)
             queue += [(site, a) for a in sites[site].on_trained(action.round, weights, now)]
         elif isinstance(action, Send):
-            if action.to not in silent:
-                queue += [(action.to, a) for a in sites[action.to].on_message(over_the_wire(site, action), now)]
+            if heard(action.to, action):
+                queue += [(action.to, a) for a in sites[action.to].on_message(over_the_wire(site, action), now)
+                          if heard(action.to, a)]
         elif isinstance(action, Finish):
             finals[site] = action
     return finals
@@ -101,7 +107,10 @@ def test_a_model_for_the_next_round_waits_and_stale_or_far_ones_are_refused():
     a = gossip("a", graph, rounds=3)
     a.start(0)
     a.on_message(message("b", 1, 5.0), 0)  # b is one round ahead: kept
-    for bad in (message("b", 2, 5.0), message("c", 3, 5.0)):
+    # Further ahead: only each sender's latest model is kept (what a site behind rejoins
+    # with), and never one for a round past the run.
+    a.on_message(message("b", 2, 5.0), 0)
+    for bad in (message("b", 2, 6.0), message("c", 3, 5.0)):
         with pytest.raises(wire.WireError, match="round"):
             a.on_message(bad, 0)
     assert a.on_message(message("b", 0, 2.0), 0) == []
@@ -222,6 +231,20 @@ def secure_setups(graph, clip=8.0):
     return {n: SecureSetup("fed", shared_secrets_with(keys[n][1], publics, n), fixed_point) for n in graph}
 
 
+def start_all(sites, now=0.0):
+    """Starts every site and delivers their run keys (gossip-hello) to each other; returns
+    whatever else the starts asked for."""
+    queue = [(n, a) for n, site in sites.items() for a in site.start(now)]
+    rest = []
+    while queue:
+        n, action = queue.pop(0)
+        if isinstance(action, Send) and action.type == wire.GOSSIP_HELLO:
+            queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
+        else:
+            rest.append((n, action))
+    return rest
+
+
 def random_model(site, round_):
     rng = np.random.default_rng([ord(site), round_])
     return {"w": rng.normal(size=3).astype(np.float32), "b": rng.normal(size=1).astype(np.float32)}
@@ -267,8 +290,7 @@ def test_a_secure_round_with_a_dropout_in_a_group_of_three_keeps_the_own_model()
     graph = complete("abcd")
     setups = secure_setups(graph)
     sites = {n: gossip(n, graph, rounds=2, timeout=5.0, secure=setups) for n in graph}
-    for site in sites.values():
-        site.start(0)
+    start_all(sites)
     a = sites["a"]
     sends = a.on_trained(0, random_model("a", 0), now=0.0)
     assert sorted(s.to for s in sends) == ["b", "c", "d"] and {s.type for s in sends} == {wire.GOSSIP_GROUP}
@@ -289,8 +311,9 @@ def test_a_secure_round_with_a_dropout_in_a_group_of_three_keeps_the_own_model()
 def test_requests_wait_for_the_members_own_training_and_foreign_groups_are_refused():
     graph = ring_neighbours(list("abcde"))  # a's neighbours: b, e
     setups = secure_setups(graph)
-    a = gossip("a", graph, rounds=2, secure=setups)
-    a.start(0)
+    sites = {n: gossip(n, graph, rounds=2, secure=setups) for n in graph}
+    start_all(sites)
+    a = sites["a"]
     request = wire.Message(wire.GOSSIP_GROUP, "fed", "b", 0, 0, {}, {"members": "a,c", "threshold": 2})
     assert a.on_message(request, 0.0) == []  # waits: a has not trained round 0 yet
     actions = a.on_trained(0, random_model("a", 0), 0.0)

@@ -16,12 +16,14 @@ from p2p_fl.federate.fixed_point import (
 )
 from p2p_fl.federate.flat import LeafSpec, Spec, flatten, unflatten, weighted_average
 from p2p_fl.federate.masks import (
+    RunKey,
     mask_sign,
     masked_contribution,
     modular_sum,
     pairwise_correction,
     pairwise_seed,
     prg,
+    run_pair_secret,
     unmask,
     x25519_shared,
 )
@@ -45,6 +47,7 @@ from p2p_fl.federate.secure_sum import (
     NeighbourhoodSum,
     Refusal,
     Release,
+    check_request,
     default_threshold,
     join,
     max_dropped,
@@ -81,12 +84,14 @@ __all__ = [
     "fixed_point_for",
     "uint_dtype",
     # masks
+    "RunKey",
     "mask_sign",
     "masked_contribution",
     "modular_sum",
     "pairwise_correction",
     "pairwise_seed",
     "prg",
+    "run_pair_secret",
     "unmask",
     "x25519_shared",
     # shares
@@ -118,6 +123,7 @@ __all__ = [
     "NeighbourhoodSum",
     "Refusal",
     "Release",
+    "check_request",
     "default_threshold",
     "join",
     "max_dropped",

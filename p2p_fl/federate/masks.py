@@ -11,8 +11,12 @@ Sign convention for a dropped member d: survivor k's reply still carries its own
 sign(k, d) * PRG(seed_kd), which nothing cancels. `pairwise_correction` returns exactly
 that term (summed over the dropped members), and `unmask` SUBTRACTS every correction.
 
-Keys are the long-term CurveZMQ identities (Z85 text, as `zmq.curve_keypair()` makes them),
-which are X25519 keys; no extra key exchange is needed.
+Keys: the long-term CurveZMQ identities (Z85 text, as `zmq.curve_keypair()` makes them) are
+X25519 keys, and each site also draws a fresh X25519 key per run (`RunKey`), sent to its
+peers over the CURVE-authenticated connections. A pair's secret (`run_pair_secret`) mixes
+both Diffie-Hellman results, so every seed and share key derived from it is bound to this
+run: rerunning a federation with the same long-term keys never repeats a mask, and what an
+aggregator collected in one run (a dropped member's corrections) is useless in the next.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from zmq.utils import z85
 from p2p_fl.federate import _context
 
 PAIRWISE_SEED_LABEL = b"p2p_fl/pairwise-mask-seed/v1"
+RUN_PAIR_SECRET_LABEL = b"p2p_fl/run-pair-secret/v1"
+RUN_KEY_BYTES = 32
 _PRG_KEY_LABEL = b"p2p_fl/prg-key/aes-128-ctr/v1"
 
 # Keystream is produced by encrypting this block of zeros again and again: it stays in
@@ -71,6 +77,45 @@ def x25519_shared(secret_z85: str | bytes, peer_public_z85: str | bytes) -> byte
     secret = X25519PrivateKey.from_private_bytes(_key_bytes(secret_z85, "secret key"))
     public = X25519PublicKey.from_public_bytes(_key_bytes(peer_public_z85, "peer public key"))
     return secret.exchange(public)
+
+
+class RunKey:
+    """This site's X25519 key for one run: drawn from the OS CSPRNG, kept in the node's
+    checkpoint (so a restarted node stays in its run), never derived from the topology.
+
+    Args:
+        private: the 32 raw private bytes of a key to take back (a checkpoint); None: a new one.
+    """
+
+    def __init__(self, private: bytes | None = None):
+        self._key = X25519PrivateKey.generate() if private is None else X25519PrivateKey.from_private_bytes(private)
+        self.public = self._key.public_key().public_bytes_raw()
+
+    def private_bytes(self) -> bytes:
+        return self._key.private_bytes_raw()
+
+    def exchange(self, peer_public: bytes) -> bytes:
+        """X25519 with a peer's run key. Raises ValueError for a malformed or low-order key."""
+        if len(peer_public) != RUN_KEY_BYTES:
+            raise ValueError(f"a run key is {RUN_KEY_BYTES} bytes, got {len(peer_public)}")
+        return self._key.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+
+
+def run_pair_secret(long_term_shared: bytes, run_key: RunKey, peer_run_public: bytes) -> bytes:
+    """The 32-byte secret of a pair of sites for one run: HKDF over both X25519 results.
+
+    The long-term part authenticates (only the two topology keys can compute it); the run
+    part makes it fresh. Symmetric: both sites get the same bytes.
+
+    Raises:
+        ValueError: the peer's run key is malformed or a low-order point.
+    """
+    if len(long_term_shared) != 32:
+        raise ValueError(f"long-term shared secret must be 32 bytes, got {len(long_term_shared)}")
+    ephemeral = run_key.exchange(peer_run_public)
+    low, high = sorted([run_key.public, bytes(peer_run_public)])
+    info = RUN_PAIR_SECRET_LABEL + low + high
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(long_term_shared + ephemeral)
 
 
 def pairwise_seed(shared_secret: bytes, *, federation: str, round: int, aggregator: str,

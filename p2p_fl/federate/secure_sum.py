@@ -167,8 +167,10 @@ def shared_secrets_with(secret_key: str | bytes, public_keys: Mapping[str, str |
     return out
 
 
-def _check_request(request: GroupRequest, *, federation: str, me: str,
-                   topology: Mapping[str, set[str]], shared: Mapping[str, bytes]) -> str | None:
+def check_request(request: GroupRequest, *, federation: str, me: str,
+                  topology: Mapping[str, set[str]], shared: Mapping[str, bytes]) -> str | None:
+    """Why an honest member refuses this group request (None: it may join), checked as the
+    request arrives, before the member's own model for that round exists."""
     if request.federation != federation:
         return f"request is for federation {request.federation!r}, I am in {federation!r}"
     if request.aggregator not in topology:
@@ -328,7 +330,7 @@ def join(request: GroupRequest, *, federation: str, me: str, topology: Mapping[s
         (session, reply) to keep and to send, or a `Refusal` (also when my own model
         holds NaN or infinity: it is never encoded, and `session.clipped` counts clipping).
     """
-    reason = _check_request(request, federation=federation, me=me, topology=topology, shared=shared)
+    reason = check_request(request, federation=federation, me=me, topology=topology, shared=shared)
     if reason:
         return Refusal(reason)
     members = tuple(sorted(request.members))

@@ -51,13 +51,12 @@ GOSSIP_GROUP = "gossip-group"
 GOSSIP_MASKED = "gossip-masked"
 GOSSIP_ANNOUNCE = "gossip-announce"
 GOSSIP_RELEASE = "gossip-release"
-# Catching up (a site back from a crash, a cut link or a planned absence):
-#   gossip-fetch     behind -> neighbour. round: the first round whose model would help. No tensors.
-#   gossip-current   neighbour -> asker. round: the neighbour's round; meta.model (bool):
-#                    true with the mixed model that round started from, false with none
-#                    (not that far, or that model was not a sum and so would reveal one site).
-GOSSIP_FETCH = "gossip-fetch"
-GOSSIP_CURRENT = "gossip-current"
+# A site's key for this run (federate/masks.py RunKey), sent to every peer at start and
+# again until the peer has it; pairwise mask seeds and share keys mix it in, so no mask
+# repeats across runs. round: 0. meta.have (bool): the sender already holds the receiver's
+# run key (false asks for it). Tensor: run_key (uint8, 32).
+GOSSIP_HELLO = "gossip-hello"
+RUN_KEY_BYTES = 32
 # Liveness, every `heartbeat_interval_s` to every peer (the ZeroMQ guide's pattern);
 # round: the sender's progress (the hop it holds or held last, its gossip round). No tensors.
 HEARTBEAT = "heartbeat"
@@ -66,7 +65,7 @@ HEARTBEAT = "heartbeat"
 ENSEMBLE_MODEL = "ensemble-model"
 MESSAGE_TYPES = frozenset({MODEL, MODEL_AVERAGE, ACK, FINAL, GOSSIP_MODEL, ENSEMBLE_MODEL,
                            GOSSIP_GROUP, GOSSIP_MASKED, GOSSIP_ANNOUNCE, GOSSIP_RELEASE,
-                           GOSSIP_FETCH, GOSSIP_CURRENT, HEARTBEAT})
+                           GOSSIP_HELLO, HEARTBEAT})
 TENSOR_TYPES = frozenset({MODEL, MODEL_AVERAGE, FINAL, GOSSIP_MODEL, ENSEMBLE_MODEL})
 AVERAGE_PREFIX = "average/"
 
@@ -215,10 +214,10 @@ def expected_spec(msg_type: str, tensor_spec: TensorSpec, meta: Mapping[str, Any
         return spec + ([("correction", *flat)] if meta["correction"] else [])
     if msg_type == MODEL_AVERAGE:
         return list(tensor_spec) + [(AVERAGE_PREFIX + n, d, s) for n, d, s in tensor_spec]
-    if msg_type == GOSSIP_CURRENT:
-        if not isinstance(meta.get("model"), bool):
-            raise WireError("meta.model is not a bool")
-        return list(tensor_spec) if meta["model"] else []
+    if msg_type == GOSSIP_HELLO:
+        if not isinstance(meta.get("have"), bool):
+            raise WireError("meta.have is not a bool")
+        return [("run_key", "uint8", (RUN_KEY_BYTES,))]
     return list(tensor_spec) if msg_type in TENSOR_TYPES else []
 
 

@@ -47,4 +47,13 @@ class Finish:
     members: tuple[Weights, ...] = ()
 
 
-Action = Send | Train | Finish
+@dataclass(frozen=True)
+class Refuse:
+    """A peer's message this protocol refused after it was accepted for later (a group
+    request answered once our training is done): the node drops and counts it, as it does
+    for a message refused on arrival (wire.WireError)."""
+
+    reason: str
+
+
+Action = Send | Train | Finish | Refuse
