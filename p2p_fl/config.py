@@ -122,6 +122,10 @@ class PrivacyConfig:
     delta: float = 0.0  # 0: min(1e-5, 1 / (10 x the site's training samples))
 
 
+# network.max_message_mb is an upper cap on a frame (the peer sizes it from the model below it).
+MAX_MESSAGE_MB = 4096
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     ack_timeout_s: float = 2.0  # resend a hand-off not acknowledged within this
@@ -364,6 +368,8 @@ def _check_semantics(t: Topology, fail) -> None:
         fail("network.handoff_timeout_s must be >= network.ack_timeout_s")
     if not 0 < net.heartbeat_interval_s:
         fail("network.heartbeat_interval_s must be > 0")
+    if not 0 < net.max_message_mb <= MAX_MESSAGE_MB:
+        fail(f"network.max_message_mb must be > 0 and at most {MAX_MESSAGE_MB} (MiB), got {net.max_message_mb}")
     if not net.peer_timeout_s >= 2 * net.heartbeat_interval_s:
         fail("network.peer_timeout_s must be at least 2 x network.heartbeat_interval_s")
 

@@ -95,3 +95,24 @@ def test_non_iid_and_privacy_fields_parse_and_round_trip(tmp_path):
     assert parse_topology(tomllib.loads(dump_topology(t))) == t
     default = load_text(tmp_path, MINIMAL)
     assert not default.privacy.enabled and default.training.prox_mu == 0 and not default.training.fedbn
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "network.max_message_mb must be > 0 and at most 4096"),
+    ("-5", "network.max_message_mb must be > 0 and at most 4096"),
+    ("4097", "network.max_message_mb must be > 0 and at most 4096"),
+    ("1000000000000", "network.max_message_mb must be > 0 and at most 4096"),
+    ("'512'", "network.max_message_mb must be int"),
+    ("1.5", "network.max_message_mb must be int"),
+    ("true", "network.max_message_mb must be int"),
+    ("nan", "network.max_message_mb must be int"),
+])
+def test_max_message_mb_is_a_sane_number_of_mib(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_text(tmp_path, MINIMAL + f"[network]\nmax_message_mb = {value}\n")
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("value", [1, 512, 4096])
+def test_max_message_mb_in_range_is_accepted(tmp_path, value):
+    assert load_text(tmp_path, MINIMAL + f"[network]\nmax_message_mb = {value}\n").network.max_message_mb == value
