@@ -257,10 +257,19 @@ def test_when_the_holder_dies_mid_training_its_predecessor_hands_its_copy_to_the
     np.testing.assert_array_equal(send.weights["w"], model(1.0)["w"])  # the model b received, not lost
 
 
-def test_no_repair_once_a_later_hop_is_reported_the_model_moved_on():
+def test_no_repair_once_the_holder_reports_it_handed_the_model_on():
     a = handed_to_b()
-    assert a.on_peers(set(), set(), {"b": 1, "c": 2}, 5.0) == []  # c holds hop 2: b handed on
+    assert a.on_peers(set(), set(), {"b": 2, "c": 2}, 5.0) == []  # b: my hand-off of hop 2 was acknowledged
     assert a.on_peers({"b"}, set(), {}, 6.0) == [] and a.repaired == 0
+
+
+def test_a_third_site_s_claim_does_not_make_the_predecessor_drop_its_repair_copy():
+    """Found in a review: one heartbeat claiming a late hop made the predecessor drop its
+    copy, and the holder's death then lost the model."""
+    a = handed_to_b()
+    assert a.on_peers(set(), set(), {"b": 1, "c": 999}, 5.0) == []
+    [send] = [x for x in a.on_peers({"b"}, set(), {}, 6.0) if isinstance(x, Send)]
+    assert (send.to, send.round) == ("c", 2) and a.repaired == 1
 
 
 def test_a_dead_successor_is_skipped_at_once_not_at_the_hand_off_deadline():
@@ -285,3 +294,13 @@ def test_a_resumed_holder_given_a_newer_hop_while_it_listens_trains_only_that_on
     actions = resumed.on_message(over_the_wire("a", Send("b", wire.MODEL, 4, model(2.0))), 10.5)
     assert [a.round for a in actions if isinstance(a, Train)] == [4]
     assert [a for a in resumed.on_tick(11.5) if isinstance(a, Train)] == []
+
+
+def test_a_repair_copy_a_live_site_does_not_take_is_dropped_not_passed_on():
+    """The holder came back and handed the model on itself: passing our copy further would
+    fork the ring with a model missing its work."""
+    a = handed_to_b()
+    a.on_peers({"b"}, set(), {}, 5.0)  # b died mid-training: our copy goes to c
+    a.on_peers(set(), {"b"}, {}, 6.0)  # b is back from its checkpoint
+    actions = a.on_tick(5.0 + 61)  # c never took the copy (it heard from b)
+    assert not [x for x in actions if isinstance(x, (Send, Train))] and not a._pending

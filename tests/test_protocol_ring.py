@@ -103,6 +103,7 @@ def test_final_model_for_the_wrong_round_is_refused():
 
 def test_last_holder_finishes_only_when_every_site_has_the_final_model():
     p = ring("b", ["a", "b", "c", "a", "b"])
+    p.on_peers(set(), set(), {"c": 3}, 0)  # c handed hop 3 on: the ring is near hop 4
     p.on_message(message(wire.MODEL, "a", 4, W), 0)
     actions = p.on_trained(4, W, 0)
     assert sorted(a.to for a in actions) == ["a", "c"] and all(a.type == wire.FINAL for a in actions)
@@ -111,12 +112,34 @@ def test_last_holder_finishes_only_when_every_site_has_the_final_model():
     assert isinstance(finish, Finish) and finish.weights is W
 
 
-def test_a_site_that_held_none_of_the_previous_hops_cannot_inject_a_model():
+def test_only_the_site_the_schedule_names_may_hand_on_a_hop():
     p = ring("c", ["a", "b", "c", "d", "e", "c"])
-    with pytest.raises(wire.WireError, match="held none"):
-        p.on_message(message(wire.MODEL, "d", 2, W), 0)
-    # after b was skipped, a (two hops back) may hand hop 2 on
+    for sender in ("d", "a"):  # a held hop 0, but b holds hop 1 and is alive
+        with pytest.raises(wire.WireError, match="by the schedule"):
+            p.on_message(message(wire.MODEL, sender, 2, W), 0)
+    # once c itself sees b dead, a (two hops back) may hand hop 2 on: b was skipped
+    p.on_peers({"b"}, set(), {}, 0)
     assert isinstance(p.on_message(message(wire.MODEL, "a", 2, W), 0)[1], Train)
+
+
+def test_a_hop_far_ahead_needs_another_site_to_put_the_ring_there():
+    """Forged in a review: e, which hands c its hop 5, sent hop 5 at once; c skipped its
+    hop 2 and the run ended after one real hop."""
+    p = ring("c", ["a", "b", "c", "d", "e", "c"])
+    p.on_peers(set(), set(), {"e": 4}, 0)  # e's own word does not count
+    with pytest.raises(wire.WireError, match="ahead of where the ring is"):
+        p.on_message(message(wire.MODEL, "e", 5, W), 0)
+    assert p.last_round_accepted == -1
+    p.on_peers(set(), set(), {"d": 4}, 0)  # d handed hop 4 to e: the ring is there
+    assert isinstance(p.on_message(message(wire.MODEL, "e", 5, W), 0)[1], Train)
+
+
+def test_a_final_model_only_from_the_last_holder():
+    p = ring("a", ["a", "b", "c", "a", "b", "c"])
+    with pytest.raises(wire.WireError, match="last holder"):
+        p.on_message(message(wire.FINAL, "b", 6, W), 0)
+    assert not p.finished
+    assert isinstance(p.on_message(message(wire.FINAL, "c", 6, W), 0)[1], Finish)
 
 
 def run_ring(schedule, final):

@@ -5,11 +5,20 @@ hands the model to `schedule[h + 1]` and keeps its copy until that successor ack
 A successor silent past the hand-off deadline, or dead by the heartbeats, is skipped (its hop
 is lost, never the model). After the last hop the holder sends the final model to every site.
 
-Repair: once acknowledged, a site still keeps the copy it handed on until some site reports
-(in its heartbeats) that it holds a later hop. If the holder dies before that, mid-training,
-the predecessor hands its copy to the next live site: at most one site's local work is lost
-and the ring never stalls. A holder that comes back from its checkpoint and finishes its hop
-anyway hands on a hop that the next site already has: it is acknowledged and ignored.
+Repair: once acknowledged, a site still keeps the copy it handed on until the site it handed
+it to reports (in its heartbeats) that it handed the model on in turn and was acknowledged.
+If that holder dies before, mid-training, the predecessor hands its copy to the next live
+site: at most one site's local work is lost and the ring never stalls. A holder that comes
+back from its checkpoint trains its hop anyway (unless a later hop reaches it while it
+listens) and hands on a hop the next site may already have: it is acknowledged and ignored.
+
+Trust: a hop is taken only from the site the schedule says hands it over (walking back over
+the sites this receiver itself sees dead, or was skipped at), and only if it is the
+receiver's next hop or another site's heartbeats put the ring within a cycle of it; a final
+model only from the last holder. Only the holder's own word moves a predecessor's repair
+copy. So one site, whatever it sends, cannot inject a model, end a run early, or make a
+predecessor drop the copy that would repair the ring; it can still spoil the model while it
+legitimately holds it, which no ring can prevent.
 
 Intermittent sites (`[[events]]`): a site away in a cycle has no hop in it.
 
@@ -75,6 +84,7 @@ class _Pending:
     meta: dict
     first_sent: float
     last_sent: float
+    repair: bool = False  # carries a copy kept for repair past a holder that died
 
 
 class RingProtocol:
@@ -124,15 +134,18 @@ class RingProtocol:
         self._training: tuple[int, Weights | None] | None = None  # a hop accepted, not yet trained
         self._kept: _Pending | None = None  # our last hand-off, acknowledged, until a later hop is seen
         self._dead: set[str] = set()
-        self._seen = -1  # the highest hop any site reported holding
+        self._peer_progress: dict[str, int] = {}  # site -> the hop its heartbeats report
+        self._handed = -1  # the hop our last acknowledged hand-off went to
         self.resume_wait_s = resume_wait_s
         self._resume_until: float | None = None  # resumed: hold the checkpoint's hop until then
         self.checkpoint_due = False
 
     @property
     def progress(self) -> int:
-        """The hop this site holds or held last (heartbeats tell the others)."""
-        return max(self.last_round_accepted, 0)
+        """The hop this site holds or held last, or the hop it handed the model to once that
+        hand-off is acknowledged (heartbeats tell the others: its predecessor then lets go of
+        its repair copy)."""
+        return max(self.last_round_accepted, self._handed, 0)
 
     def start(self, now: float) -> list[Action]:
         if self._training is not None:  # resumed with a hop accepted and not trained
@@ -151,13 +164,16 @@ class RingProtocol:
                       if p.to == msg.sender and p.round == msg.round and p.type == msg.meta.get("of")]:
                 self._pending.remove(p)
                 if p.type in (wire.MODEL, wire.MODEL_AVERAGE):
-                    self._kept = p  # until a later hop is seen: the holder may still die
+                    self._kept = p  # until its holder hands on: it may still die
+                    self._handed = max(self._handed, p.round)
                     self.checkpoint_due = True
             return self._finish_if_delivered()
         ack = Send(msg.sender, wire.ACK, msg.round, meta={"of": msg.type})
         if msg.type == wire.FINAL:
             if msg.round != self.num_hops:
                 raise wire.WireError(f"final model for round {msg.round}, expected {self.num_hops}")
+            if msg.sender not in self._handers(self.num_hops):
+                raise wire.WireError(f"final model from {msg.sender}, who is not the ring's last holder")
             if self.finished:
                 return [ack]  # a resend: our ack was lost
             self.finished = True
@@ -173,13 +189,11 @@ class RingProtocol:
                 return [ack]  # a resend of a hop we already took, or a repaired hop's twin
             if msg.round >= self.num_hops or self.schedule[msg.round] != self.me:
                 raise wire.WireError(f"hop {msg.round} is not {self.me}'s to train")
-            # Only a site that held one of the hops just before may hand this one on (skips
-            # of dead successors included); anyone else is injecting a model.
-            previous = self.schedule[max(0, msg.round - self.cycle_length):msg.round]
-            if msg.sender not in previous:
-                raise wire.WireError(f"{msg.sender} held none of the hops before {msg.round}")
+            if msg.sender not in self._handers(msg.round):
+                raise wire.WireError(f"{msg.sender} does not hand on hop {msg.round} by the schedule")
+            if not self._due(msg.round, msg.sender):
+                raise wire.WireError(f"hop {msg.round} from {msg.sender} is ahead of where the ring is")
             self.last_round_accepted = msg.round
-            self._seen = max(self._seen, msg.round)
             self._kept = None  # the model came round again: our copy is history
             model, self._average = _split_average(msg.tensors)
             self._averaged = averaged if self._average is not None else 0
@@ -202,36 +216,40 @@ class RingProtocol:
     def on_peers(self, dead: set[str], revived: set[str], progress: Mapping[str, int], now: float) -> list[Action]:
         """Liveness news from the heartbeats: who died, who is back, the hops they report."""
         self._dead = (self._dead | dead) - revived
-        self._seen = max([self._seen, *progress.values()])
+        self._peer_progress.update(progress)
         actions: list[Action] = []
         for p in [p for p in self._pending if p.to in self._dead and p.type != wire.FINAL]:
             self._pending.remove(p)  # a dead successor: skip it now, not at the hand-off deadline
             actions += self._skip(p, now)
         kept = self._kept
-        if kept is not None and self._seen > kept.round:
-            self._kept = None  # someone holds a later hop: the model moved on safely
+        if kept is not None and self._peer_progress.get(kept.to, -1) > kept.round:
+            self._kept = None  # its holder handed it on: the model moved on safely
         elif kept is not None and kept.to in self._dead:
             self._kept = None  # the holder died mid-training: hand our copy past it
             self.repaired += 1
-            actions += self._skip(kept, now)
+            actions += self._skip(kept, now, repair=True)
         return actions + self._finish_if_delivered()
 
     def on_tick(self, now: float) -> list[Action]:
         """Resends what is unacknowledged; skips successors past their deadline."""
         actions: list[Action] = []
         if self._resume_until is not None and now >= self._resume_until:
+            # No later hop reached us: train the checkpoint's hop. If the ring was repaired
+            # round us meanwhile, the next site acknowledges our hand-off as a duplicate; we
+            # never drop a hop on another site's word, which a liar could use to lose the model.
             self._resume_until = None
             round, model = self._training
-            if self._seen > round:  # repaired round us while we were down: that hop is lost
-                self._training = None
-                self.checkpoint_due = True
-            else:
-                actions.append(self._train(round, model))
+            actions.append(self._train(round, model))
         for p in list(self._pending):
             if now - p.first_sent > self.handoff_timeout_s:
                 self._pending.remove(p)
                 if p.type == wire.FINAL:
                     self.skipped.append(p.to)
+                elif p.repair and p.to not in self._dead:
+                    # Alive and not taking our repair copy: the holder we thought dead came
+                    # back and handed the model on itself. Passing the copy further would
+                    # fork the ring with a model missing that work.
+                    self.checkpoint_due = True
                 else:
                     actions += self._skip(p, now)
             elif now - p.last_sent > self.ack_timeout_s:
@@ -239,15 +257,15 @@ class RingProtocol:
                 actions.append(Send(p.to, p.type, p.round, p.weights, p.meta))
         return actions + self._finish_if_delivered()
 
-    def _skip(self, handoff: _Pending, now: float) -> list[Action]:
+    def _skip(self, handoff: _Pending, now: float, repair: bool = False) -> list[Action]:
         """Hands the model of `handoff` past its addressee, whose hop is lost."""
         self.skipped.append(handoff.to)
         self.checkpoint_due = True
         model, self._average = _split_average(handoff.weights)
         self._averaged = handoff.meta.get("averaged", 0)
-        return self._hand_on(handoff.round + 1, model, now)
+        return self._hand_on(handoff.round + 1, model, now, repair=repair or handoff.repair)
 
-    def _hand_on(self, round: int, weights: Weights, now: float) -> list[Action]:
+    def _hand_on(self, round: int, weights: Weights, now: float, repair: bool = False) -> list[Action]:
         while round < self.num_hops and self.schedule[round] in self._dead:
             self.skipped.append(self.schedule[round])  # dead now: do not wait for it
             round += 1
@@ -264,7 +282,7 @@ class RingProtocol:
             msg_type = wire.MODEL_AVERAGE
             meta["averaged"] = self._averaged
             tensors = {**weights, **{wire.AVERAGE_PREFIX + n: a for n, a in self._average.items()}}
-        self._pending.append(_Pending(to, msg_type, round, tensors, meta, now, now))
+        self._pending.append(_Pending(to, msg_type, round, tensors, meta, now, now, repair))
         return [Send(to, msg_type, round, tensors, meta)]
 
     def _send_final(self, weights: Weights, now: float) -> list[Action]:
@@ -284,6 +302,31 @@ class RingProtocol:
         return [Finish(self._final, meta={"hops": self.num_hops, "skipped": len(self.skipped),
                                           "repaired": self.repaired})]
 
+    def _handers(self, hop: int) -> set[str]:
+        """The sites that may hand us `hop` (num_hops: the final model): the one the schedule
+        puts before it, or, walking back, each site before a site we see dead or that was
+        skipped (ourselves at a hop we never took), within one cycle."""
+        sites: set[str] = set()
+        for k in range(hop - 1, max(-1, hop - 1 - self.cycle_length), -1):
+            site = self.schedule[k]
+            if site == self.me:
+                if k <= self.last_round_accepted:
+                    break  # we held it and handed it on ourselves
+                continue  # we were skipped there
+            sites.add(site)
+            if site not in self._dead:
+                break
+        return sites
+
+    def _due(self, hop: int, sender: str) -> bool:
+        """Whether the ring can be at `hop`: it is our next hop, or a site other than the
+        sender reports a hop within one cycle of it (one site cannot vouch for itself)."""
+        mine = [h for h in range(self.last_round_accepted + 1, self.num_hops) if self.schedule[h] == self.me]
+        if mine and mine[0] == hop:
+            return True
+        others = [r for site, r in self._peer_progress.items() if site not in (sender, self.me)]
+        return max(others, default=-1) >= hop - self.cycle_length
+
     def _train(self, round: int, weights: Weights | None) -> Train:
         return Train(round, weights, progress=round / self.num_hops, meta={"cycle": self.cycle_of[round]})
 
@@ -300,7 +343,7 @@ class RingProtocol:
 
         def handoff(prefix: str, p: _Pending) -> dict:
             put(prefix, p.weights)
-            return {"to": p.to, "type": p.type, "round": p.round, "meta": p.meta}
+            return {"to": p.to, "type": p.type, "round": p.round, "meta": p.meta, "repair": p.repair}
 
         state = {
             "last_round_accepted": self.last_round_accepted, "skipped": self.skipped, "repaired": self.repaired,
@@ -309,7 +352,7 @@ class RingProtocol:
             "training_weights": self._training is not None and put("training", self._training[1]),
             "pending": [handoff(f"pending{i}", p) for i, p in enumerate(self._pending)],
             "kept": None if self._kept is None else handoff("kept", self._kept),
-            "final": put("final", self._final), "seen": self._seen,
+            "final": put("final", self._final), "handed": self._handed,
         }
         return state, arrays
 
@@ -320,11 +363,11 @@ class RingProtocol:
             return {n[len(prefix) + 1:]: a for n, a in arrays.items() if n.startswith(prefix + "/")}
 
         def handoff(prefix: str, d: dict) -> _Pending:
-            return _Pending(d["to"], d["type"], d["round"], take(prefix), d["meta"], now, float("-inf"))
+            return _Pending(d["to"], d["type"], d["round"], take(prefix), d["meta"], now, float("-inf"), d["repair"])
 
         self.last_round_accepted = state["last_round_accepted"]
         self.skipped, self.repaired, self.duplicates = list(state["skipped"]), state["repaired"], state["duplicates"]
-        self._averaged, self._seen = state["averaged"], state["seen"]
+        self._averaged, self._handed = state["averaged"], state["handed"]
         self._average = take("average") if state["average"] else None
         if state["training"] is not None:
             self._training = (state["training"], take("training") if state["training_weights"] else None)
