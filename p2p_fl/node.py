@@ -48,12 +48,21 @@ def learning_rate_at(topology: Topology, progress: float) -> float:
 
 def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, ...],
                  dp: DPConfig | None = None) -> Learner:
-    """Every site builds the same initial model from the federation's seed."""
+    """Every site builds the same initial model from the federation's seed.
+
+    With DP, the site's batches and noise are keyed by a secret drawn here from the OS
+    CSPRNG, never sent (from the public seed any site could rebuild and subtract the
+    noise); a resumed node's checkpoint restores the key it had. Without DP, training
+    randomness stays the seed's, so runs are reproducible.
+    """
+    import secrets  # local: this function is the only user
+
     t = topology.training
     return Learner(
         t.model, num_classes=num_classes, image_shape=image_shape, optimizer=t.optimizer,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, batch_size=t.batch_size,
         augment=t.augment, seed=topology.seed, dp=dp, prox_mu=t.prox_mu,
+        training_secret=None if dp is None else secrets.token_bytes(32),
     )
 
 
@@ -216,7 +225,8 @@ def run_node(
     deadline = started + topology.network.run_timeout_s
 
     def privacy_fields() -> dict:
-        return {} if dp is None else {"epsilon": learner.privacy_spent(), "delta": dp.delta}
+        return {} if dp is None else {"epsilon": learner.privacy_spent(), "delta": dp.delta,
+                                      "dp_sampling": learner.dp_sampling}
 
     def train(step: Train) -> tuple[dict, dict]:
         nonlocal budget_reached_round

@@ -8,8 +8,12 @@ federation gave 0.5894; 0.8771 with the new one, as the federation). Ten recipes
 a few federations on a 2-core machine; the chosen recipe is measured for real by
 `noniid.py`. Each result is appended as one JSON line to OUT.
 
+Each simulated site gets its own secret training key from `make_learner`, as a node does
+(Poisson batches and noise nobody else can rebuild), so two runs of the same command differ
+by their noise; --seed fixes the partition and the initial model only.
+
     .venv/bin/python launch/experiments/dp_recipe.py --epsilon 8 --model small-cnn-dp \\
-        --lr 0.02 --schedule constant --keep-optimizer-state [--out runs/dp_recipe.jsonl]
+        --lr 0.02 --schedule constant --keep-optimizer-state [--seed 0] [--out runs/dp_recipe.jsonl]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from p2p_fl.data import load_dataset, partition_dataset
 from p2p_fl.federate import weighted_average
 from p2p_fl.node import adopt_model, dp_config, learning_rate_at, make_learner
 
-SITES, PARTITION, SEED = 10, "dirichlet:0.5", 0
+SITES, PARTITION = 10, "dirichlet:0.5"
 
 
 def main() -> None:
@@ -39,22 +43,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     parser.add_argument("--keep-optimizer-state", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="partition and initial model (as noniid.py --seed)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dp_recipe.jsonl")
     args = parser.parse_args()
     logging.getLogger("absl").setLevel(logging.ERROR)  # the accountant's convergence chatter
     # The node's own functions plan each site's noise, build its learner, adopt the mean
     # and set the rate, from the topology the federation would run.
     topology = parse_topology({
-        "federation": "dp-recipe", "protocol": "gossip", "seed": SEED,
+        "federation": "dp-recipe", "protocol": "gossip", "seed": args.seed,
         "peers": [{"name": f"site-{i}"} for i in range(SITES)],
         "training": {"model": args.model, "rounds": args.rounds, "local_epochs": 1, "batch_size": args.batch_size,
                      "optimizer": "sgd", "learning_rate": args.lr, "lr_schedule": args.schedule,
                      "keep_optimizer_state": args.keep_optimizer_state},
         "privacy": {"enabled": True, "target_epsilon": args.epsilon, "clip_norm": args.clip_norm}})
     data = load_dataset("builtin:pneumoniamnist")
-    shards = partition_dataset(data, SITES, PARTITION, SEED)
-    learners = [make_learner(topology, data.num_classes, data.image_shape, dp=dp_config(topology, len(shard.train)))
-                for shard in shards]
+    shards = partition_dataset(data, SITES, PARTITION, args.seed)
+    dps = [dp_config(topology, len(shard.train)) for shard in shards]
+    learners = [make_learner(topology, data.num_classes, data.image_shape, dp=dp) for dp in dps]
     mean = learners[0].get_weights()
     started = time.monotonic()
     for r in range(args.rounds):
@@ -71,7 +76,10 @@ def main() -> None:
               f"{time.monotonic() - started:.0f} s", flush=True)
     result = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "test_auc": report["auc"], "test_acc": report["acc"], "test_loss": report["loss"],
-              "epsilon_spent": max(learner.privacy_spent() for learner in learners)}
+              "epsilon_spent": max(learner.privacy_spent() for learner in learners),
+              "dp_sampling": learners[0].dp_sampling, "wall_s": round(time.monotonic() - started),
+              "noise_multipliers": [round(dp.noise_multiplier, 4) for dp in dps],
+              "samples": [len(shard.train) for shard in shards]}
     print(json.dumps(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:

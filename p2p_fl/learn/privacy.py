@@ -3,7 +3,7 @@
 The gradient side is pure JAX and runs inside the training epoch's
 ``lax.scan``: per-example gradients by ``jax.vmap``, each clipped to L2 norm
 C, summed, Gaussian noise N(0, (sigma * C)^2) added per coordinate, divided
-by the batch size. The accounting side asks Google's ``dp-accounting``
+by the expected batch size. The accounting side asks Google's ``dp-accounting``
 library (RDP accountant, Poisson-subsampled Gaussian mechanism).
 
 BatchNorm: in train mode a BatchNorm layer normalizes with statistics of the
@@ -16,14 +16,25 @@ federation). Each per-example gradient then depends on its own example only.
 Inference mode also turns dropout off. A model frozen that way runs unnormalised;
 ``small-cnn-dp`` (GroupNorm, per example) is the one to train with DP-SGD.
 
-What the reported epsilon means: it is the (epsilon, delta) of the Poisson-
-subsampled Gaussian mechanism with sampling rate batch_size / N, composed
+What the reported epsilon means: the (epsilon, delta) of the Poisson-
+subsampled Gaussian mechanism with sampling rate q = batch_size / N, composed
 over the steps taken, for example-level add/remove neighbours within one
-site's shard. The training epoch instead draws fixed-size batches from a
-shuffle (every example exactly once per epoch). That is the common practice
-in DP-SGD code, but the Poisson analysis is not a proof for shuffled batches
-(Chua et al. 2024 show the true epsilon of shuffling can be larger), so read
-the number as the customary estimate, not a guarantee.
+site's shard, and the training does what that analysis assumes: each DP-SGD
+step includes every example independently with probability q
+(``poisson_sample``), round(N / batch_size) steps make an epoch, and the
+noisy sum is divided by the expected batch size q N. A step's sample is
+processed in fixed-shape chunks of ``poisson_capacity`` slots (padded slots
+masked out); the rare sample larger than one chunk is processed in full by
+further chunks, never truncated, so the number is the accountant's guarantee
+for the released models, with nothing added to delta. (Only the running time
+of such a step, one in a million or fewer, shows that its sample was large;
+timing side channels are outside this analysis, as in DP-SGD generally.)
+
+Secrecy: the guarantee holds only if nobody else can reproduce a site's noise
+or sample. ``Learner`` keys both from a per-site secret (``training_secret``,
+drawn from the OS CSPRNG by the node, checkpointed, never sent); a learner
+keyed from the public seed alone is for reproducible research runs, since any
+site that knows the topology can regenerate and subtract its noise.
 
 Example:
     >>> eps = privacy_spent(noise_multiplier=1.1, sample_rate=0.01,
@@ -41,6 +52,7 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 from dp_accounting.rdp import rdp_privacy_accountant
+from scipy import stats
 
 # Bisection for noise_for_target stops when the bracket is this narrow (relative).
 _NOISE_RELATIVE_TOLERANCE = 1e-4
@@ -51,6 +63,13 @@ _MIN_NOISE, _MAX_NOISE = 1e-2, 1e3
 _BUDGET_RELATIVE_SLACK = 1e-9
 # The default delta is at most this (and at most a tenth of 1/N).
 _MAX_DEFAULT_DELTA = 1e-5
+# A step's Poisson sample outgrows one chunk of poisson_capacity slots at most this
+# often. Overflow is processed, not dropped, so this trades padding (compute) against
+# how often a step runs longer, not privacy.
+_OVERFLOW_PROBABILITY = 1e-6
+
+# The batch sampling the accountant assumes and the training does (reported with epsilon).
+SAMPLING = "poisson"
 
 
 class BudgetExceeded(ValueError):
@@ -131,46 +150,116 @@ def clip_per_example(grads, clip_norm: float):
         grads)
 
 
-def private_gradient(grads, clip_norm: float, noise_multiplier: float,
-                     noise_key: jax.Array):
-    """The DP-SGD gradient: (sum of clipped gradients + noise) / batch size.
+def clipped_sum(grads, clip_norm: float, valid: jax.Array | None = None):
+    """Sum over the batch of the per-example gradients clipped to L2 norm C.
 
-    The noise comes from JAX's counter-based PRNG, keyed from the Learner's
-    seed. That is usual for research code; a deployment facing a real
-    adversary would want a cryptographically secure noise source (and care
-    for floating-point attacks on Gaussian sampling).
+    Args:
+      grads: per-example gradients (leading batch axis B on every leaf).
+      clip_norm: C.
+      valid: (B,) bool, False for padded slots, whose gradients count as
+        exactly zero whatever they hold (even inf or NaN); None: all valid.
+
+    Returns:
+      A gradient shaped like one example's.
+    """
+    clipped = clip_per_example(grads, clip_norm)
+    if valid is not None:
+        # where, not a product: 0 * inf from a garbage slot would be NaN.
+        clipped = jax.tree_util.tree_map(
+            lambda leaf: jnp.where(valid.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, 0),
+            clipped)
+    return jax.tree_util.tree_map(lambda leaf: leaf.sum(axis=0), clipped)
+
+
+def noisy_mean(summed, clip_norm: float, noise_multiplier: float, noise_key: jax.Array,
+               expected_batch_size: float):
+    """(clipped sum + N(0, (sigma * C)^2) per coordinate) / expected batch size.
+
+    Dividing by the expected size q N, not the size drawn, is the standard
+    DP-SGD estimator under Poisson sampling: the size drawn depends on the
+    data set and is not released.
+
+    The noise comes from JAX's counter-based PRNG under ``noise_key``, which
+    the Learner derives from the site's secret. A deployment facing a
+    stronger adversary would also want a cryptographic noise generator and
+    care for floating-point attacks on Gaussian sampling.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(summed)
+    keys = jax.random.split(noise_key, len(leaves))
+    noisy = [(leaf + noise_multiplier * clip_norm
+              * jax.random.normal(key, leaf.shape, leaf.dtype)) / expected_batch_size
+             for leaf, key in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def private_gradient(grads, clip_norm: float, noise_multiplier: float,
+                     noise_key: jax.Array, *, valid: jax.Array | None = None,
+                     expected_batch_size: float | None = None):
+    """The DP-SGD gradient: (sum of clipped gradients + noise) / batch size.
 
     Args:
       grads: per-example gradients (leading batch axis B on every leaf).
       clip_norm: C.
       noise_multiplier: sigma; noise N(0, (sigma * C)^2) per coordinate.
       noise_key: PRNG key for the noise.
+      valid: (B,) bool, False for padded slots (see ``clipped_sum``).
+      expected_batch_size: the divisor; B if None.
 
     Returns:
       A gradient shaped like one example's.
     """
-    clipped = clip_per_example(grads, clip_norm)
-    leaves, treedef = jax.tree_util.tree_flatten(clipped)
-    keys = jax.random.split(noise_key, len(leaves))
-    batch_size = leaves[0].shape[0]
-    noisy = [(leaf.sum(axis=0)
-              + noise_multiplier * clip_norm
-              * jax.random.normal(key, leaf.shape[1:], leaf.dtype)) / batch_size
-             for leaf, key in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(treedef, noisy)
+    if expected_batch_size is None:
+        expected_batch_size = jax.tree_util.tree_leaves(grads)[0].shape[0]
+    return noisy_mean(clipped_sum(grads, clip_norm, valid), clip_norm, noise_multiplier,
+                      noise_key, expected_batch_size)
+
+
+# -- Poisson sampling ---------------------------------------------------------------
+
+
+def poisson_sample(key: jax.Array, num_examples: int, sample_rate: float
+                   ) -> tuple[jax.Array, jax.Array]:
+    """One Poisson sample: each example in independently with probability q.
+
+    Args:
+      key: PRNG key (secret: whoever has it knows the sample).
+      num_examples: N.
+      sample_rate: q.
+
+    Returns:
+      (indices, count): (N,) int32 indices, those of the ``count`` examples
+      drawn first (ascending), then the others; ``count`` an int32 scalar.
+    """
+    drawn = jax.random.bernoulli(key, sample_rate, (num_examples,))
+    indices = jnp.argsort(jnp.logical_not(drawn), stable=True).astype(jnp.int32)
+    return indices, drawn.sum(dtype=jnp.int32)
+
+
+def poisson_capacity(num_examples: int, sample_rate: float,
+                     overflow_probability: float = _OVERFLOW_PROBABILITY) -> int:
+    """Slots per chunk: the smallest k with P(Binomial(N, q) > k) <= the overflow
+    probability, at most N (then a sample never overflows).
+
+    E.g. N = 470, q = 64 / 470: 102 slots (batch 64 +- 7.4).
+    """
+    capacity = int(stats.binom.isf(overflow_probability, num_examples, sample_rate))
+    while stats.binom.sf(capacity, num_examples, sample_rate) > overflow_probability:
+        capacity += 1  # isf is a float inversion: make the bound hold exactly
+    return max(1, min(capacity, num_examples))
 
 
 # -- accounting -----------------------------------------------------------------
 
 
 def batch_sampling(num_examples: int, batch_size: int) -> tuple[float, int]:
-    """(sample rate, steps per epoch) of training on ``num_examples`` examples.
+    """(sample rate, steps per epoch) of DP-SGD on ``num_examples`` examples.
 
-    The batch is at most the shard; the last ``num_examples % batch`` examples
-    of each shuffled epoch are dropped, as ``train.train_epoch`` does.
+    The expected batch is at most the shard; an epoch is the number of steps
+    whose expected batches add up closest to the shard, round(N / batch) (half
+    up), at least one: each example is then drawn about once per epoch.
     """
     batch = min(batch_size, num_examples)
-    return batch / num_examples, num_examples // batch
+    return batch / num_examples, max(1, int(num_examples / batch + 0.5))
 
 
 def default_delta(num_examples: int) -> float:

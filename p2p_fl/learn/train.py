@@ -1,11 +1,13 @@
 """Training and inference of one site's model, after Flax's examples/mnist train.py.
 
-The pure core is ``loss_fn``, ``train_step`` and ``train_epoch``: one epoch is
-a single jitted call that shuffles and augments on the device and runs
-``lax.scan`` over the batches, so no Python runs per step. ``Learner`` wraps
-them with the state a site keeps (weights, BatchNorm statistics, optimizer
-state, PRNG key) and the flat ``dict[str, np.ndarray]`` view of the weights
-that crosses into the federation.
+The pure core is ``loss_fn``, ``train_step``, ``dp_train_step`` and
+``train_epoch``: one epoch is a single jitted call that samples and augments
+on the device and runs ``lax.scan`` over the steps, so no Python runs per
+step. Plain training shuffles and cuts fixed-size batches; DP-SGD draws each
+step's batch by Poisson sampling, as its accountant assumes (``privacy``).
+``Learner`` wraps them with the state a site keeps (weights, BatchNorm
+statistics, optimizer state, PRNG key) and the flat ``dict[str, np.ndarray]``
+view of the weights that crosses into the federation.
 
 Example:
     >>> learner = Learner("small-cnn", num_classes=2, image_shape=(28, 28, 1))
@@ -16,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Callable, Iterable, NamedTuple
 
 import jax
@@ -30,6 +33,10 @@ from p2p_fl.learn.privacy import DPConfig
 
 # Random shifts of up to this many pixels in each direction augment training.
 MAX_SHIFT_PX = 2
+# Domain separation for the training key derived from a site's secret.
+_SECRET_KEY_CONTEXT = b"p2p_fl/learn/train: training key v1\x00"
+# A training secret has at least this many bytes (128 bits).
+_MIN_SECRET_BYTES = 16
 
 
 def make_optimizer(name: str = "adam", learning_rate: float = 1e-3,
@@ -158,14 +165,14 @@ def example_loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.Gra
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                step_key: jax.Array, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, augment: bool,
-               dp: DPConfig | None = None, prox_mu: float = 0.0,
-               anchor: nnx.State | None = None) -> tuple[TrainState, jax.Array]:
-    """One optimizer step on one batch of raw (uint8 or float) images.
+               prox_mu: float = 0.0, anchor: nnx.State | None = None
+               ) -> tuple[TrainState, jax.Array]:
+    """One optimizer step on one batch of raw (uint8 or float) images, without DP
+    (DP-SGD samples its own batches: ``dp_train_step``).
 
-    With ``dp``, the gradient is DP-SGD's (``privacy.private_gradient``) and
-    the BatchNorm statistics are left unchanged. With ``prox_mu`` > 0
-    (FedProx), the gradient of (mu / 2) * ||params - anchor||^2 is added; the
-    returned loss is the data loss alone.
+    With ``prox_mu`` > 0 (FedProx), the gradient of
+    (mu / 2) * ||params - anchor||^2 is added; the returned loss is the data
+    loss alone.
 
     Returns:
       (new state, batch loss). ``state.key`` is left alone: the epoch owns it.
@@ -174,19 +181,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
     images = to_float_images(images)
     if augment:
         images = random_shift(images, shift_key)
-    if dp is None:
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.batch_stats, graphdef, images, labels, dropout_key)
-    else:
-        def example_loss(params, image, label):
-            return example_loss_fn(params, state.batch_stats, graphdef, image, label)
-
-        losses, example_grads = privacy.per_example_grads(
-            example_loss, state.params, images, labels)
-        # DP mode has no dropout, so the dropout key can seed the noise.
-        grads = privacy.private_gradient(example_grads, dp.clip_norm,
-                                         dp.noise_multiplier, noise_key=dropout_key)
-        loss, batch_stats = losses.mean(), state.batch_stats
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, graphdef, images, labels, dropout_key)
     if prox_mu:  # a static float: mu = 0 compiles the plain step, bit for bit
         grads = prox_gradient(grads, state.params, anchor, prox_mu)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -207,6 +203,99 @@ def prox_gradient(grads: nnx.State, params: nnx.State, anchor: nnx.State,
                                   grads, params, anchor)
 
 
+def clipped_gradient_sum(params: nnx.State, batch_stats: nnx.State,
+                         images: jax.Array, labels: jax.Array, valid: jax.Array, *,
+                         graphdef: nnx.GraphDef, clip_norm: float
+                         ) -> tuple[jax.Array, nnx.State]:
+    """Sums of the losses and of the clipped per-example gradients of one chunk.
+
+    Args:
+      params: model parameters.
+      batch_stats: BatchNorm statistics (constants under DP).
+      images: (K, H, W, C) float32 images, augmented already.
+      labels: (K,) int32 labels.
+      valid: (K,) bool, False for padded slots: they add exactly nothing,
+        whatever they hold.
+      graphdef: the model's structure.
+      clip_norm: C.
+
+    Returns:
+      (sum of the valid examples' losses, sum of their clipped gradients).
+    """
+    def example_loss(params, image, label):
+        return example_loss_fn(params, batch_stats, graphdef, image, label)
+
+    losses, example_grads = privacy.per_example_grads(example_loss, params, images, labels)
+    return (jnp.where(valid, losses, 0).sum(),
+            privacy.clipped_sum(example_grads, clip_norm, valid))
+
+
+def dp_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
+                  step_key: jax.Array, *, graphdef: nnx.GraphDef,
+                  tx: optax.GradientTransformation, augment: bool, dp: DPConfig,
+                  sample_rate: float, capacity: int, prox_mu: float = 0.0,
+                  anchor: nnx.State | None = None) -> tuple[TrainState, jax.Array]:
+    """One DP-SGD step on a Poisson sample of the whole shard.
+
+    Each example is in the step's batch independently with probability
+    ``sample_rate`` (q), as the accountant assumes. The sample is processed
+    in chunks of ``capacity`` slots, padded and masked, so one compiled
+    program serves every batch size; the first chunk always runs, and a
+    ``lax.while_loop`` runs more only when the sample outgrows it (rare: see
+    ``privacy.poisson_capacity``): no drawn example is ever dropped, so the
+    accountant's epsilon holds with nothing added to delta. The noisy sum of
+    clipped gradients is divided by the expected batch size q N. BatchNorm
+    statistics stay unchanged; FedProx's term is added as in ``train_step``.
+
+    Args:
+      state: the training state; ``state.key`` is left alone (the epoch owns it).
+      images: (N, H, W, C) raw images of the whole shard.
+      labels: (N,) labels.
+      step_key: this step's key (sample, shifts, noise).
+      sample_rate: q.
+      capacity: slots per chunk, 1..N.
+
+    Returns:
+      (new state, mean loss of the examples drawn; 0 if none was).
+    """
+    sample_key, shift_key, noise_key = jax.random.split(step_key, 3)
+    num_examples = images.shape[0]
+    indices, count = privacy.poisson_sample(sample_key, num_examples, sample_rate)
+    # Padding so a chunk's slice never runs off the end (slices would clamp and shift).
+    indices = jnp.concatenate([indices, jnp.zeros(capacity, indices.dtype)])
+
+    def chunk(carry):
+        index, loss_sum, grad_sum = carry
+        start = index * capacity
+        slots = jax.lax.dynamic_slice(indices, (start,), (capacity,))
+        valid = start + jnp.arange(capacity) < count
+        chunk_images = to_float_images(images[slots])
+        if augment:
+            chunk_images = random_shift(chunk_images, jax.random.fold_in(shift_key, index))
+        losses, grads = clipped_gradient_sum(state.params, state.batch_stats, chunk_images,
+                                             labels[slots], valid, graphdef=graphdef,
+                                             clip_norm=dp.clip_norm)
+        return (index + 1, loss_sum + losses,
+                jax.tree_util.tree_map(jnp.add, grad_sum, grads))
+
+    def more(carry):
+        index = carry[0]
+        # The first chunk runs even for an empty sample: the same work every step.
+        return (index == 0) | (index * capacity < count)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    _, loss_sum, grad_sum = jax.lax.while_loop(
+        more, chunk, (jnp.int32(0), jnp.float32(0), zeros))
+    grads = privacy.noisy_mean(grad_sum, dp.clip_norm, dp.noise_multiplier, noise_key,
+                               sample_rate * num_examples)
+    if prox_mu:
+        grads = prox_gradient(grads, state.params, anchor, prox_mu)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss = loss_sum / jnp.maximum(count, 1)
+    return TrainState(params, state.batch_stats, opt_state, state.key), loss
+
+
 @functools.partial(jax.jit,
                    static_argnames=("graphdef", "tx", "batch_size", "augment", "dp",
                                     "prox_mu"),
@@ -216,10 +305,13 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
                 batch_size: int, augment: bool, dp: DPConfig | None = None,
                 prox_mu: float = 0.0, anchor: nnx.State | None = None
                 ) -> tuple[TrainState, jax.Array]:
-    """One shuffled pass over device-resident data, as a single compiled program.
+    """One pass over device-resident data, as a single compiled program.
 
-    The last ``len(images) % batch_size`` samples of the shuffled order are
-    dropped so that every batch has the same shape.
+    Plain training shuffles and drops the last ``len(images) % batch_size``
+    samples of the shuffled order, so that every batch has the same shape.
+    DP-SGD instead takes ``privacy.batch_sampling``'s round(N / batch_size)
+    steps of ``dp_train_step``, each on a Poisson sample with expected size
+    ``batch_size``.
 
     Args:
       state: the training state (donated: do not use it after the call).
@@ -227,25 +319,39 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
       labels: (N,) int32 labels on the device.
       graphdef: the model's structure.
       tx: the optimizer.
-      batch_size: samples per step, at most N.
+      batch_size: samples per step (expected samples with DP), at most N.
       augment: whether to apply random shifts.
       dp: DP-SGD settings, or None for plain training.
       prox_mu: FedProx's mu (0: no proximal term).
       anchor: the parameters the proximal term pulls towards (with prox_mu > 0).
 
     Returns:
-      (new state with an advanced key, mean training loss over the batches).
+      (new state with an advanced key, mean training loss over the steps).
     """
     key, shuffle_key, steps_key = jax.random.split(state.key, 3)
-    num_batches = images.shape[0] // batch_size
-    order = jax.random.permutation(shuffle_key, images.shape[0])
+    num_examples = images.shape[0]
+    if dp is not None:
+        # Shapes are static here, so these are Python numbers fixed at tracing.
+        sample_rate, num_steps = privacy.batch_sampling(num_examples, batch_size)
+        capacity = privacy.poisson_capacity(num_examples, sample_rate)
+
+        def dp_body(state, step_key):
+            return dp_train_step(state, images, labels, step_key, graphdef=graphdef, tx=tx,
+                                 augment=augment, dp=dp, sample_rate=sample_rate,
+                                 capacity=capacity, prox_mu=prox_mu, anchor=anchor)
+
+        state, losses = jax.lax.scan(dp_body, state, jax.random.split(steps_key, num_steps))
+        return state._replace(key=key), losses.mean()
+
+    num_batches = num_examples // batch_size
+    order = jax.random.permutation(shuffle_key, num_examples)
     batch_indices = order[:num_batches * batch_size].reshape(num_batches, batch_size)
     step_keys = jax.random.split(steps_key, num_batches)
 
     def body(state, batch):
         indices, step_key = batch
         return train_step(state, images[indices], labels[indices], step_key,
-                          graphdef=graphdef, tx=tx, augment=augment, dp=dp,
+                          graphdef=graphdef, tx=tx, augment=augment,
                           prox_mu=prox_mu, anchor=anchor)
 
     state, losses = jax.lax.scan(body, state, (batch_indices, step_keys))
@@ -320,12 +426,23 @@ class Learner:
       weight_decay: weight decay coefficient.
       batch_size: training batch size (reduced to the shard size if larger).
       augment: random shifts of up to ``MAX_SHIFT_PX`` pixels while training.
-      seed: seeds the initial weights and every later random draw, so equal
-        seeds and data give bit-identical training.
+      seed: public: seeds the initial weights (equal at every site of a
+        federation) and, without ``training_secret``, every later random draw
+        too, so equal seeds and data give bit-identical training (research
+        runs stay reproducible).
+      training_secret: this site's secret (at least 16 bytes from the OS
+        CSPRNG, e.g. ``secrets.token_bytes(32)``); if given, it alone keys
+        all training randomness (batch sampling, shifts, DP noise) through
+        SHAKE-256, and the seed only the initial weights. DP-SGD needs it: with
+        the key from the public seed any other site can regenerate a site's
+        noise and batches and subtract them (the node passes one whenever DP
+        is on). The derived key is in ``get_state``, so a resumed learner
+        continues the secret stream; the secret never leaves the learner.
       dp: DP-SGD settings (``privacy.DPConfig``), or None for plain training.
-        With DP, BatchNorm statistics are frozen and dropout is off while
-        training; ``privacy_spent`` reports the epsilon so far and ``fit``
-        refuses to go past ``dp.target_epsilon`` if set.
+        With DP, each step trains on a Poisson sample (``dp_train_step``),
+        BatchNorm statistics are frozen and dropout is off while training;
+        ``privacy_spent`` reports the epsilon so far and ``fit`` refuses to go
+        past ``dp.target_epsilon`` if set.
       prox_mu: FedProx's mu: each ``fit`` adds (mu / 2) * ||w - w0||^2 over
         the trainable parameters to the loss, w0 being the parameters at the
         start of that fit (the model that arrived). 0: plain training.
@@ -335,7 +452,8 @@ class Learner:
                  image_shape: tuple[int, int, int] = (28, 28, 1), optimizer: str = "adam",
                  learning_rate: float = 1e-3, weight_decay: float = 0.0,
                  batch_size: int = 64, augment: bool = True, seed: int = 0,
-                 dp: DPConfig | None = None, prox_mu: float = 0.0):
+                 training_secret: bytes | None = None, dp: DPConfig | None = None,
+                 prox_mu: float = 0.0):
         height, width, channels = image_shape
         if not prox_mu >= 0:
             raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
@@ -358,8 +476,9 @@ class Learner:
         # The filters must cover the whole module: models keep no other state.
         self._graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
         self._tx = _shared_optimizer(optimizer, learning_rate, weight_decay)
-        self._state = TrainState(params, batch_stats, self._tx.init(params),
-                                 jax.random.key(seed))
+        key = (jax.random.key(seed) if training_secret is None
+               else secret_training_key(training_secret))
+        self._state = TrainState(params, batch_stats, self._tx.init(params), key)
         self._param_names = _leaf_names(params)
         self._stat_names = _leaf_names(batch_stats)
         self._spec = sorted(
@@ -422,6 +541,12 @@ class Learner:
             if on_epoch is not None:
                 on_epoch(epoch, losses[-1])
         return losses
+
+    @property
+    def dp_sampling(self) -> str | None:
+        """How DP-SGD batches are drawn, as the accountant assumes
+        (``privacy.SAMPLING``); None without DP."""
+        return None if self.dp is None else privacy.SAMPLING
 
     def privacy_spent(self, delta: float | None = None) -> float:
         """Epsilon spent by DP training so far (see ``privacy`` for what it means).
@@ -650,6 +775,26 @@ class Learner:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), "
                              f"got [{labels.min()}, {labels.max()}]")
         return labels.astype(np.int32)
+
+
+def secret_training_key(secret: bytes) -> jax.Array:
+    """The PRNG key of all training randomness, derived from a site's secret.
+
+    SHAKE-256 (SHA-3) of the secret under a fixed context string, as the raw
+    data of a key of JAX's default PRNG; one-way, so the key (checkpointed)
+    does not give the secret back.
+
+    Raises:
+      ValueError: a secret shorter than 16 bytes, or not bytes.
+    """
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) < _MIN_SECRET_BYTES:
+        raise ValueError(f"training_secret must be at least {_MIN_SECRET_BYTES} bytes "
+                         "(e.g. secrets.token_bytes(32))")
+    template = jax.random.key_data(jax.random.key(0))  # the default PRNG's key layout
+    digest = hashlib.shake_256(_SECRET_KEY_CONTEXT + bytes(secret)).digest(
+        template.size * template.dtype.itemsize)
+    data = np.frombuffer(digest, template.dtype).reshape(template.shape)
+    return jax.random.wrap_key_data(jnp.asarray(data))
 
 
 def _with_learning_rate(opt_state, learning_rate: float):
