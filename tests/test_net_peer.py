@@ -1,6 +1,11 @@
 """The peer over real ZeroMQ sockets on tcp loopback, with CURVE: delivery, counting, drops,
 and who may connect at all."""
 
+import collections
+import logging
+import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -9,6 +14,7 @@ import zmq
 
 from p2p_fl.launch import free_ports
 from p2p_fl.net import Curve, Peer, wire
+from p2p_fl.net.peer import Limits, _DropLog, _SenderBudget
 
 FED = "fed-test"
 WEIGHTS = {"dense/kernel": np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32),
@@ -166,3 +172,138 @@ def test_insecure_mode_works_but_only_when_asked_for(addresses, caplog):
         a.close()
         b.close()
     assert "INSECURE" in caplog.text
+
+
+def test_an_honest_exchange_drops_nothing_and_counts_no_bad_handshake(pair):
+    a, b = pair
+    for i in range(5):
+        a.send("b", wire.ACK, i)
+        b.send("a", wire.ACK, i)
+    assert len(receive_until(b, 5)) == 5 and len(receive_until(a, 5)) == 5
+    assert a.dropped == {} and b.dropped == {}
+
+
+def test_a_refused_key_is_counted_once_per_attempt_not_also_as_a_bad_handshake(pair, addresses):
+    _, b = pair
+    raw = raw_dealer(addresses["b"], KEYS["b"][0], KEYS["mallory"])
+    raw.send_multipart(wire.encode(wire.ACK, federation=FED, sender="a", round=0, seq=1))
+    deadline = time.monotonic() + 5
+    while not b.dropped["unknown-key"] and time.monotonic() < deadline:
+        b.receive(0.05)
+    raw.close()
+    b.receive(0.2)
+    assert b.dropped["unknown-key"] >= 1 and b.dropped["plaintext-or-bad-handshake"] == 0
+
+
+def test_a_seq_far_ahead_of_the_clock_is_malformed_and_does_not_lock_the_sender_out(pair, addresses):
+    """A key holder sending seq 2**64 - 1 would otherwise make every later message of its
+    name a replay; a seq more than wire.MAX_SEQ_AHEAD_US ahead of the clock is refused."""
+    a, b = pair
+    raw = raw_dealer(addresses["b"], KEYS["b"][0], KEYS["a"])
+    try:
+        for seq in (2**64 - 1, time.time_ns() // 1000 + wire.MAX_SEQ_AHEAD_US + 10**9):
+            raw.send_multipart(wire.encode(wire.ACK, federation=FED, sender="a", round=0, seq=seq))
+        deadline = time.monotonic() + 5
+        while b.dropped["malformed"] < 2 and time.monotonic() < deadline:
+            b.receive(0.05)
+    finally:
+        raw.close()
+    assert b.dropped["malformed"] == 2
+    a.send("b", wire.ACK, 4)  # a's own clock-based seq still counts as new
+    assert [m.round for m in receive_until(b, 1)] == [4]
+
+
+def test_frame_limit_is_what_the_model_needs_capped_by_the_configured_size(addresses):
+    b = make_peer("b", addresses)
+    try:
+        assert b.max_frame_bytes == wire.max_frame_bytes(SPEC) + 64 < 512 * 2**20
+        assert b._router.getsockopt(zmq.MAXMSGSIZE) == b.max_frame_bytes
+        assert b._router.getsockopt(zmq.RCVHWM) == 64
+        assert b._router.getsockopt(zmq.HANDSHAKE_IVL) == 5000
+    finally:
+        b.close()
+    capped = make_peer("b", addresses, max_message_bytes=1000)
+    try:
+        assert capped.max_frame_bytes == 1000
+    finally:
+        capped.close()
+
+
+def test_a_message_with_more_frames_than_any_legitimate_one_is_dropped_undecoded(pair, addresses):
+    _, b = pair
+    raw = raw_dealer(addresses["b"], KEYS["b"][0], KEYS["a"])
+    header = wire.encode(wire.ACK, federation=FED, sender="a", round=0, seq=time.time_ns() // 1000)[0]
+    try:
+        raw.send_multipart([header] + [b""] * wire.max_frames(SPEC))
+        deadline = time.monotonic() + 5
+        while not b.dropped["oversized"] and time.monotonic() < deadline:
+            assert b.receive(0.05) == []
+    finally:
+        raw.close()
+    assert b.dropped == {"oversized": 1}
+
+
+def test_one_receive_reads_a_bounded_number_of_messages(addresses):
+    a = make_peer("a", addresses)
+    b = make_peer("b", addresses, limits=Limits(per_receive=20))
+    raw = raw_dealer(addresses["b"], KEYS["b"][0], KEYS["a"])
+    try:
+        for _ in range(300):
+            raw.send(b"junk")
+        deadline = time.monotonic() + 10
+        while b.messages_received < 300 and time.monotonic() < deadline:
+            before = b.messages_received
+            b.receive(0.05)
+            assert b.messages_received - before <= 20
+    finally:
+        raw.close()
+        a.close()
+        b.close()
+    assert b.messages_received == 300 and sum(b.dropped.values()) == 300
+
+
+def test_a_sender_over_its_rate_is_limited_then_quarantined_then_heard_again():
+    limits = Limits(messages_per_s=10, burst_messages=5, quarantine_after=20, quarantine_s=3.0)
+    budget = _SenderBudget(limits, unit_bytes=1000, quarantine_s=3.0, now=0.0)
+    assert [budget.admit(10, 0.0) for _ in range(5)] == [None] * 5  # the burst
+    assert budget.admit(10, 0.0) == "rate-limited"
+    assert budget.admit(10, 0.1) is None  # one token back after 0.1 s at 10/s
+    # Keeping it up: 20 more over the rate within a moment, and it is quarantined.
+    refused = [budget.admit(10, 0.11) for _ in range(30)]
+    assert refused[:19] == ["rate-limited"] * 19 and set(refused[20:]) == {"quarantined"}
+    assert budget.admit(10, 3.0) == "quarantined"
+    assert budget.admit(10, 3.2) is None  # quarantine over, bucket refilled
+    # Bytes count too: at most burst_models x the unit at once.
+    big = _SenderBudget(limits, unit_bytes=1000, quarantine_s=3.0, now=0.0)
+    assert big.admit(32_000, 0.0) is None and big.admit(1000, 0.0) == "rate-limited"
+
+
+def test_drops_are_all_counted_but_logged_a_few_per_reason_then_summed_up(caplog):
+    counter = collections.Counter()
+    drops = _DropLog("b", counter, window_s=10.0, first=5, now=0.0)
+    with caplog.at_level(logging.WARNING):
+        for i in range(12_000):
+            drops.drop("malformed", f"junk {i}", now=1.0 + i * 1e-4)
+        for i in range(345):
+            drops.drop("rate-limited", "too fast", now=2.0)
+        drops.tick(now=5.0)  # the window is not over: nothing yet
+        drops.tick(now=12.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert counter == {"malformed": 12_000, "rate-limited": 345}
+    assert len(lines) == 5 + 5 + 1
+    assert lines[-1].startswith("b: dropped 12,345 messages or connections (malformed 12,000, rate-limited 345)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        drops.drop("malformed", "a new window logs again", now=13.0)
+        drops.tick(now=30.0)
+    assert [r.getMessage() for r in caplog.records] == ["b: dropped message (malformed): a new window logs again"]
+
+
+def test_the_soft_file_descriptor_limit_is_raised_to_the_hard_one():
+    code = ("import resource; from p2p_fl.net.peer import raise_fd_limit\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+            "print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)")
+    raised, soft, hard = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                 timeout=60, check=True).stdout.split())
+    assert raised == soft and (soft == hard or (hard == resource.RLIM_INFINITY and soft >= 1 << 16))

@@ -112,3 +112,29 @@ def test_sender_must_be_the_authenticated_peer():
 def test_oversized_header_is_refused_before_parsing():
     with pytest.raises(wire.WireError, match="exceeds"):
         decode([b"\x80" * (wire.MAX_HEADER_BYTES + 1)])
+
+
+def test_a_seq_above_max_seq_is_refused_and_the_ceiling_follows_the_clock():
+    now_ns = 1_700_000_000 * 10**9
+    ceiling = wire.seq_ceiling(now_ns)
+    assert ceiling == now_ns // 1000 + wire.MAX_SEQ_AHEAD_US and wire.MAX_SEQ_AHEAD_US == 10 * 86_400 * 10**6
+    assert decode(frames_of(seq=ceiling), max_seq=ceiling).seq == ceiling
+    for seq in (ceiling + 1, 2**64 - 1):
+        with pytest.raises(wire.WireError, match="days ahead"):
+            decode(frames_of(seq=seq), max_seq=ceiling)
+    assert decode(frames_of(seq=2**64 - 1)).seq == 2**64 - 1  # no ceiling given: none applied
+
+
+def test_limits_from_the_model_cover_every_legitimate_message_and_no_more():
+    big = {"w": np.zeros((512, 1024), np.float32), "b": np.zeros(1024, np.float32)}  # 2 MiB + 4 KiB
+    spec = wire.spec_of(big)
+    assert wire.max_frame_bytes(SPEC) == wire.MAX_HEADER_BYTES  # a tiny model: the header cap
+    assert wire.max_frame_bytes(spec) == 4 * (512 * 1024 + 1024)  # the flat uint32 vector
+    assert wire.max_frames(spec) == 1 + 2 + wire.MAX_NAMES
+    many = [(f"t{i}", "float32", (2,)) for i in range(200)]
+    assert wire.max_frames(many) == 1 + 400  # model + average
+    average = wire.encode(wire.MODEL_AVERAGE, federation=FED, sender="a", round=0, seq=1,
+                          tensors={**big, **{wire.AVERAGE_PREFIX + k: v for k, v in big.items()}})
+    assert len(average) <= wire.max_frames(spec)
+    assert max(len(bytes(f)) for f in average) <= wire.max_frame_bytes(spec)
+    assert wire.message_bytes(average) <= wire.max_message_bytes(spec) < 3 * 4 * (512 * 1024 + 1024)

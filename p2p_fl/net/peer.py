@@ -4,12 +4,36 @@ serves every protocol; replies (acks) travel back over the replier's own DEALER.
 
 The peer knows bytes and frames, not models: it encodes and checks messages with `wire`
 and counts what it sent, received and dropped.
+
+What one peer, even one holding a valid key (an insider), can cost this node is bounded:
+
+* time: one `receive` reads at most `Limits.per_receive` messages and returns after
+  `Limits.receive_budget_s`, so the node's loop gets back to its heartbeats; the ROUTER
+  reads its connections in turn (libzmq fair-queues them message by message);
+* rate: every authenticated sender has a token bucket of messages and of bytes; over its
+  rate its messages are dropped undecoded and counted, and a sender that keeps it up is
+  quarantined (all of its messages dropped undecoded) for `Limits.quarantine_s`;
+* memory: a frame may be no larger than the model needs (ZMQ_MAXMSGSIZE) and a message
+  have no more frames than the largest legitimate one. libzmq keeps a multipart message
+  out of sight until its last frame arrived (ZMQ_RCVHWM counts whole messages, and
+  ZMQ_MAXMSGSIZE checks each frame alone), so a connection that holds more bytes than it
+  has delivered as messages, beyond `Limits.inflight_bytes`, is cut by a watcher thread;
+* file descriptors: the soft limit is raised to the hard one, an unauthenticated
+  connection must finish its handshake within `Limits.handshake_timeout_s`, and when too
+  many connections sit without ever delivering a message the oldest are cut;
+* the log: each reason for dropping is logged a few times per `LOG_WINDOW_S`, then one
+  summary line with the counts; `dropped` counts every one (it ends up in result.json).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import resource
+import socket
+import struct
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -18,6 +42,7 @@ import numpy as np
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from p2p_fl.net import wire
 from p2p_fl.net.heartbeat import Heartbeats
@@ -26,8 +51,21 @@ log = logging.getLogger(__name__)
 
 # Queue depth per connection; a model is one message, so a few suffice and memory stays bounded.
 SEND_HWM = 64
+RECEIVE_HWM = 64  # complete messages libzmq queues per inbound connection before it stops reading it
 LINGER_MS = 2000
 ZAP_DOMAIN = "p2p_fl"
+# Bytes a frame takes on the wire beyond its payload (ZMTP header, CurveZMQ MESSAGE box): at most
+# 9 + 33; and what a handshake may have sent before the first message (greeting, HELLO, INITIATE).
+FRAME_OVERHEAD = 64
+HANDSHAKE_BYTES = 4096
+LOG_FIRST = 5  # lines per drop reason and window; the rest go into the window's summary line
+LOG_WINDOW_S = 10.0
+LOG_KEYS = 16  # distinct unknown keys whose refusal is logged by name
+WATCH_TICK_S = 0.02  # how often the watcher thread looks at the connections
+WATCH_PER_TICK = 256  # connections it measures per tick (in turn when there are more)
+_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info (>= 4.1)
+_MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_MONITOR_STOPPED)
 
 
 @dataclass(frozen=True)
@@ -39,17 +77,136 @@ class Curve:
     peer_keys: Mapping[str, str]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one peer may cost this node. The defaults are far above what any protocol sends
+    (a few messages per round and peer, a heartbeat per interval) and far below a flood."""
+
+    messages_per_s: float = 200.0  # per sender, sustained
+    burst_messages: int = 1000  # per sender, at once (a restarted peer's queue, resends)
+    models_per_s: float = 8.0  # bytes per sender and second, in largest legitimate messages
+    burst_models: float = 32.0
+    quarantine_after: int = 1000  # messages over the rate (less the rate since): then quarantined
+    quarantine_s: float = 5.0  # capped at half the peer timeout: a flood alone makes no site dead
+    per_receive: int = 256  # messages one `receive` reads at most
+    receive_budget_s: float = 0.05  # and the time it spends reading
+    handshake_timeout_s: float = 5.0  # ZMQ_HANDSHAKE_IVL: an idle or slow connection is closed
+    # Bytes a connection may hold in libzmq (received, not yet read as messages); None: 32 MiB
+    # + 8 largest legitimate messages; 0: not watched.
+    inflight_bytes: int | None = None
+    # Connections that never delivered a message, beyond which the oldest are cut; None:
+    # a quarter of the file descriptor limit (at least 64, at most 4096); 0: not watched.
+    idle_connections: int | None = None
+
+
+class _DropLog:
+    """Counts every drop in `counter`; logs the first LOG_FIRST per reason and window, then
+    one summary line per window with the counts. Thread-safe (the ZAP handler and the
+    watcher count from their own threads)."""
+
+    def __init__(self, node: str, counter: collections.Counter, window_s: float = LOG_WINDOW_S, first: int = LOG_FIRST,
+                 now: float | None = None):
+        self.node = node
+        self.counter = counter
+        self.window_s = window_s
+        self.first = first
+        self._lock = threading.Lock()
+        self._window: collections.Counter[str] = collections.Counter()
+        self._logged: collections.Counter[str] = collections.Counter()
+        self._start = time.monotonic() if now is None else now
+
+    def drop(self, reason: str, detail: str | None, now: float | None = None) -> None:
+        """Counts one drop; logs `detail` unless this window logged enough of `reason` (or it is None)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.counter[reason] += 1
+            line = detail is not None and self._logged[reason] < self.first
+            if line:
+                self._logged[reason] += 1
+            self._window[reason] += 1
+            summary = self._close_window(now)
+        if line:
+            log.warning("%s: dropped message (%s): %s", self.node, reason, detail)
+        if summary:
+            log.warning("%s", summary)
+
+    def tick(self, now: float | None = None, force: bool = False) -> None:
+        """Logs the summary of a window that is over (or of the current one, with `force`)."""
+        with self._lock:
+            summary = self._close_window(time.monotonic() if now is None else now, force)
+        if summary:
+            log.warning("%s", summary)
+
+    def _close_window(self, now: float, force: bool = False) -> str | None:
+        elapsed = now - self._start
+        if elapsed < self.window_s and not force:
+            return None
+        total = sum(self._window.values())
+        silent = total - sum(self._logged.values())
+        summary = None
+        if silent > 0:  # a window whose drops were all logged needs no summary
+            counts = ", ".join(f"{reason} {n:,}" for reason, n in self._window.most_common())
+            summary = f"{self.node}: dropped {total:,} messages or connections ({counts}) in the last {elapsed:.0f} s"
+        self._window.clear()
+        self._logged.clear()
+        self._start = now
+        return summary
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, now
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+
+class _SenderBudget:
+    """One sender's message and byte buckets, and its quarantine."""
+
+    def __init__(self, limits: Limits, unit_bytes: int, quarantine_s: float, now: float):
+        self.messages = _TokenBucket(limits.messages_per_s, limits.burst_messages, now)
+        self.bytes = _TokenBucket(limits.models_per_s * unit_bytes, limits.burst_models * unit_bytes, now)
+        self.quarantine_after = limits.quarantine_after
+        self.quarantine_s = quarantine_s
+        self.over, self.over_at = 0.0, now  # messages over the rate, draining at the rate
+        self.until = float("-inf")  # quarantined until then
+        self.seen = now
+
+    def admit(self, nbytes: int, now: float) -> str | None:
+        """None if the message may be decoded, else the reason to drop it undecoded."""
+        self.seen = now
+        if now < self.until:
+            return "quarantined"
+        self.messages.refill(now)
+        self.bytes.refill(now)
+        # Messages over the rate pile up in `over`, which drains at the message rate: a
+        # sender that keeps sending faster than it may is quarantined.
+        self.over = max(0.0, self.over - (now - self.over_at) * self.messages.rate)
+        self.over_at = now
+        if self.messages.tokens >= 1 and self.bytes.tokens >= nbytes:
+            self.messages.tokens -= 1
+            self.bytes.tokens -= nbytes
+            return None
+        self.over += 1
+        if self.over >= self.quarantine_after:
+            self.over = 0.0
+            self.until = now + self.quarantine_s
+        return "rate-limited"
+
+
 class _TopologyAuthenticator(ThreadAuthenticator):
     """ZAP handler admitting only the topology's keys; the User-Id it sets is the peer's name.
 
     A refused key is counted on every attempt and logged once (a refused client keeps
-    reconnecting, and one line per attempt would flood the log).
+    reconnecting, and one line per attempt would flood the log), for the first LOG_KEYS keys.
     """
 
-    def __init__(self, context: zmq.Context, names_by_key: Mapping[str, str], refused: collections.Counter, node: str):
+    def __init__(self, context: zmq.Context, names_by_key: Mapping[str, str], drops: _DropLog, node: str):
         super().__init__(context, log=logging.getLogger(__name__ + ".zap"))
         self._names_by_key = dict(names_by_key)
-        self._refused = refused
+        self._drops = drops
         self._node = node
         self._logged: set[str] = set()
 
@@ -57,14 +214,165 @@ class _TopologyAuthenticator(ThreadAuthenticator):
         z85_key = key.decode("ascii")
         if z85_key in self._names_by_key:
             return True
-        self._refused["unknown-key"] += 1
-        if z85_key not in self._logged:
+        self._drops.drop("unknown-key", None)
+        if z85_key not in self._logged and len(self._logged) < LOG_KEYS:
             self._logged.add(z85_key)
             log.warning("%s: refused connection from unknown key %s", self._node, z85_key)
         return False
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self._names_by_key[z85.encode(client_public_key).decode("ascii")]
+
+
+def raise_fd_limit() -> int:
+    """Raises this process's soft limit of open files to its hard limit; returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (hard, 1 << 20, 1 << 16):
+        if target == resource.RLIM_INFINITY or (soft != resource.RLIM_INFINITY and target <= soft):
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+class _ConnectionWatch(threading.Thread):
+    """Reads the ROUTER's monitor socket and watches its inbound TCP connections.
+
+    Counts failed handshakes (a client without CURVE, a port scanner, an idle connection
+    timed out); cuts (shutdown(2) of its file descriptor, which libzmq sees as the peer
+    hanging up, dropping any half-received message) a connection holding more than
+    `inflight_bytes` bytes it received but has not delivered as messages, and the oldest
+    connections that never delivered a message when there are more than `idle_limit`.
+    """
+
+    def __init__(self, monitor: zmq.Socket, drops: _DropLog, inflight_bytes: int, idle_limit: int):
+        super().__init__(name="p2p-fl-connection-watch", daemon=True)
+        self._monitor = monitor
+        self.port = -1  # the ROUTER's, once bound
+        self._drops = drops
+        self._inflight_bytes = inflight_bytes
+        self._idle_limit = idle_limit
+        self._stop_event = threading.Event()
+        self._accepted: dict[int, float] = {}  # fd -> accepted at (monotonic)
+        self._cut: set[int] = set()
+        self._cut_handshakes = 0  # idle connections cut whose failed handshake is still to be reported
+        self._turn = 0
+        # fd -> wire bytes delivered as messages; written by the receiving thread.
+        self.delivered: dict[int, int] = {}
+        if inflight_bytes and not (sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO")):
+            log.warning("connection watch: no TCP_INFO on %s; per-connection memory is not watched", sys.platform)
+            self._inflight_bytes = 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                if self._monitor.poll(int(WATCH_TICK_S * 1000)):
+                    for _ in range(4096):
+                        try:
+                            event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if not self._on_event(event):
+                            return
+                self._check(time.monotonic())
+        except zmq.ZMQError:
+            pass  # the context is going away
+        finally:
+            self._monitor.close(linger=0)
+
+    def _on_event(self, event: dict) -> bool:
+        kind, value = event["event"], int(event["value"])
+        if kind == zmq.EVENT_MONITOR_STOPPED:
+            return False
+        if kind == zmq.EVENT_ACCEPTED:
+            self._accepted[value] = time.monotonic()
+            self.delivered[value] = 0
+            self._cut.discard(value)
+        elif kind == zmq.EVENT_DISCONNECTED:
+            self._accepted.pop(value, None)
+            self.delivered.pop(value, None)
+            self._cut.discard(value)
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._cut_handshakes > 0:
+            self._cut_handshakes -= 1  # one we cut as idle, already counted
+        else:  # a handshake that failed: no CURVE, not ZMTP at all, or too slow
+            what = "protocol error" if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else "closed or timed out"
+            self._drops.drop("plaintext-or-bad-handshake",
+                             f"a connection failed its handshake ({what}, code {value}): no CURVE, not ZeroMQ, or idle")
+        return True
+
+    def _check(self, now: float) -> None:
+        if self._inflight_bytes and self._accepted:
+            fds = list(self._accepted)
+            if len(fds) > WATCH_PER_TICK:  # measure them in turn
+                self._turn = (self._turn + WATCH_PER_TICK) % len(fds)
+                fds = (fds[self._turn:] + fds[:self._turn])[:WATCH_PER_TICK]
+            for fd in fds:
+                if fd in self._cut:
+                    continue
+                received = self._bytes_received(fd)
+                if received is None:
+                    continue
+                held = received - self.delivered.get(fd, 0) - HANDSHAKE_BYTES
+                if held > self._inflight_bytes:
+                    self._shutdown(fd, "oversized", f"cut a connection holding {held / 2**20:.1f} MiB not yet a "
+                                   f"message (limit {self._inflight_bytes / 2**20:.1f} MiB): larger than the model needs")
+        if self._idle_limit and len(self._accepted) - len(self._cut) > self._idle_limit:
+            idle = sorted((t, fd) for fd, t in self._accepted.items()
+                          if not self.delivered.get(fd) and fd not in self._cut)
+            excess = len(self._accepted) - len(self._cut) - self._idle_limit * 3 // 4
+            for _, fd in idle[:excess]:
+                if self._shutdown(fd, "idle-connection", f"more than {self._idle_limit} connections never "
+                                  "delivered a message; cut the oldest"):
+                    self._cut_handshakes += 1
+
+    def _socket(self, fd: int) -> socket.socket | None:
+        """The inbound TCP connection behind `fd` (to detach after use), or None if it is not one now."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return None
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.getsockname()[1] != self.port:
+                sock.detach()
+                return None
+        except (OSError, IndexError, TypeError):
+            sock.detach()
+            return None
+        return sock
+
+    def _bytes_received(self, fd: int) -> int | None:
+        sock = self._socket(fd)
+        if sock is None:
+            return None
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except OSError:
+            return None
+        finally:
+            sock.detach()
+        if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
+            return None
+        return struct.unpack_from("=Q", info, _TCP_INFO_BYTES_RECEIVED)[0]
+
+    def _shutdown(self, fd: int, reason: str, detail: str) -> bool:
+        sock = self._socket(fd)
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+        self._cut.add(fd)
+        self._drops.drop(reason, detail)
+        return True
 
 
 class Peer:
@@ -77,9 +385,11 @@ class Peer:
         federation: the federation id every message must carry.
         tensor_spec: (name, dtype, shape) of the model's tensors, in order.
         curve: CURVE keys; None only with the topology's explicit `insecure = true`.
-        max_message_bytes: refuse larger inbound frames at the socket (ZMQ_MAXMSGSIZE).
+        max_message_bytes: upper cap on an inbound frame (ZMQ_MAXMSGSIZE); below it the
+            frame limit is what the model needs (`wire.max_frame_bytes`).
         heartbeat_interval_s: send every peer a heartbeat this often (`pulse`); None: none.
         peer_timeout_s: a peer silent this long is dead (`health`, `liveness_changes`).
+        limits: what one peer may cost this node (see `Limits`).
     """
 
     def __init__(
@@ -94,46 +404,77 @@ class Peer:
         max_message_bytes: int = 512 * 1024 * 1024,
         heartbeat_interval_s: float | None = None,
         peer_timeout_s: float = 10.0,
+        limits: Limits = Limits(),
     ):
         self.name = name
         self.federation = federation
         self.tensor_spec = list(tensor_spec)
         self.peer_names = frozenset(peers)
+        self.limits = limits
         self.dropped: collections.Counter[str] = collections.Counter()
+        self._drops = _DropLog(name, self.dropped)
+        fd_limit = raise_fd_limit()
+        frame_limit = wire.max_frame_bytes(self.tensor_spec) + FRAME_OVERHEAD
+        if max_message_bytes < frame_limit:
+            log.warning("%s: network.max_message_mb (%.2f MiB) is below the largest frame this model needs "
+                        "(%.2f MiB); such frames will be cut at the socket", name, max_message_bytes / 2**20,
+                        frame_limit / 2**20)
+        self.max_frame_bytes = min(max_message_bytes, frame_limit)
+        self.max_frames = wire.max_frames(self.tensor_spec)
+        self.max_message_bytes = wire.max_message_bytes(self.tensor_spec)
+        self._quarantine_s = min(limits.quarantine_s, peer_timeout_s / 2)
+        self._budgets: dict[str, _SenderBudget] = {}
         # One context per peer: the ZAP handler belongs to a context.
         self._ctx = zmq.Context()
         self._auth = None
-        if curve is not None:
-            missing = sorted(set(peers) - set(curve.peer_keys))
-            if missing:
-                raise ValueError(f"no public key for peers {', '.join(missing)}")
-            names_by_key = {curve.peer_keys[p]: p for p in peers}
-            self._auth = _TopologyAuthenticator(self._ctx, names_by_key, self.dropped, name)
-            self._auth.start()
-            self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self._auth)
-        else:
-            log.warning("%s: INSECURE: CURVE is off (insecure = true); traffic is plaintext and "
-                        "unauthenticated. Use this for debugging only.", name)
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        if curve is not None:
-            self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
-            self._router.curve_secretkey = curve.secret.encode("ascii")
-            self._router.curve_publickey = curve.public.encode("ascii")
-            self._router.curve_server = True
-        self._router.bind(address)
+        self._watch = None
+        self._router = None
         self._dealers: dict[str, zmq.Socket] = {}
-        for peer, peer_address in peers.items():
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, LINGER_MS)
-            sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        try:
             if curve is not None:
-                sock.curve_secretkey = curve.secret.encode("ascii")
-                sock.curve_publickey = curve.public.encode("ascii")
-                sock.curve_serverkey = curve.peer_keys[peer].encode("ascii")
-            sock.connect(peer_address)
-            self._dealers[peer] = sock
+                missing = sorted(set(peers) - set(curve.peer_keys))
+                if missing:
+                    raise ValueError(f"no public key for peers {', '.join(missing)}")
+                names_by_key = {curve.peer_keys[p]: p for p in peers}
+                self._auth = _TopologyAuthenticator(self._ctx, names_by_key, self._drops, name)
+                self._auth.start()
+                self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self._auth)
+            else:
+                log.warning("%s: INSECURE: CURVE is off (insecure = true); traffic is plaintext and "
+                            "unauthenticated. Use this for debugging only.", name)
+            self._router = self._ctx.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            self._router.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
+            self._router.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+            self._router.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(limits.handshake_timeout_s * 1000)))
+            if curve is not None:
+                self._router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+                self._router.curve_secretkey = curve.secret.encode("ascii")
+                self._router.curve_publickey = curve.public.encode("ascii")
+                self._router.curve_server = True
+            inflight = limits.inflight_bytes
+            if inflight is None:
+                inflight = 32 * 2**20 + 8 * self.max_message_bytes
+            idle = limits.idle_connections
+            if idle is None:
+                idle = min(4096, max(64, fd_limit // 4))
+            self._watch = _ConnectionWatch(self._router.get_monitor_socket(_MONITOR_EVENTS), self._drops, inflight, idle)
+            self._watch.start()
+            self._router.bind(address)
+            self._watch.port = _port_of(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
+            for peer, peer_address in peers.items():
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, LINGER_MS)
+                sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+                if curve is not None:
+                    sock.curve_secretkey = curve.secret.encode("ascii")
+                    sock.curve_publickey = curve.public.encode("ascii")
+                    sock.curve_serverkey = curve.peer_keys[peer].encode("ascii")
+                sock.connect(peer_address)
+                self._dealers[peer] = sock
+        except BaseException:
+            self.close()
+            raise
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         # Sequence numbers start from the clock so a restarted node keeps increasing them.
@@ -142,6 +483,7 @@ class Peer:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.bytes_received = 0
+        self.messages_received = 0  # read from the socket, valid or not
         self.health = None
         if heartbeat_interval_s is not None:
             self.health = Heartbeats(peers, heartbeat_interval_s, peer_timeout_s, time.monotonic())
@@ -189,35 +531,71 @@ class Peer:
         return self._seq
 
     def receive(self, timeout_s: float) -> list[wire.Message]:
-        """Waits up to `timeout_s` for messages; returns every valid one that arrived."""
+        """Waits up to `timeout_s` for messages; returns the valid ones among those it read.
+
+        Reads at most `limits.per_receive` messages and for at most `limits.receive_budget_s`
+        (what is left waits for the next call), so that a flood cannot keep the caller from
+        its heartbeats.
+        """
         messages = []
-        if not self._poller.poll(int(timeout_s * 1000)):
-            return messages
-        while True:
-            try:
-                frames = self._router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return messages
-            message = self._check(frames[1:])  # frames[0] is the ROUTER's routing id
-            if message is None:
-                continue
-            if self.health is not None:
-                progress = message.round if message.type == wire.HEARTBEAT else None
-                self.health.heard(message.sender, time.monotonic(), progress)
-            if message.type != wire.HEARTBEAT:
-                messages.append(message)
+        if self._poller.poll(int(timeout_s * 1000)):
+            deadline = time.monotonic() + self.limits.receive_budget_s
+            for _ in range(self.limits.per_receive):
+                try:
+                    frames = self._router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                message = self._check(frames[1:])  # frames[0] is the ROUTER's routing id
+                if message is not None:
+                    if self.health is not None:
+                        progress = message.round if message.type == wire.HEARTBEAT else None
+                        self.health.heard(message.sender, time.monotonic(), progress)
+                    if message.type != wire.HEARTBEAT:
+                        messages.append(message)
+                if time.monotonic() >= deadline:
+                    break
+        self._drops.tick()
+        return messages
 
     def _check(self, frames) -> wire.Message | None:
-        self.bytes_received += wire.message_bytes(frames)
+        nbytes = wire.message_bytes(frames)
+        self.bytes_received += nbytes
+        self.messages_received += 1
+        fd = _source_fd(frames)
+        if fd >= 0 and self._watch is not None:
+            delivered = self._watch.delivered
+            delivered[fd] = delivered.get(fd, 0) + nbytes + FRAME_OVERHEAD * len(frames)
         # With CURVE the ZAP handler set User-Id to the authenticated peer's name; the
         # header's sender must be that peer, or a site could speak for another.
         authenticated = frames[0].get("User-Id") if self._auth is not None and frames else None
         if self._auth is not None and not authenticated:
             return self.drop("unauthenticated", "message without an authenticated User-Id")
+        now = time.monotonic()
+        sender = authenticated or f"connection {fd}"  # without CURVE: per connection
+        budget = self._budgets.get(sender)
+        if budget is None:
+            if len(self._budgets) > 4096:  # only without CURVE, where connections come and go
+                self._budgets = {k: b for k, b in self._budgets.items() if now - b.seen < 60}
+            budget = self._budgets[sender] = _SenderBudget(self.limits, self.max_message_bytes, self._quarantine_s, now)
+        if len(frames) > self.max_frames or nbytes > self.max_message_bytes:
+            budget.admit(0, now)  # counts against its message rate
+            return self.drop("oversized", f"{len(frames)} frames, {nbytes:,} bytes from {sender}; a message of "
+                             f"this model has at most {self.max_frames} frames and {self.max_message_bytes:,} bytes")
+        quarantined_until = budget.until
+        refused = budget.admit(nbytes, now)
+        if budget.until != quarantined_until:  # one line per quarantine, however long the flood
+            log.warning("%s: %s sent more than %d messages over its rate; its messages are dropped for %g s",
+                        self.name, sender, self.limits.quarantine_after, self._quarantine_s)
+        if refused == "quarantined":
+            return self.drop(refused, f"from {sender}, quarantined for {budget.until - now:.1f} s more")
+        if refused:
+            return self.drop(refused, f"{sender} is over {self.limits.messages_per_s:g} messages/s or "
+                             f"{self.limits.models_per_s:g} x {self.max_message_bytes:,} bytes/s")
         try:
             message = wire.decode(
                 frames, federation=self.federation, senders=self.peer_names,
                 tensor_spec=self.tensor_spec, authenticated_sender=authenticated,
+                max_seq=wire.seq_ceiling(time.time_ns()),
             )
         except wire.WireError as err:
             return self.drop("malformed", str(err))
@@ -227,14 +605,39 @@ class Peer:
         return message
 
     def drop(self, reason: str, detail: str) -> None:
-        """Counts and logs a dropped message: one line naming the rule it broke."""
-        self.dropped[reason] += 1
-        log.warning("%s: dropped message (%s): %s", self.name, reason, detail)
+        """Counts a dropped message under `reason`; logs it, or only counts it in the
+        periodic summary line once this window logged a few of that reason."""
+        self._drops.drop(reason, detail)
 
     def close(self) -> None:
         for sock in self._dealers.values():
             sock.close()
-        self._router.close()
+        if self._watch is not None:
+            self._watch.stop()
+            try:
+                self._router.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._watch.join(timeout=5)
+        if self._router is not None:
+            self._router.close()
         if self._auth is not None:
             self._auth.stop()
+        self._drops.tick(force=True)
         self._ctx.term()
+
+
+def _source_fd(frames) -> int:
+    """The file descriptor of the connection a received message came on (-1 if unknown)."""
+    try:
+        return int(frames[-1].get(zmq.SRCFD)) if frames and hasattr(frames[-1], "get") else -1
+    except (zmq.ZMQError, TypeError, ValueError):
+        return -1
+
+
+def _port_of(endpoint: str) -> int:
+    """The TCP port of a bound endpoint like "tcp://127.0.0.1:5701" (-1 for any other transport)."""
+    try:
+        return int(endpoint.rsplit(":", 1)[1]) if endpoint.startswith("tcp://") else -1
+    except (IndexError, ValueError):
+        return -1

@@ -78,6 +78,10 @@ COMMITMENT_BYTES = 32
 SHARE_BYTES = 16
 ENCRYPTED_SHARE_BYTES = 12 + SHARE_BYTES + 16  # AES-GCM nonce, share, tag
 SHARE_PREFIX = "share/"
+# A sender's seq starts from its clock (microseconds since the epoch) and increases; one
+# further ahead of the receiver's clock than this is refused, so that no key holder can
+# push a receiver's last seq to 2**64 - 1 and lock itself (or, restarted, the site) out.
+MAX_SEQ_AHEAD_US = 10 * 86_400 * 1_000_000  # 10 days
 
 TensorSpec = Sequence[tuple[str, str, tuple[int, ...]]]
 
@@ -137,6 +141,7 @@ def decode(
     senders: frozenset[str] | set[str],
     tensor_spec: TensorSpec,
     authenticated_sender: str | None = None,
+    max_seq: int | None = None,
 ) -> Message:
     """Checks every field of a received message, then returns it.
 
@@ -148,6 +153,7 @@ def decode(
             must match it exactly.
         authenticated_sender: the peer name the transport authenticated (CURVE User-Id);
             when given, the header's sender must equal it.
+        max_seq: the largest seq accepted (`seq_ceiling()`); None: no upper bound.
 
     Raises:
         WireError: with a one-line reason; the caller drops the message and counts it.
@@ -178,6 +184,8 @@ def decode(
     seq = _field(header, "seq", int)
     if seq < 0:
         raise WireError(f"negative seq {seq}")
+    if max_seq is not None and seq > max_seq:
+        raise WireError(f"seq {seq} is more than {MAX_SEQ_AHEAD_US // 86_400_000_000} days ahead of this clock")
     meta = _field(header, "meta", dict)
     _check_meta(meta)
     listed = _field(header, "tensors", list)
@@ -219,6 +227,39 @@ def expected_spec(msg_type: str, tensor_spec: TensorSpec, meta: Mapping[str, Any
             raise WireError("meta.have is not a bool")
         return [("run_key", "uint8", (RUN_KEY_BYTES,))]
     return list(tensor_spec) if msg_type in TENSOR_TYPES else []
+
+
+def seq_ceiling(now_ns: int) -> int:
+    """The largest seq a receiver whose clock reads `now_ns` (time.time_ns()) accepts."""
+    return now_ns // 1000 + MAX_SEQ_AHEAD_US
+
+
+# The limits below bound what the peer accepts before decoding (peer.py); a new message type
+# whose frames or size exceed them must raise them here.
+def max_frame_bytes(tensor_spec: TensorSpec) -> int:
+    """The largest frame a legitimate message can carry for this model: the header (at most
+    MAX_HEADER_BYTES), one model tensor, or the secure-sum vector (uint32, the flat model's length)."""
+    tensors = [np.dtype(d).itemsize * int(np.prod(s, dtype=np.int64)) for _, d, s in tensor_spec]
+    return max([MAX_HEADER_BYTES, 4 * _flat_length(tensor_spec), ENCRYPTED_SHARE_BYTES, *tensors])
+
+
+def max_frames(tensor_spec: TensorSpec) -> int:
+    """The most frames a legitimate message can have: the header, then the model twice (a
+    ring's last cycle: model + average) or a secure-sum vector, its commitment or correction,
+    and one share per peer name (at most MAX_NAMES)."""
+    return 1 + max(2 * len(tensor_spec), 2 + MAX_NAMES)
+
+
+def max_message_bytes(tensor_spec: TensorSpec) -> int:
+    """The largest legitimate message for this model: a header and the model twice (model +
+    average), or a secure-sum vector with its commitment and MAX_NAMES encrypted shares."""
+    model = sum(np.dtype(d).itemsize * int(np.prod(s, dtype=np.int64)) for _, d, s in tensor_spec)
+    secure = 4 * _flat_length(tensor_spec) + COMMITMENT_BYTES + MAX_NAMES * ENCRYPTED_SHARE_BYTES
+    return MAX_HEADER_BYTES + max(2 * model, secure)
+
+
+def _flat_length(tensor_spec: TensorSpec) -> int:
+    return sum(int(np.prod(s, dtype=np.int64)) for _, _, s in tensor_spec)
 
 
 def names_field(meta: Mapping[str, Any], key: str) -> tuple[str, ...]:
