@@ -3,7 +3,8 @@
 Holds JSON-able state (under the key `state.json`, as bytes) and named arrays: the learner's
 state (weights, optimiser, RNG, privacy spent) and the protocol's (round, the models it must
 not lose, the secure sums it joined). A `kill -9` at any moment leaves either the previous
-checkpoint or the new one, never a torn file; no pickle is ever read back.
+checkpoint or the new one, never a torn file; no pickle is ever read back. The file is the
+owner's alone (0600).
 """
 
 from __future__ import annotations
@@ -29,11 +30,20 @@ def save_checkpoint(path: Path, state: dict, arrays: dict[str, np.ndarray]) -> N
         raise ValueError(f"array name {_STATE_KEY!r} is reserved")
     tmp = path.with_name(path.name + ".tmp")
     payload = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    with open(tmp, "wb") as f:
-        np.savez(f, **{_STATE_KEY: payload}, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)  # a write a kill -9 interrupted
+    # Private from its creation (it holds the site's own, unmasked model), and never through
+    # a file or link someone else put there.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # exact, whatever the umask
+            np.savez(f, **{_STATE_KEY: payload}, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

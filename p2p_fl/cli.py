@@ -25,6 +25,9 @@ from p2p_fl.net import Curve, KeyFileError, load_secret_key
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # Every file p2p-fl writes is its user's alone: checkpoints and final models (a site's
+    # own, unmasked model), metrics, data shards, logs. (keygen's public key is 0644 on purpose.)
+    os.umask(0o077)
     try:
         return args.func(args)
     except (ConfigError, DataError, KeyFileError, CheckpointError) as err:

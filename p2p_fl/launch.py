@@ -1,7 +1,8 @@
 """`p2p-fl launch`: a whole federation on one machine, one OS process per site.
 
 It partitions the data into one shard file per site (each node reads only its own), makes a
-CURVE key pair per site under OUT/keys/, picks free loopback ports, writes the topology it actually runs to OUT/topology.toml, starts the
+fresh CURVE key pair per site under OUT/keys/ (every run: old keys are deleted), picks free
+loopback ports, writes the topology it actually runs to OUT/topology.toml, starts the
 nodes, shows their progress live, and collects their results into OUT/summary.json.
 
 With `netns`, each node runs alone in a network namespace (`p2p_fl.netns`) at its own
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,11 +117,17 @@ def prepare(topology: Topology, out: Path, console: Console,
     else:
         addresses = [f"tcp://{hosts.address(i)}:{NETNS_PORT}" for i in range(len(topology.peers))]
     public_keys = {p.name: "" for p in topology.peers}
-    if not topology.network.insecure:  # fresh identities for a local simulation
+    # Fresh identities for every launch, a rerun into the same OUT too: no secret file of an
+    # earlier run (which may have been copied or read meanwhile) is ever used again.
+    keys = out / "keys"
+    if keys.is_symlink() or keys.is_file():
+        keys.unlink()
+    shutil.rmtree(keys, ignore_errors=True)
+    if keys.exists():
+        raise RuntimeError(f"{keys}: cannot remove the keys of an earlier run")
+    if not topology.network.insecure:
         for p in topology.peers:
-            public_path = out / "keys" / f"{p.name}.key"
-            if not public_path.exists():  # a rerun into the same OUT keeps its keys
-                public_path, _ = generate_keypair(out / "keys", p.name)
+            public_path, _ = generate_keypair(keys, p.name)
             public_keys[p.name] = load_public_key(public_path)
     peers = tuple(PeerConfig(p.name, address, public_keys[p.name])
                   for p, address in zip(topology.peers, addresses))
@@ -259,7 +267,8 @@ def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | N
 def _start(node: _NodeProcess, env: dict, events: queue.Queue) -> None:
     """Starts (or starts again) the node's process; its pid goes to FOLDER/node.pid while it runs."""
     with (node.folder / "node.log").open("ab") as log_file:  # a restart appends to the same log
-        node.proc = subprocess.Popen(node.cmd, stdout=subprocess.PIPE, stderr=log_file, env=env)
+        # umask 077: the node's checkpoint, models and metrics are private (as with `p2p-fl node`).
+        node.proc = subprocess.Popen(node.cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, umask=0o077)
     pid_file = node.folder / "node.pid"
     pid_file.with_suffix(".pid.tmp").write_text(f"{node.proc.pid}\n")
     os.replace(pid_file.with_suffix(".pid.tmp"), pid_file)  # a reader never sees half a pid

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import zmq
@@ -18,6 +20,19 @@ from zmq.utils import z85
 
 class KeyFileError(ValueError):
     """A key file or key string that cannot be used; the message names it."""
+
+
+# A key's name becomes part of file names: letters, digits, '-', '_', '.'; 1-64 characters,
+# not starting with '.' (no hidden files, no '..', no path separators).
+_KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+def check_key_name(name: str) -> str:
+    """`name` if it may name a key pair; KeyFileError saying why not otherwise."""
+    if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+        raise KeyFileError(f"--name {str(name)[:80]!r} must be 1-64 letters, digits, '-', '_' or '.', "
+                           "not starting with '.'")
+    return name
 
 
 def is_public_key(text: str) -> bool:
@@ -39,15 +54,18 @@ def generate_keypair(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     Returns:
         (public key path, secret key path).
     """
+    check_key_name(name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     public, secret = zmq.curve_keypair()
     public_path, secret_path = out_dir / f"{name}.key", out_dir / f"{name}.key_secret"
-    if secret_path.exists():
+    if secret_path.exists() or secret_path.is_symlink():
         raise KeyFileError(f"{secret_path} already exists; refusing to overwrite a secret key")
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    # The secret first, and only where no file is: of two keygens at once, one wins and
+    # the loser writes no public key either.
+    _write_atomic(secret_path, _certificate(public, secret, name, stamp), 0o600, overwrite=False)
     _write_atomic(public_path, _certificate(public, None, name, stamp), 0o644)
-    _write_atomic(secret_path, _certificate(public, secret, name, stamp), 0o600)
     return public_path, secret_path
 
 
@@ -99,16 +117,38 @@ def _certificate(public: bytes, secret: bytes | None, name: str, stamp: str) -> 
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)  # mode set at creation, never wider
+def _write_atomic(path: Path, text: str, mode: int, *, overwrite: bool = True) -> None:
+    """Writes `text` to `path` with exactly `mode`, atomically: a temporary file with a random
+    name, created exclusively (O_EXCL, mode 0600 from the start), then renamed over `path`,
+    or, without `overwrite`, hard-linked to it (which fails if `path` exists)."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), mode)  # exact, whatever the umask
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # umask may have narrowed it; make it exact
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise KeyFileError(f"{path} already exists; refusing to overwrite a secret key") from None
+        except OSError:  # a file system without hard links: create it exclusively instead
+            _write_exclusive(path, text, mode)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def _write_exclusive(path: Path, text: str, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"{path} already exists; refusing to overwrite a secret key") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fchmod(f.fileno(), mode)
+        os.fsync(f.fileno())
