@@ -389,3 +389,35 @@ def test_a_group_of_four_survives_one_dropout_with_pairwise_corrections():
         assert final.meta["kept_own"] is False and final.meta["dropped"] == "e" and final.meta["survivors"] == 3
         for k in expected:
             np.testing.assert_allclose(final.weights[k], expected[k], atol=1e-6)
+
+
+def test_a_bad_group_request_is_refused_when_it_arrives_not_when_training_ends():
+    """Reviewed on the old code: a bad request waited for the member's training, then raised
+    inside on_trained, which nothing caught: the node crashed (6 times in 90 s)."""
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    sites = {n: gossip(n, graph, rounds=2, secure=setups) for n in graph}
+    start_all(sites)  # a is training round 0
+    a = sites["a"]
+    for meta in ({"members": "a,c", "threshold": 1}, {"members": "a,b", "threshold": 2}):
+        with pytest.raises(wire.WireError, match="refused"):
+            a.on_message(wire.Message(wire.GOSSIP_GROUP, "fed", "b", 0, 0, {}, meta), 0.0)
+    actions = a.on_trained(0, random_model("a", 0), 0.0)  # nothing waits that could raise
+    assert {x.type for x in actions if isinstance(x, Send)} == {wire.GOSSIP_GROUP}
+
+
+def test_a_member_whose_own_model_went_nan_refuses_the_waiting_request_and_goes_on():
+    from p2p_fl.protocols import Refuse
+
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    sites = {n: gossip(n, graph, rounds=2, secure=setups) for n in graph}
+    start_all(sites)
+    a = sites["a"]
+    request = wire.Message(wire.GOSSIP_GROUP, "fed", "b", 0, 0, {}, {"members": "a,c,d", "threshold": 2})
+    assert a.on_message(request, 0.0) == []  # valid: waits for a's training
+    broken = {k: np.full_like(v, np.nan) for k, v in random_model("a", 0).items()}
+    actions = a.on_trained(0, broken, 0.0)
+    refusals = [x for x in actions if isinstance(x, Refuse)]
+    assert len(refusals) == 1 and "NaN" in refusals[0].reason
+    assert not [x for x in actions if isinstance(x, Send) and x.type == wire.GOSSIP_MASKED]

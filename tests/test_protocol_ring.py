@@ -185,3 +185,16 @@ def test_a_running_mean_that_claims_more_models_than_hops_is_refused():
     tensors = {"w": np.zeros(2, np.float32), "average/w": np.zeros(2, np.float32)}
     with pytest.raises(wire.WireError, match="does not fit"):
         p.on_message(message(wire.MODEL_AVERAGE, "a", 3, tensors, averaged=5), 0)
+
+
+def test_the_last_holder_s_predecessor_cannot_just_claim_it_was_skipped():
+    """Found by the insider suite: the site before the last holder sent it a final model at
+    the start, as if it had been skipped; it finished at once with an untrained model."""
+    p = ring("b", ["a", "m", "b", "a", "m", "b"])
+    with pytest.raises(wire.WireError, match="last holder"):
+        p.on_message(message(wire.FINAL, "m", 6, W), 0)
+    p.on_peers(set(), set(), {"m": 999}, 0)  # m's own word does not count
+    with pytest.raises(wire.WireError, match="last holder"):
+        p.on_message(message(wire.FINAL, "m", 6, W), 0)
+    p.on_peers(set(), set(), {"a": 4}, 0)  # a handed hop 4 to m: we were skipped at hop 5
+    assert isinstance(p.on_message(message(wire.FINAL, "m", 6, W), 0)[1], Finish)

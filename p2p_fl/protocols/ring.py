@@ -172,7 +172,7 @@ class RingProtocol:
         if msg.type == wire.FINAL:
             if msg.round != self.num_hops:
                 raise wire.WireError(f"final model for round {msg.round}, expected {self.num_hops}")
-            if msg.sender not in self._handers(self.num_hops):
+            if not self._may_hand(self.num_hops, msg.sender):
                 raise wire.WireError(f"final model from {msg.sender}, who is not the ring's last holder")
             if self.finished:
                 return [ack]  # a resend: our ack was lost
@@ -189,7 +189,7 @@ class RingProtocol:
                 return [ack]  # a resend of a hop we already took, or a repaired hop's twin
             if msg.round >= self.num_hops or self.schedule[msg.round] != self.me:
                 raise wire.WireError(f"hop {msg.round} is not {self.me}'s to train")
-            if msg.sender not in self._handers(msg.round):
+            if not self._may_hand(msg.round, msg.sender):
                 raise wire.WireError(f"{msg.sender} does not hand on hop {msg.round} by the schedule")
             if not self._due(msg.round, msg.sender):
                 raise wire.WireError(f"hop {msg.round} from {msg.sender} is ahead of where the ring is")
@@ -302,30 +302,33 @@ class RingProtocol:
         return [Finish(self._final, meta={"hops": self.num_hops, "skipped": len(self.skipped),
                                           "repaired": self.repaired})]
 
-    def _handers(self, hop: int) -> set[str]:
-        """The sites that may hand us `hop` (num_hops: the final model): the one the schedule
-        puts before it, or, walking back, each site before a site we see dead or that was
-        skipped (ourselves at a hop we never took), within one cycle."""
-        sites: set[str] = set()
+    def _may_hand(self, hop: int, sender: str) -> bool:
+        """Whether `sender` may hand us `hop` (num_hops: the final model): it is the site the
+        schedule puts before it or, walking back within one cycle, before a site we see dead
+        or a hop of ours we never took. We count ourselves skipped only if a third site's
+        heartbeats put the ring at that hop: else any predecessor could claim we were."""
         for k in range(hop - 1, max(-1, hop - 1 - self.cycle_length), -1):
             site = self.schedule[k]
             if site == self.me:
-                if k <= self.last_round_accepted:
-                    break  # we held it and handed it on ourselves
-                continue  # we were skipped there
-            sites.add(site)
+                if k <= self.last_round_accepted or not self._vouched(k - 1, sender):
+                    return False
+                continue
+            if site == sender:
+                return True
             if site not in self._dead:
-                break
-        return sites
+                return False
+        return False
+
+    def _vouched(self, hop: int, sender: str) -> bool:
+        """A site other than `sender` (and us) reports the ring at `hop` or later."""
+        others = [r for site, r in self._peer_progress.items() if site not in (sender, self.me)]
+        return max(others, default=-1) >= hop
 
     def _due(self, hop: int, sender: str) -> bool:
         """Whether the ring can be at `hop`: it is our next hop, or a site other than the
         sender reports a hop within one cycle of it (one site cannot vouch for itself)."""
         mine = [h for h in range(self.last_round_accepted + 1, self.num_hops) if self.schedule[h] == self.me]
-        if mine and mine[0] == hop:
-            return True
-        others = [r for site, r in self._peer_progress.items() if site not in (sender, self.me)]
-        return max(others, default=-1) >= hop - self.cycle_length
+        return (mine and mine[0] == hop) or self._vouched(hop - self.cycle_length, sender)
 
     def _train(self, round: int, weights: Weights | None) -> Train:
         return Train(round, weights, progress=round / self.num_hops, meta={"cycle": self.cycle_of[round]})
