@@ -151,6 +151,10 @@ def run_node(
         The result dict also written to out_dir/result.json.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "result.json").exists() and not (out_dir / CHECKPOINT_FILE).exists():
+        # A site takes part in a run once: its run keys went with the checkpoint, and the
+        # finished run's metrics, model and result stay as they are.
+        raise CheckpointError(f"{out_dir} holds a finished run (result.json); use another --out")
     started = time.monotonic()
     me = topology.peer(name)
     dp = dp_config(topology, len(data.train))
