@@ -16,7 +16,7 @@ from pathlib import Path
 import tomli_w
 
 from p2p_fl.data import parse_partition
-from p2p_fl.federate import mixing, robust
+from p2p_fl.federate import isolating_view, mixing, robust
 from p2p_fl.net.keys import is_public_key
 
 PROTOCOLS = ("swt", "cwt", "gossip", "local", "ensemble")
@@ -416,10 +416,11 @@ def _check_gossip(t: Topology, fail) -> None:
     if not mixing.is_connected(graph):
         fail(f"gossip.graph {g.graph!r} is disconnected: every peer must reach every other")
     if g.secure:
-        small = sorted(n for n, nbrs in graph.items() if len(nbrs) < 2)
-        if small:
-            fail(f"gossip.graph {g.graph!r}: {', '.join(small)} has fewer than 2 neighbours, "
-                 "too few for a secure sum (gossip.secure = true)")
+        leak = isolating_view(graph)
+        if leak:
+            site, other = leak
+            fail(f"gossip.graph {g.graph!r}: a secure sum at {site} would reveal {other}'s model alone "
+                 f"({site} has fewer than 2 neighbours, too few for a secure sum; gossip.secure = true)")
     if not g.round_timeout_s > 0:
         fail("gossip.round_timeout_s must be > 0")
     if not g.clip > 0:

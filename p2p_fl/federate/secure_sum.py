@@ -167,6 +167,46 @@ def shared_secrets_with(secret_key: str | bytes, public_keys: Mapping[str, str |
     return out
 
 
+def isolated_sites(rows: list[Mapping[str, float]]) -> list[str]:
+    """The sites whose model alone the linear combinations `rows` reveal: site j such that
+    the unit vector of j lies in their row space (rank([rows; e_j]) == rank(rows)).
+
+    Args:
+        rows: coefficient maps, site -> weight of its model in one combination a site learns.
+    """
+    sites = sorted({s for row in rows for s in row})
+    if not rows:
+        return []
+    matrix = np.array([[row.get(s, 0.0) for s in sites] for row in rows], np.float64)
+    rank = np.linalg.matrix_rank(matrix)
+    return [s for i, s in enumerate(sites)
+            if np.linalg.matrix_rank(np.vstack([matrix, np.eye(len(sites))[i]])) == rank]
+
+
+def round_view(graph: Mapping[str, set[str]], site: str) -> list[dict[str, float]]:
+    """What `site` learns of the others' models in one secure-gossip round, as rows for
+    `isolated_sites`: the one sum it aggregates (members join one sum per round and
+    aggregator, `JoinedRounds`; a site that rejoins does so through that sum), over its
+    neighbours less the most an announcement may drop (`max_dropped`). Nothing else: no
+    message hands a site a neighbour's model or mix. Returns [] where no sum can run."""
+    neighbours = sorted(graph[site])
+    n = len(neighbours)
+    if n == 0:
+        return []
+    fewest = max(1, n - max_dropped(n, default_threshold(n)))
+    return [{k: 1.0 for k in neighbours[:fewest]}]
+
+
+def isolating_view(graph: Mapping[str, set[str]]) -> tuple[str, str] | None:
+    """(site, other) when what `site` learns in a round would reveal `other`'s model alone
+    (a cheap rank test over `round_view`); None when no site's view isolates anyone."""
+    for site in sorted(graph):
+        isolated = isolated_sites(round_view(graph, site))
+        if isolated:
+            return site, isolated[0]
+    return None
+
+
 def check_request(request: GroupRequest, *, federation: str, me: str,
                   topology: Mapping[str, set[str]], shared: Mapping[str, bytes]) -> str | None:
     """Why an honest member refuses this group request (None: it may join), checked as the
