@@ -182,7 +182,7 @@ def topology(gossip_table):
     ('graph = "star"', "gossip.graph: 'star' is not one of"),
     ('graph = "regular:3"\nsecure = false\n', None),
     ('graph = "regular:5"', "gossip.graph: a 5-regular graph needs"),
-    ('graph = "edges"\nedges = [["a", "b"], ["b", "c"], ["c", "d"]]', "at a would reveal b.s model alone"),
+    ('graph = "edges"\nedges = [["a", "b"], ["b", "c"], ["c", "d"]]', "a secure sum at a would reveal b's model alone"),
     ('graph = "edges"\nedges = [["a", "b"], ["b", "c"], ["c", "d"]]\nsecure = false', None),
     ('round_timeout_s = 0', "gossip.round_timeout_s"),
     ('samples = {a = 1, b = 2, c = 3}', "gossip.samples has no count for d"),
