@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zmq
 
 from p2p_fl.launch import free_ports
@@ -31,7 +30,7 @@ SPEC = wire.spec_of(WEIGHTS)
 # pulse) until its stdin closes, printing one JSON line per message it accepts and a
 # last line with its figures.
 VICTIM = r"""
-import json, logging, resource, sys, threading, time
+import json, logging, os, resource, sys, threading, time
 config = json.loads(sys.argv[1])
 if config.get("nofile"):
     resource.setrlimit(resource.RLIMIT_NOFILE, (config["nofile"], config["nofile"]))
@@ -62,6 +61,7 @@ except OSError:
 rss0 = status("VmRSS")
 print(json.dumps({"ready": True, "rss": rss0}), flush=True)
 most_read, turns, longest_turn, last = 0, 0, 0.0, time.monotonic()
+open_failures, open_ok = 0, True
 deadline = time.monotonic() + config["deadline_s"]
 while not stop.is_set() and time.monotonic() < deadline:
     before = peer.messages_received
@@ -69,11 +69,17 @@ while not stop.is_set() and time.monotonic() < deadline:
         print(json.dumps({"got": [msg.sender, msg.type, msg.round]}), flush=True)
     most_read = max(most_read, peer.messages_received - before)
     peer.pulse(7)
+    try:  # what a node does each round (metrics, checkpoint): it needs a free file descriptor
+        open(os.devnull).close()
+        open_failures, open_ok = open_failures, True
+    except OSError:
+        open_failures, open_ok = open_failures + 1, False
     now = time.monotonic()
     turns, longest_turn, last = turns + 1, max(longest_turn, now - last), now
 peer.close()
 print(json.dumps({"dropped": dict(peer.dropped), "received": peer.messages_received, "most_read": most_read,
                   "turns": turns, "longest_turn_s": longest_turn, "sent": peer.messages_sent,
+                  "open_failures": open_failures, "open_ok": open_ok,
                   "rss0": rss0, "hwm": status("VmHWM")}), flush=True)
 """
 
@@ -218,11 +224,11 @@ def test_a_junk_flood_from_an_insider_neither_starves_heartbeats_nor_honest_peer
     assert figures["most_read"] <= 256  # one receive() reads a bounded number of messages
     # Every junk message b read is counted; most were never decoded (over the rate, quarantined).
     junk = sum(dropped.values())
-    assert junk >= figures["received"] - 100 and junk >= 10_000, (junk, figures["received"])
+    assert junk >= figures["received"] - 1000 and junk >= 10_000, (junk, figures["received"])  # a's are few
     assert dropped.get("rate-limited", 0) + dropped.get("quarantined", 0) > dropped.get("malformed", 0)
     assert dropped.get("quarantined", 0) > 0
     # The log: a few lines per reason, then summaries; not one line per message.
-    assert len(log.splitlines()) < 60, log[-3000:]
+    assert len(log.splitlines()) < 100, log[-3000:]  # the old peer logged one line per message
     assert "messages or connections (" in log and "in the last" in log
 
 
@@ -297,9 +303,10 @@ def test_idle_tcp_connections_cannot_exhaust_file_descriptors():
         if victim is not None and victim.proc.poll() is None:
             victim.proc.kill()
             victim.proc.wait()
-    print(f"idle connections: dropped {figures['dropped']}")
+    print(f"idle connections: dropped {figures['dropped']}, open() failed {figures['open_failures']} times")
     assert alive and victim.proc.returncode == 0
     assert got is not None
+    assert figures["open_ok"]  # b can open files again (with 600 connections still held by the test)
     cut = figures["dropped"].get("idle-connection", 0) + figures["dropped"].get("plaintext-or-bad-handshake", 0)
     assert cut >= 100, figures["dropped"]
 
