@@ -108,6 +108,7 @@ def test_plain_gossip_with_median_ignores_a_neighbour_sending_huge_weights():
     for rule in ("mean", "median", "trimmed-mean"):
         site = GossipProtocol("a", graph, mixing_weights(graph, {}), 1, round_timeout_s=10.0,
                               aggregation=rule, trim=0.25)
+        site.start(0.0)
         actions = site.on_trained(0, model(1.0), now=0.0)
         assert all(isinstance(a, Send) for a in actions)
         for sender, value in (("b", 2.0), ("c", 3.0), ("d", 1e6)):
