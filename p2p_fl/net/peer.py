@@ -63,6 +63,7 @@ LOG_WINDOW_S = 10.0
 LOG_KEYS = 16  # distinct unknown keys whose refusal is logged by name
 WATCH_TICK_S = 0.02  # how often the watcher thread looks at the connections
 WATCH_PER_TICK = 256  # connections it measures per tick (in turn when there are more)
+IDLE_CUT_EVENTS_S = 10.0  # a cut idle connection's failed handshake is reported within this
 _TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info (>= 4.1)
 _MONITOR_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_MONITOR_STOPPED)
@@ -259,6 +260,7 @@ class _ConnectionWatch(threading.Thread):
         self._accepted: dict[int, float] = {}  # fd -> accepted at (monotonic)
         self._cut: set[int] = set()
         self._cut_handshakes = 0  # idle connections cut whose failed handshake is still to be reported
+        self._last_idle_cut = float("-inf")
         self._turn = 0
         # fd -> wire bytes delivered as messages; written by the receiving thread.
         self.delivered: dict[int, int] = {}
@@ -298,7 +300,8 @@ class _ConnectionWatch(threading.Thread):
             self._accepted.pop(value, None)
             self.delivered.pop(value, None)
             self._cut.discard(value)
-        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._cut_handshakes > 0:
+        elif (kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._cut_handshakes > 0
+              and time.monotonic() - self._last_idle_cut < IDLE_CUT_EVENTS_S):
             self._cut_handshakes -= 1  # one we cut as idle, already counted
         else:  # a handshake that failed: no CURVE, not ZMTP at all, or too slow
             what = "protocol error" if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else "closed or timed out"
@@ -329,7 +332,10 @@ class _ConnectionWatch(threading.Thread):
             for _, fd in idle[:excess]:
                 if self._shutdown(fd, "idle-connection", f"more than {self._idle_limit} connections never "
                                   "delivered a message; cut the oldest"):
+                    if now - self._last_idle_cut >= IDLE_CUT_EVENTS_S:
+                        self._cut_handshakes = 0  # those cut after their handshake never report one
                     self._cut_handshakes += 1
+                    self._last_idle_cut = now
 
     def _socket(self, fd: int) -> socket.socket | None:
         """The inbound TCP connection behind `fd` (to detach after use), or None if it is not one now."""
