@@ -304,9 +304,7 @@ class _ConnectionWatch(threading.Thread):
               and time.monotonic() - self._last_idle_cut < IDLE_CUT_EVENTS_S):
             self._cut_handshakes -= 1  # one we cut as idle, already counted
         else:  # a handshake that failed: no CURVE, not ZMTP at all, or too slow
-            what = "protocol error" if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else "closed or timed out"
-            self._drops.drop("plaintext-or-bad-handshake",
-                             f"a connection failed its handshake ({what}, code {value}): no CURVE, not ZeroMQ, or idle")
+            self._drops.drop("plaintext-or-bad-handshake", f"a connection failed its handshake: {_handshake_failure(kind, value)}")
         return True
 
     def _check(self, now: float) -> None:
@@ -647,3 +645,13 @@ def _port_of(endpoint: str) -> int:
         return int(endpoint.rsplit(":", 1)[1]) if endpoint.startswith("tcp://") else -1
     except (IndexError, ValueError):
         return -1
+
+
+def _handshake_failure(kind: int, value: int) -> str:
+    """Words for a failed-handshake monitor event (its value: a ZMTP protocol error or an errno)."""
+    if kind != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return f"closed or timed out before it finished (errno {value}): a scanner, an idle or a slow client"
+    if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return "mechanism mismatch: a client without CURVE (plaintext)"
+    names = [n for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_") and getattr(zmq, n) == value]
+    return f"protocol error {names[0][len('PROTOCOL_ERROR_'):] if names else hex(value)}: not ZeroMQ, or a broken client"
