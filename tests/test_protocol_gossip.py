@@ -421,3 +421,15 @@ def test_a_member_whose_own_model_went_nan_refuses_the_waiting_request_and_goes_
     refusals = [x for x in actions if isinstance(x, Refuse)]
     assert len(refusals) == 1 and "NaN" in refusals[0].reason
     assert not [x for x in actions if isinstance(x, Send) and x.type == wire.GOSSIP_MASKED]
+
+
+def test_a_trained_model_is_checkpointed_before_it_leaves():
+    """Found in review: plain gossip sent its trained model with no checkpoint after the
+    training; a crash then resumed with the key from before it, and a DP site would have
+    trained again with the same noise (two releases, one noise) and not counted the first."""
+    graph = complete("abc")
+    a = gossip("a", graph, rounds=2)
+    a.start(0.0)
+    a.checkpoint_due = False
+    actions = a.on_trained(0, model(1.0), 0.0)
+    assert [x.type for x in actions if isinstance(x, Send)] == [wire.GOSSIP_MODEL] * 2 and a.checkpoint_due

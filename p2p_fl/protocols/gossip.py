@@ -245,6 +245,10 @@ class GossipProtocol:
         self._own = weights
         self._mixing = True
         self._deadline = now + self.round_timeout_s
+        # The learner's state after this training (its key, the DP steps taken) is on disk
+        # before the model leaves: a restart never trains again with the same noise, and
+        # the privacy this release spent stays counted.
+        self.checkpoint_due = True
         if self.secure is None:
             return [Send(n, wire.GOSSIP_MODEL, round, weights) for n in self._live(round)] + self._mix_plain(now)
         flat, _ = flatten(weights)
