@@ -198,3 +198,25 @@ def test_the_last_holder_s_predecessor_cannot_just_claim_it_was_skipped():
         p.on_message(message(wire.FINAL, "m", 6, W), 0)
     p.on_peers(set(), set(), {"a": 4}, 0)  # a handed hop 4 to m: we were skipped at hop 5
     assert isinstance(p.on_message(message(wire.FINAL, "m", 6, W), 0)[1], Finish)
+
+
+def test_a_site_back_from_a_cut_link_takes_the_final_of_the_site_that_gave_up_on_it():
+    """Found on network namespaces: c's link was down while b handed it the last hop; b gave
+    up, ended the ring and sent the final; when the link came back c got the queued hop,
+    then the final, refused it (c held that hop) and ended with a model of its own."""
+    for queued_hop_arrived in (False, True):
+        c = ring("c", ["a", "b", "c", "a", "b", "c"])
+        c.on_message(message(wire.MODEL, "b", 2, W), 0)  # stale: the ring went on without c
+        if queued_hop_arrived:
+            c.on_trained(2, W, 0)
+            assert isinstance(c.on_message(message(wire.MODEL, "b", 5, W), 0)[1], Train)
+        with pytest.raises(wire.WireError, match="last holder"):
+            c.on_message(message(wire.FINAL, "a", 6, W), 0)  # a did not hand c its hops
+        assert isinstance(c.on_message(message(wire.FINAL, "b", 6, W), 0)[1], Finish)
+
+
+def test_a_hander_cannot_end_its_successor_s_run_before_the_last_cycle():
+    b = ring("b", ["a", "m", "b", "a", "m", "b", "a", "m", "b"])
+    b.on_message(message(wire.MODEL, "m", 2, W), 0)
+    with pytest.raises(wire.WireError, match="last holder"):  # b's hop 5 is not of the last cycle
+        b.on_message(message(wire.FINAL, "m", 9, W), 0)

@@ -136,6 +136,7 @@ class RingProtocol:
         self._dead: set[str] = set()
         self._peer_progress: dict[str, int] = {}  # site -> the hop its heartbeats report
         self._handed = -1  # the hop our last acknowledged hand-off went to
+        self._handed_by: str | None = None  # the site that handed us our last hop
         self.resume_wait_s = resume_wait_s
         self._resume_until: float | None = None  # resumed: hold the checkpoint's hop until then
         self.checkpoint_due = False
@@ -194,6 +195,7 @@ class RingProtocol:
             if not self._due(msg.round, msg.sender):
                 raise wire.WireError(f"hop {msg.round} from {msg.sender} is ahead of where the ring is")
             self.last_round_accepted = msg.round
+            self._handed_by = msg.sender
             self._kept = None  # the model came round again: our copy is history
             model, self._average = _split_average(msg.tensors)
             self._averaged = averaged if self._average is not None else 0
@@ -306,11 +308,26 @@ class RingProtocol:
         """Whether `sender` may hand us `hop` (num_hops: the final model): it is the site the
         schedule puts before it or, walking back within one cycle, before a site we see dead
         or a hop of ours we never took. We count ourselves skipped only if a third site's
-        heartbeats put the ring at that hop: else any predecessor could claim we were."""
+        heartbeats put the ring at that hop (else any predecessor could claim we were), or
+        for the final at the end of the run (see below)."""
         for k in range(hop - 1, max(-1, hop - 1 - self.cycle_length), -1):
             site = self.schedule[k]
             if site == self.me:
-                if k <= self.last_round_accepted or not self._vouched(k - 1, sender):
+                if k == self.last_round_accepted:
+                    # The site that gave us this hop may say the ring went on without us
+                    # (it gave up waiting for our acknowledgement): what it handed us was in
+                    # its hands anyway.
+                    return sender == self._handed_by
+                if k < self.last_round_accepted:
+                    return False
+                # Skipped at our hop k: believable if a third site puts the ring past it,
+                # or, for the final model, if the site that handed us our last hop says so
+                # of a hop of the last cycle (we were cut off at the end of the run; that
+                # site could have handed us any model for it anyway).
+                untaken = [h for h in range(self.last_round_accepted + 1, hop) if self.schedule[h] == self.me]
+                end = (hop == self.num_hops and sender == self._handed_by
+                       and all(self.cycle_of[h] == self.cycle_of[-1] for h in untaken))
+                if not (end or self._vouched(k - 1, sender)):
                     return False
                 continue
             if site == sender:
@@ -355,7 +372,7 @@ class RingProtocol:
             "training_weights": self._training is not None and put("training", self._training[1]),
             "pending": [handoff(f"pending{i}", p) for i, p in enumerate(self._pending)],
             "kept": None if self._kept is None else handoff("kept", self._kept),
-            "final": put("final", self._final), "handed": self._handed,
+            "final": put("final", self._final), "handed": self._handed, "handed_by": self._handed_by,
         }
         return state, arrays
 
@@ -370,7 +387,7 @@ class RingProtocol:
 
         self.last_round_accepted = state["last_round_accepted"]
         self.skipped, self.repaired, self.duplicates = list(state["skipped"]), state["repaired"], state["duplicates"]
-        self._averaged, self._handed = state["averaged"], state["handed"]
+        self._averaged, self._handed, self._handed_by = state["averaged"], state["handed"], state["handed_by"]
         self._average = take("average") if state["average"] else None
         if state["training"] is not None:
             self._training = (state["training"], take("training") if state["training_weights"] else None)
