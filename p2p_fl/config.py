@@ -72,7 +72,8 @@ class GossipConfig:
     graph: str = "complete"  # complete | ring | regular:K (random, seeded) | edges
     edges: list = field(default_factory=list)  # [["a", "b"], ...] with graph = "edges"
     graph_seed: int = 0  # draws the regular:K graph
-    # Masked sums of the neighbourhood (DESIGN.md, Security); false: plain averaging.
+    # Masked sums of the neighbourhood (docs/protocols.md, Gossip averaging with secure sums);
+    # false: plain averaging.
     secure: bool = True
     round_timeout_s: float = 120.0  # after its own training, a site waits this long for its neighbours
     # Secure sums encode weights in fixed point in uint32; values beyond +-clip are clipped
@@ -132,7 +133,7 @@ class NetworkConfig:
     handoff_timeout_s: float = 60.0  # then skip the successor that never acknowledged
     run_timeout_s: float = 3600.0  # a node gives up waiting after this
     max_message_mb: int = 512
-    # Liveness (DESIGN.md, Fault tolerance): a heartbeat to every peer this often; a peer
+    # Liveness (docs/architecture.md, Fault tolerance): a heartbeat to every peer this often; a peer
     # silent for peer_timeout_s is dead (a ring skips it or repairs round it, a gossip sum
     # leaves it out) and alive again when it speaks.
     heartbeat_interval_s: float = 1.0

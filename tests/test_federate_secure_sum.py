@@ -1,4 +1,5 @@
-"""federate.secure_sum: the DESIGN.md secure neighbourhood sum, driven step by step.
+"""federate.secure_sum: the secure neighbourhood sum (docs/protocols.md, Gossip averaging with
+secure sums), driven step by step.
 
 Must-pass properties: the masked sum equals the plain weighted sum within the documented
 fixed-point error; dropouts after masking are corrected; masked vectors look uniform; an
@@ -346,7 +347,8 @@ def test_a_second_sum_in_the_same_round_is_refused():
 
 
 def naive_release(member, survivors, dropped, ann):
-    """What a member following only the DESIGN rules (no limit on |D|) would release."""
+    """What a member following only the double-masking rules, without the limit on |D|
+    (`max_dropped`), would release."""
     req = member.request
     got = {member.me: member.own_share}
     for j in survivors:

@@ -1,4 +1,5 @@
-"""Pairwise and self masks for the secure neighbourhood sum (DESIGN.md, Security).
+"""Pairwise and self masks for the secure neighbourhood sum (docs/architecture.md, Security;
+docs/protocols.md, Gossip averaging with secure sums).
 
 Member j of aggregator i's group G sends
 

@@ -1,4 +1,5 @@
-"""Secure neighbourhood sum (DESIGN.md, Security): double masking without a server.
+"""Secure neighbourhood sum (docs/protocols.md, Gossip averaging with secure sums): double
+masking without a server.
 
 Aggregator i learns sum_{j in S} w_ij * x_j over the members S of its group G that replied,
 and nothing about any single x_j. Socket-free steps, in protocol order:
@@ -21,12 +22,13 @@ Choices (and why):
 * Threshold t: `default_threshold` = majority of |G|, floor(|G|/2) + 1.
 * How many may drop: at most `max_dropped(|G|, t)` = min(|G| - t, t - 2). |G| - t so the
   survivors hold t shares of every self-mask seed. t - 2 because corrections here are per
-  pair, released by the dropped member's partners (DESIGN), not rebuilt from shares of a
-  key: an aggregator telling different members different stories needs, to unmask j,
-  every pair (j, k) corrected and t shares of b_j; the members that hold shares of b_j for
-  it are only j and the members j was told were dropped, so 1 + |D_j| < t keeps b_j
-  hidden. Each member refuses an announcement that drops more (see the tests for the
-  attack this stops: with |G| = 3 and t = 2 it recovers a model if 1 drop were allowed).
+  pair, released by the dropped member's partners (docs/protocols.md, Gossip averaging
+  with secure sums), not rebuilt from shares of a key: an aggregator telling different
+  members different stories needs, to unmask j, every pair (j, k) corrected and t shares
+  of b_j; the members that hold shares of b_j for it are only j and the members j was
+  told were dropped, so 1 + |D_j| < t keeps b_j hidden. Each member refuses an
+  announcement that drops more (see the tests for the attack this stops: with |G| = 3
+  and t = 2 it recovers a model if 1 drop were allowed).
   Hence groups of 2 or 3 tolerate no dropout (the round keeps its own model); 4-5
   tolerate 1, 6-7 tolerate 2, 8-9 tolerate 3, 10-11 tolerate 4.
 * Sign convention: member j adds sign(j, k) * PRG(seed_jk), sign = +1 if j < k in string
