@@ -138,3 +138,14 @@ def test_limits_from_the_model_cover_every_legitimate_message_and_no_more():
     assert len(average) <= wire.max_frames(spec)
     assert max(len(bytes(f)) for f in average) <= wire.max_frame_bytes(spec)
     assert wire.message_bytes(average) <= wire.max_message_bytes(spec) < 3 * 4 * (512 * 1024 + 1024)
+
+
+def test_a_node_of_the_previous_protocol_version_is_refused_by_name():
+    """Version 1 derived masks without run keys and served models on demand: a mixed
+    federation must fail loudly, not compute garbage sums."""
+    import msgpack
+
+    header = msgpack.unpackb(frames_of()[0])
+    frames = [msgpack.packb({**header, "v": 1}), *frames_of()[1:]]
+    with pytest.raises(wire.WireError, match="protocol version 1, expected 2"):
+        decode(frames)

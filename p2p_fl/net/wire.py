@@ -24,7 +24,9 @@ from typing import Any, Mapping, Sequence
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+# 2: secure sums mix per-run keys into every pair secret (gossip-hello) and no model is served
+# on demand (gossip-fetch/-current gone); a version-1 node could not take part in a sum.
+PROTOCOL_VERSION = 2
 
 # Message types. Each protocol uses a subset; the header decoder refuses anything else.
 MODEL = "model"  # a model handed to the next site of a ring (round = hop to train)
