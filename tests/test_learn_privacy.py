@@ -12,10 +12,11 @@ from p2p_fl.data.sources import load_dataset
 from p2p_fl.learn.privacy import (
     DPConfig,
     clip_per_example,
+    clipped_sum,
     noise_for_target,
+    noisy_mean,
     per_example_grads,
     per_example_norms,
-    private_gradient,
     privacy_spent,
 )
 from p2p_fl.learn.train import Learner, cross_entropy, example_loss_fn
@@ -91,8 +92,7 @@ def test_clipped_norms_on_small_cnn_in_dp_mode(shard):
 def test_without_noise_and_clipping_dp_gradient_is_batch_gradient(tiny):
     params, inputs, labels, example_loss, batch_loss = tiny
     _, grads = per_example_grads(example_loss, params, inputs, labels)
-    private = private_gradient(grads, clip_norm=1e12, noise_multiplier=0.0,
-                               noise_key=jax.random.key(0))
+    private = noisy_mean(clipped_sum(grads, 1e12), 1e12, 0.0, jax.random.key(0), len(inputs))
     expected = jax.grad(batch_loss)(params)
     for got, want in zip(jax.tree_util.tree_leaves(private),
                          jax.tree_util.tree_leaves(expected)):
@@ -103,8 +103,7 @@ def test_noise_has_the_configured_scale(tiny):
     params, inputs, labels, example_loss, _ = tiny
     _, grads = per_example_grads(example_loss, params, inputs, labels)
     zero = jax.tree_util.tree_map(jnp.zeros_like, grads)
-    noisy = private_gradient(zero, clip_norm=2.0, noise_multiplier=3.0,
-                             noise_key=jax.random.key(0))
+    noisy = noisy_mean(clipped_sum(zero, 2.0), 2.0, 3.0, jax.random.key(0), len(inputs))
     values = np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(noisy)])
     assert np.std(values) == pytest.approx(3.0 * 2.0 / len(inputs), rel=0.15)
 

@@ -192,28 +192,6 @@ def noisy_mean(summed, clip_norm: float, noise_multiplier: float, noise_key: jax
     return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
-def private_gradient(grads, clip_norm: float, noise_multiplier: float,
-                     noise_key: jax.Array, *, valid: jax.Array | None = None,
-                     expected_batch_size: float | None = None):
-    """The DP-SGD gradient: (sum of clipped gradients + noise) / batch size.
-
-    Args:
-      grads: per-example gradients (leading batch axis B on every leaf).
-      clip_norm: C.
-      noise_multiplier: sigma; noise N(0, (sigma * C)^2) per coordinate.
-      noise_key: PRNG key for the noise.
-      valid: (B,) bool, False for padded slots (see ``clipped_sum``).
-      expected_batch_size: the divisor; B if None.
-
-    Returns:
-      A gradient shaped like one example's.
-    """
-    if expected_batch_size is None:
-        expected_batch_size = jax.tree_util.tree_leaves(grads)[0].shape[0]
-    return noisy_mean(clipped_sum(grads, clip_norm, valid), clip_norm, noise_multiplier,
-                      noise_key, expected_batch_size)
-
-
 # -- Poisson sampling ---------------------------------------------------------------
 
 
