@@ -12,7 +12,7 @@ import numpy as np
 
 from p2p_fl.config import Topology
 from p2p_fl.data import load_dataset
-from p2p_fl.node import learning_rate_at, make_learner
+from p2p_fl.site import learning_rate_at, make_learner
 
 
 def run_centralized(topology: Topology, out: Path, *, dataset: str | None = None,

@@ -24,8 +24,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says what to do."""
 
 
-def save_checkpoint(path: Path, state: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Writes `state` and `arrays` to `path` atomically."""
+def save_checkpoint(path: Path, state: dict, arrays: dict[str, np.ndarray], *, durable: bool = True) -> None:
+    """Writes `state` and `arrays` to `path` atomically; `durable`: on disk (fsync) when it
+    returns, as a node needs against power loss (a simulation, which loses only its own
+    process, writes without)."""
     if _STATE_KEY in arrays:
         raise ValueError(f"array name {_STATE_KEY!r} is reserved")
     tmp = path.with_name(path.name + ".tmp")
@@ -39,12 +41,14 @@ def save_checkpoint(path: Path, state: dict, arrays: dict[str, np.ndarray]) -> N
             os.fchmod(f.fileno(), 0o600)  # exact, whatever the umask
             np.savez(f, **{_STATE_KEY: payload}, **arrays)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, np.ndarray]]:

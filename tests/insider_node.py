@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from p2p_fl import node as node_module
+from p2p_fl import site as site_module
 from p2p_fl.net import wire
 from p2p_fl.protocols import GossipProtocol, RingProtocol, Send
 from p2p_fl.federate import RunKey
@@ -128,7 +128,7 @@ class InsiderGossip(_Insider, GossipProtocol):
 
 def main(argv: list[str]) -> int:
     attack, argv = argv[0], argv[1:]
-    original = node_module.make_protocol
+    original = site_module.make_protocol
 
     def make_protocol(topology, me, curve):
         protocol = original(topology, me, curve)
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         protocol._pending_lies = []
         return protocol
 
-    node_module.make_protocol = make_protocol
+    site_module.make_protocol = make_protocol
 
     def write_log() -> None:
         if os.environ.get("INSIDER_LOG"):

@@ -19,7 +19,7 @@ from p2p_fl.data.sources import load_dataset
 from p2p_fl.learn import Learner
 from p2p_fl.learn.privacy import batch_sampling, poisson_capacity, poisson_sample
 from p2p_fl.learn.train import TrainState, clipped_gradient_sum, dp_train_step, secret_training_key
-from p2p_fl.node import dp_config, make_learner
+from p2p_fl.site import dp_config, make_learner
 
 SHARD, BATCH = 80, 64
 IMAGE_SHAPE = (28, 28, 1)

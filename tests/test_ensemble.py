@@ -16,6 +16,12 @@ from p2p_fl.learn import Learner, evaluation_report
 from p2p_fl.learn.ensemble import ensemble_proba, evaluate_ensemble, mean_probabilities
 from p2p_fl.net import wire
 from p2p_fl.protocols import EnsembleProtocol, Finish, Send, Train
+from p2p_fl.protocols.actions import CHECKPOINT, Checkpoint
+
+
+def moves(actions):
+    """The actions but checkpoints (which the driver writes before the others)."""
+    return [a for a in actions if not isinstance(a, Checkpoint)]
 
 
 def model(value):
@@ -30,9 +36,9 @@ def test_trains_all_rounds_locally_then_sends_its_model_to_every_other_site():
     site = EnsembleProtocol("a", ["a", "b", "c"], 2, wait_s=10.0)
     (step,) = site.start(0.0)
     assert isinstance(step, Train) and step.round == 0 and step.weights is None
-    (step,) = site.on_trained(0, model(1.0), 1.0)
+    (step,) = moves(site.on_trained(0, model(1.0), 1.0))
     assert isinstance(step, Train) and step.round == 1 and step.weights is None and step.progress == 0.5
-    actions = site.on_trained(1, model(1.0), 2.0)
+    actions = moves(site.on_trained(1, model(1.0), 2.0))
     assert [(a.to, a.type, a.round) for a in actions] == [("b", wire.ENSEMBLE_MODEL, 2), ("c", wire.ENSEMBLE_MODEL, 2)]
     assert all(isinstance(a, Send) and a.weights["w"][0] == 1.0 for a in actions)
 
@@ -40,20 +46,46 @@ def test_trains_all_rounds_locally_then_sends_its_model_to_every_other_site():
 def test_finishes_with_every_member_once_all_arrived_even_those_that_came_early():
     site = EnsembleProtocol("b", ["a", "b", "c"], 1, wait_s=10.0)
     site.start(0.0)
-    assert site.on_message(message("c", 3.0, round_=1), 0.5) == []  # c finished first: kept
-    sends = site.on_trained(0, model(2.0), 1.0)
+    assert moves(site.on_message(message("c", 3.0, round_=1), 0.5)) == []  # c finished first: kept
+    sends = moves(site.on_trained(0, model(2.0), 1.0))
     assert len(sends) == 2 and not any(isinstance(a, Finish) for a in sends)
-    (final,) = site.on_message(message("a", 1.0, round_=1), 2.0)
+    (final,) = moves(site.on_message(message("a", 1.0, round_=1), 2.0))
     assert isinstance(final, Finish) and final.weights["w"][0] == 2.0
     assert [m["w"][0] for m in final.members] == [2.0, 1.0, 3.0]  # own first, then by name
     assert all(list(m) == ["w", "b"] for m in final.members)  # the model's order
     assert final.meta["ensemble_members"] == 3 and final.meta["ensemble_missing"] == ""
 
 
+def test_a_restarted_site_keeps_its_models_and_offers_its_own_again():
+    """The ensemble used to have no checkpoint: a site restarted after its training lost
+    its model and the ones it had received. Now both are in the snapshot; resumed, it
+    offers its model again, and a peer that has it takes the identical copy silently."""
+    site = EnsembleProtocol("a", ["a", "b", "c"], 1, wait_s=10.0)
+    site.start(0.0)
+    assert CHECKPOINT in site.on_message(message("b", 2.0, round_=1), 0.5)
+    assert CHECKPOINT in site.on_trained(0, model(1.0), 1.0)
+    state, arrays = site.snapshot()
+    resumed = EnsembleProtocol("a", ["a", "b", "c"], 1, wait_s=10.0)
+    resumed.restore(state, arrays, 50.0)
+    sends = resumed.start(50.0)
+    assert [(s.to, s.weights["w"][0]) for s in sends] == [("b", 1.0), ("c", 1.0)]
+    assert resumed.on_message(message("b", 2.0, round_=1), 51.0) == []  # b offered it again
+    with pytest.raises(wire.WireError, match="different"):
+        resumed.on_message(message("b", 7.0, round_=1), 51.0)
+    (final,) = moves(resumed.on_message(message("c", 3.0, round_=1), 52.0))
+    assert [m["w"][0] for m in final.members] == [1.0, 2.0, 3.0]
+    unstarted = EnsembleProtocol("a", ["a", "b", "c"], 2, wait_s=10.0)
+    unstarted.on_trained(0, model(1.0), 1.0)
+    again = EnsembleProtocol("a", ["a", "b", "c"], 2, wait_s=10.0)
+    again.restore(*unstarted.snapshot(), 2.0)
+    (step,) = again.start(2.0)
+    assert isinstance(step, Train) and step.round == 1  # the learner's checkpoint holds round 0's model
+
+
 def test_a_silent_site_is_left_out_at_the_deadline():
     site = EnsembleProtocol("a", ["a", "b", "c"], 1, wait_s=10.0)
     site.on_trained(0, model(1.0), 0.0)
-    assert site.on_message(message("b", 2.0, round_=1), 1.0) == []
+    assert moves(site.on_message(message("b", 2.0, round_=1), 1.0)) == []
     assert site.on_tick(9.9) == []
     (final,) = site.on_tick(10.0)
     assert len(final.members) == 2 and final.meta["ensemble_missing"] == "c"

@@ -21,7 +21,7 @@ from p2p_fl.data.sources import load_dataset
 from p2p_fl.launch import free_ports, node_env
 from p2p_fl.learn import Learner
 from p2p_fl.learn.privacy import batch_sampling, default_delta, privacy_spent
-from p2p_fl.node import adopt_model, dp_config
+from p2p_fl.site import adopt_model, dp_config
 
 SITES = ["a", "b", "c"]
 

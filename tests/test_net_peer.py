@@ -14,7 +14,8 @@ import zmq
 
 from p2p_fl.launch import free_ports
 from p2p_fl.net import Curve, Peer, wire
-from p2p_fl.net.peer import Limits, _DropLog, _SenderBudget
+from p2p_fl.net.drops import DropLog
+from p2p_fl.net.peer import Limits, _SenderBudget
 
 FED = "fed-test"
 WEIGHTS = {"dense/kernel": np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32),
@@ -280,7 +281,7 @@ def test_a_sender_over_its_rate_is_limited_then_quarantined_then_heard_again():
 
 def test_drops_are_all_counted_but_logged_a_few_per_reason_then_summed_up(caplog):
     counter = collections.Counter()
-    drops = _DropLog("b", counter, window_s=10.0, first=5, now=0.0)
+    drops = DropLog("b", counter, window_s=10.0, first=5, now=0.0)
     with caplog.at_level(logging.WARNING):
         for i in range(12_000):
             drops.drop("malformed", f"junk {i}", now=1.0 + i * 1e-4)

@@ -8,7 +8,13 @@ import pytest
 from p2p_fl.federate import complete, metropolis_hastings_weights, ring_neighbours
 from p2p_fl.net import wire
 from p2p_fl.protocols import Finish, GossipProtocol, Send, Train
+from p2p_fl.protocols.actions import CHECKPOINT, Checkpoint
 from p2p_fl.protocols.gossip import mixing_weights
+
+
+def moves(actions):
+    """The actions but checkpoints (which the driver writes before the others)."""
+    return [a for a in actions if not isinstance(a, Checkpoint)]
 
 
 def model(value):
@@ -117,13 +123,13 @@ def test_a_model_for_the_next_round_waits_and_stale_or_far_ones_are_refused():
     actions = a.on_trained(0, model(1.0), 0)
     assert [x.to for x in actions if isinstance(x, Send)] == ["b", "c"]
     actions = a.on_message(message("c", 0, 3.0), 0)
-    (train,) = actions
+    (train,) = moves(actions)
     assert train.round == 1 and train.meta["mixed_round"] == 0
     np.testing.assert_allclose(train.weights["w"], 2.0)
     with pytest.raises(wire.WireError, match="round 0"):
         a.on_message(message("c", 0, 3.0), 1)  # too late: round 0 is mixed
     a.on_message(message("c", 1, 9.0), 1)
-    (train,) = a.on_trained(1, model(3.0), 1)[2:]  # b's round-1 model was kept
+    (train,) = moves(a.on_trained(1, model(3.0), 1))[2:]  # b's round-1 model was kept
     np.testing.assert_allclose(train.weights["w"], (3.0 + 5.0 + 9.0) / 3)
 
 
@@ -134,7 +140,7 @@ def test_a_silent_neighbour_is_dropped_at_the_deadline():
     a.on_trained(0, model(1.0), now=100.0)
     assert a.on_message(message("b", 0, 3.0), 101.0) == []
     assert a.on_tick(104.9) == []
-    (finish,) = a.on_tick(105.0)
+    (finish,) = moves(a.on_tick(105.0))
     assert isinstance(finish, Finish) and a.finished
     np.testing.assert_allclose(finish.weights["w"], 2.0)  # renormalised over a and b
     assert finish.meta["dropped"] == "c" and finish.meta["survivors"] == 1
@@ -292,16 +298,16 @@ def test_a_secure_round_with_a_dropout_in_a_group_of_three_keeps_the_own_model()
     sites = {n: gossip(n, graph, rounds=2, timeout=5.0, secure=setups) for n in graph}
     start_all(sites)
     a = sites["a"]
-    sends = a.on_trained(0, random_model("a", 0), now=0.0)
+    sends = moves(a.on_trained(0, random_model("a", 0), now=0.0))
     assert sorted(s.to for s in sends) == ["b", "c", "d"] and {s.type for s in sends} == {wire.GOSSIP_GROUP}
     replies = []
     for n in "bc":  # d never answers
         sites[n].on_trained(0, random_model(n, 0), now=0.0)
-        (reply,) = sites[n].on_message(over_the_wire("a", next(s for s in sends if s.to == n)), 0.0)
+        (reply,) = moves(sites[n].on_message(over_the_wire("a", next(s for s in sends if s.to == n)), 0.0))
         replies.append((n, reply))
     for n, reply in replies:
         assert a.on_message(over_the_wire(n, reply), 1.0) == []
-    (train,) = a.on_tick(5.0)
+    (train,) = moves(a.on_tick(5.0))
     assert train.meta["kept_own"] is True and train.meta["dropped"] == "d"
     assert "can drop safely" in train.meta["failure"]
     np.testing.assert_array_equal(train.weights["w"], random_model("a", 0)["w"])
@@ -317,7 +323,7 @@ def test_requests_wait_for_the_members_own_training_and_foreign_groups_are_refus
     request = wire.Message(wire.GOSSIP_GROUP, "fed", "b", 0, 0, {}, {"members": "a,c", "threshold": 2})
     assert a.on_message(request, 0.0) == []  # waits: a has not trained round 0 yet
     actions = a.on_trained(0, random_model("a", 0), 0.0)
-    masked = [x for x in actions if x.type == wire.GOSSIP_MASKED]
+    masked = [x for x in moves(actions) if x.type == wire.GOSSIP_MASKED]
     assert [x.to for x in masked] == ["b"] and masked[0].meta == {"share_for": "c"}
     foreign = wire.Message(wire.GOSSIP_GROUP, "fed", "e", 0, 0, {}, {"members": "a,b", "threshold": 2})
     with pytest.raises(wire.WireError, match="not neighbours of 'e'"):
@@ -430,6 +436,6 @@ def test_a_trained_model_is_checkpointed_before_it_leaves():
     graph = complete("abc")
     a = gossip("a", graph, rounds=2)
     a.start(0.0)
-    a.checkpoint_due = False
     actions = a.on_trained(0, model(1.0), 0.0)
-    assert [x.type for x in actions if isinstance(x, Send)] == [wire.GOSSIP_MODEL] * 2 and a.checkpoint_due
+    assert [x.type for x in actions if isinstance(x, Send)] == [wire.GOSSIP_MODEL] * 2
+    assert CHECKPOINT in actions

@@ -5,8 +5,14 @@ import pytest
 
 from p2p_fl.net import wire
 from p2p_fl.protocols import Finish, RingProtocol, Send, Train, ring_schedule
+from p2p_fl.protocols.actions import Checkpoint
 
 W = {"w": np.zeros(2, np.float32)}
+
+
+def moves(actions):
+    """The actions but checkpoints (which the driver writes before the others)."""
+    return [a for a in actions if not isinstance(a, Checkpoint)]
 
 
 def message(type_, sender, round_, tensors=None, **meta):
@@ -62,7 +68,7 @@ def test_a_full_cwt_run_between_three_state_machines():
 def test_holder_keeps_and_resends_the_model_until_acknowledged():
     p = ring("a", ["a", "b"], ack=1.0)
     p.start(0)
-    [send] = p.on_trained(0, W, now=0)
+    [send] = moves(p.on_trained(0, W, now=0))
     assert (send.to, send.type, send.round) == ("b", wire.MODEL, 1)
     assert p.on_tick(0.5) == []
     [again] = p.on_tick(1.5)
@@ -84,7 +90,7 @@ def test_a_silent_successor_is_skipped_and_the_model_goes_on():
 def test_duplicate_model_is_acknowledged_but_not_trained_twice():
     p = ring("b", ["a", "b"])
     first = p.on_message(message(wire.MODEL, "a", 1, W), 0)
-    assert [type(a) for a in first] == [Send, Train]
+    assert [type(a) for a in first] == [Checkpoint, Send, Train]  # on disk before the ack
     again = p.on_message(message(wire.MODEL, "a", 1, W), 1)
     assert [type(a) for a in again] == [Send] and again[0].type == wire.ACK
 
@@ -105,7 +111,7 @@ def test_last_holder_finishes_only_when_every_site_has_the_final_model():
     p = ring("b", ["a", "b", "c", "a", "b"])
     p.on_peers(set(), set(), {"c": 3}, 0)  # c handed hop 3 on: the ring is near hop 4
     p.on_message(message(wire.MODEL, "a", 4, W), 0)
-    actions = p.on_trained(4, W, 0)
+    actions = moves(p.on_trained(4, W, 0))
     assert sorted(a.to for a in actions) == ["a", "c"] and all(a.type == wire.FINAL for a in actions)
     assert p.on_message(message(wire.ACK, "a", 5, of=wire.FINAL), 0) == []
     [finish] = p.on_message(message(wire.ACK, "c", 5, of=wire.FINAL), 0)
@@ -119,7 +125,7 @@ def test_only_the_site_the_schedule_names_may_hand_on_a_hop():
             p.on_message(message(wire.MODEL, sender, 2, W), 0)
     # once c itself sees b dead, a (two hops back) may hand hop 2 on: b was skipped
     p.on_peers({"b"}, set(), {}, 0)
-    assert isinstance(p.on_message(message(wire.MODEL, "a", 2, W), 0)[1], Train)
+    assert isinstance(p.on_message(message(wire.MODEL, "a", 2, W), 0)[-1], Train)
 
 
 def test_a_hop_far_ahead_needs_another_site_to_put_the_ring_there():
@@ -131,7 +137,7 @@ def test_a_hop_far_ahead_needs_another_site_to_put_the_ring_there():
         p.on_message(message(wire.MODEL, "e", 5, W), 0)
     assert p.last_round_accepted == -1
     p.on_peers(set(), set(), {"d": 4}, 0)  # d handed hop 4 to e: the ring is there
-    assert isinstance(p.on_message(message(wire.MODEL, "e", 5, W), 0)[1], Train)
+    assert isinstance(p.on_message(message(wire.MODEL, "e", 5, W), 0)[-1], Train)
 
 
 def test_a_final_model_only_from_the_last_holder():
@@ -209,7 +215,7 @@ def test_a_site_back_from_a_cut_link_takes_the_final_of_the_site_that_gave_up_on
         c.on_message(message(wire.MODEL, "b", 2, W), 0)  # stale: the ring went on without c
         if queued_hop_arrived:
             c.on_trained(2, W, 0)
-            assert isinstance(c.on_message(message(wire.MODEL, "b", 5, W), 0)[1], Train)
+            assert isinstance(c.on_message(message(wire.MODEL, "b", 5, W), 0)[-1], Train)
         with pytest.raises(wire.WireError, match="last holder"):
             c.on_message(message(wire.FINAL, "a", 6, W), 0)  # a did not hand c its hops
         assert isinstance(c.on_message(message(wire.FINAL, "b", 6, W), 0)[1], Finish)

@@ -28,7 +28,7 @@ from foundation import ROOT
 from p2p_fl.config import parse_topology
 from p2p_fl.data import load_dataset, partition_dataset
 from p2p_fl.federate import weighted_average
-from p2p_fl.node import adopt_model, dp_config, learning_rate_at, make_learner
+from p2p_fl.site import adopt_model, dp_config, learning_rate_at, make_learner
 
 SITES, PARTITION = 10, "dirichlet:0.5"
 

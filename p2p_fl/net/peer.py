@@ -45,6 +45,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from p2p_fl.net import wire
+from p2p_fl.net.drops import DropLog
 from p2p_fl.net.heartbeat import Heartbeats
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ ZAP_DOMAIN = "p2p_fl"
 # 9 + 33; and what a handshake may have sent before the first message (greeting, HELLO, INITIATE).
 FRAME_OVERHEAD = 64
 HANDSHAKE_BYTES = 4096
-LOG_FIRST = 5  # lines per drop reason and window; the rest go into the window's summary line
-LOG_WINDOW_S = 10.0
 LOG_KEYS = 16  # distinct unknown keys whose refusal is logged by name
 WATCH_TICK_S = 0.02  # how often the watcher thread looks at the connections
 WATCH_PER_TICK = 256  # connections it measures per tick (in turn when there are more)
@@ -98,60 +97,6 @@ class Limits:
     # Connections that never delivered a message, beyond which the oldest are cut; None:
     # a quarter of the file descriptor limit (at least 64, at most 4096); 0: not watched.
     idle_connections: int | None = None
-
-
-class _DropLog:
-    """Counts every drop in `counter`; logs the first LOG_FIRST per reason and window, then
-    one summary line per window with the counts. Thread-safe (the ZAP handler and the
-    watcher count from their own threads)."""
-
-    def __init__(self, node: str, counter: collections.Counter, window_s: float = LOG_WINDOW_S, first: int = LOG_FIRST,
-                 now: float | None = None):
-        self.node = node
-        self.counter = counter
-        self.window_s = window_s
-        self.first = first
-        self._lock = threading.Lock()
-        self._window: collections.Counter[str] = collections.Counter()
-        self._logged: collections.Counter[str] = collections.Counter()
-        self._start = time.monotonic() if now is None else now
-
-    def drop(self, reason: str, detail: str | None, now: float | None = None) -> None:
-        """Counts one drop; logs `detail` unless this window logged enough of `reason` (or it is None)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            self.counter[reason] += 1
-            line = detail is not None and self._logged[reason] < self.first
-            if line:
-                self._logged[reason] += 1
-            self._window[reason] += 1
-            summary = self._close_window(now)
-        if line:
-            log.warning("%s: dropped message (%s): %s", self.node, reason, detail)
-        if summary:
-            log.warning("%s", summary)
-
-    def tick(self, now: float | None = None, force: bool = False) -> None:
-        """Logs the summary of a window that is over (or of the current one, with `force`)."""
-        with self._lock:
-            summary = self._close_window(time.monotonic() if now is None else now, force)
-        if summary:
-            log.warning("%s", summary)
-
-    def _close_window(self, now: float, force: bool = False) -> str | None:
-        elapsed = now - self._start
-        if elapsed < self.window_s and not force:
-            return None
-        total = sum(self._window.values())
-        silent = total - sum(self._logged.values())
-        summary = None
-        if silent > 0:  # a window whose drops were all logged needs no summary
-            counts = ", ".join(f"{reason} {n:,}" for reason, n in self._window.most_common())
-            summary = f"{self.node}: dropped {total:,} messages or connections ({counts}) in the last {elapsed:.0f} s"
-        self._window.clear()
-        self._logged.clear()
-        self._start = now
-        return summary
 
 
 class _TokenBucket:
@@ -204,7 +149,7 @@ class _TopologyAuthenticator(ThreadAuthenticator):
     reconnecting, and one line per attempt would flood the log), for the first LOG_KEYS keys.
     """
 
-    def __init__(self, context: zmq.Context, names_by_key: Mapping[str, str], drops: _DropLog, node: str):
+    def __init__(self, context: zmq.Context, names_by_key: Mapping[str, str], drops: DropLog, node: str):
         super().__init__(context, log=logging.getLogger(__name__ + ".zap"))
         self._names_by_key = dict(names_by_key)
         self._drops = drops
@@ -249,7 +194,7 @@ class _ConnectionWatch(threading.Thread):
     connections that never delivered a message when there are more than `idle_limit`.
     """
 
-    def __init__(self, monitor: zmq.Socket, drops: _DropLog, inflight_bytes: int, idle_limit: int):
+    def __init__(self, monitor: zmq.Socket, drops: DropLog, inflight_bytes: int, idle_limit: int):
         super().__init__(name="p2p-fl-connection-watch", daemon=True)
         self._monitor = monitor
         self.port = -1  # the ROUTER's, once bound
@@ -416,7 +361,7 @@ class Peer:
         self.peer_names = frozenset(peers)
         self.limits = limits
         self.dropped: collections.Counter[str] = collections.Counter()
-        self._drops = _DropLog(name, self.dropped)
+        self._drops = DropLog(name, self.dropped)
         fd_limit = raise_fd_limit()
         frame_limit = wire.max_frame_bytes(self.tensor_spec) + FRAME_OVERHEAD
         if max_message_bytes < frame_limit:
@@ -498,6 +443,11 @@ class Peer:
             return
         for to in self.health.due(time.monotonic()):
             self.send(to, wire.HEARTBEAT, progress, quiet=True)
+
+    @property
+    def peer_progress(self) -> Mapping[str, int]:
+        """Peer -> the hop or round its last heartbeat carried."""
+        return self.health.progress if self.health is not None else {}
 
     def liveness_changes(self) -> tuple[set[str], set[str]]:
         """(peers newly dead, peers alive again) since the last call; empty without heartbeats."""

@@ -1,4 +1,4 @@
-"""What a protocol asks its node to do. Protocols return these; only the node acts on them."""
+"""What a protocol asks its site to do. Protocols return these; only the driver acts on them."""
 
 from __future__ import annotations
 
@@ -56,4 +56,13 @@ class Refuse:
     reason: str
 
 
-Action = Send | Train | Finish | Refuse
+@dataclass(frozen=True)
+class Checkpoint:
+    """Write this site's checkpoint (protocol snapshot and learner state) now. The driver
+    writes it before it carries out any other action of the same callback, so that what a
+    message tells a peer (a hop taken, a sum joined, a model released) is on disk first."""
+
+
+CHECKPOINT = Checkpoint()
+
+Action = Send | Train | Finish | Refuse | Checkpoint

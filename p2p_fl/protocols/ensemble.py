@@ -13,16 +13,23 @@ A model cannot be averaged into a model after it has been trained on different d
 (weights of separately trained networks do not line up); outputs can. The price: each site
 runs n models at prediction time, and each model leaves its site whole, as in plain gossip.
 
+A site checkpoints after each round it trains (the learner holds its model) and keeps the
+models it received in the checkpoint too: restarted after its training, it sends its model
+again (a peer that has it takes an identical copy as a resend) and waits for the rest.
+
 `EnsembleProtocol` is a state machine with no sockets and no clock of its own, like the others.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from p2p_fl.net import wire
-from p2p_fl.protocols.actions import Action, Finish, Send, Train, Weights
+from p2p_fl.protocols.actions import CHECKPOINT, Action, Finish, Send, Train, Weights
+from p2p_fl.protocols.base import Protocol
 
 
-class EnsembleProtocol:
+class EnsembleProtocol(Protocol):
     """One site's view of an ensemble run.
 
     Args:
@@ -45,16 +52,28 @@ class EnsembleProtocol:
         self._own: Weights | None = None
         self._deadline = 0.0
         self._received: dict[str, Weights] = {}
+        self._round = 0  # the next round to train (rounds: training is over)
+
+    @property
+    def progress(self) -> int:
+        return self._round
 
     def start(self, now: float) -> list[Action]:
-        return [Train(0, None, progress=0.0)]
+        if self._own is not None:  # resumed after its training: offer the model again
+            self._deadline = now + self.wait_s
+            return self._offer(now)
+        return [Train(self._round, None, progress=self._round / self.rounds)]
 
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
+        self._round = round + 1
         if round + 1 < self.rounds:
-            return [Train(round + 1, None, progress=(round + 1) / self.rounds)]
+            return [CHECKPOINT, Train(round + 1, None, progress=(round + 1) / self.rounds)]
         self._own = weights
         self._deadline = now + self.wait_s
-        sends = [Send(n, wire.ENSEMBLE_MODEL, self.rounds, weights) for n in self.others]
+        return [CHECKPOINT, *self._offer(now)]
+
+    def _offer(self, now: float) -> list[Action]:
+        sends = [Send(n, wire.ENSEMBLE_MODEL, self.rounds, self._own) for n in self.others]
         return sends + self._finish_when_complete(now)
 
     def on_message(self, msg: wire.Message, now: float) -> list[Action]:
@@ -67,10 +86,13 @@ class EnsembleProtocol:
             raise wire.WireError(f"ensemble model for round {msg.round}, expected {self.rounds}")
         if self.finished:
             raise wire.WireError(f"ensemble model from {msg.sender} after this site finished")
-        if msg.sender in self._received:
-            raise wire.WireError(f"second ensemble model from {msg.sender}")
+        known = self._received.get(msg.sender)
+        if known is not None:
+            if known.keys() == msg.tensors.keys() and all(np.array_equal(known[k], msg.tensors[k]) for k in known):
+                return []  # a restarted sender offers its model again
+            raise wire.WireError(f"a different second ensemble model from {msg.sender}")
         self._received[msg.sender] = dict(msg.tensors)
-        return self._finish_when_complete(now)
+        return [CHECKPOINT, *self._finish_when_complete(now)]
 
     def on_tick(self, now: float) -> list[Action]:
         return self._finish_when_complete(now)
@@ -87,3 +109,17 @@ class EnsembleProtocol:
         missing = [n for n in self.others if n not in self._received]
         meta = {"rounds": self.rounds, "ensemble_members": len(members), "ensemble_missing": ",".join(missing)}
         return [Finish(self._own, meta=meta, members=members)]
+
+    def snapshot(self) -> tuple[dict, Weights]:
+        arrays = {f"own/{k}": v for k, v in (self._own or {}).items()}
+        for name, model in self._received.items():
+            arrays.update({f"from/{name}/{k}": v for k, v in model.items()})
+        return {"round": self._round, "own": self._own is not None, "received": sorted(self._received)}, arrays
+
+    def restore(self, state: dict, arrays: Weights, now: float) -> None:
+        def take(prefix: str) -> Weights:
+            return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+        self._round = state["round"]
+        self._own = take("own/") if state["own"] else None
+        self._received = {name: take(f"from/{name}/") for name in state["received"]}

@@ -88,7 +88,8 @@ from p2p_fl.federate import (
 from p2p_fl.federate.mixing import Adjacency
 from p2p_fl.federate.robust import AGGREGATIONS, robust_aggregate
 from p2p_fl.net import wire
-from p2p_fl.protocols.actions import Action, Finish, Refuse, Send, Train, Weights
+from p2p_fl.protocols.actions import CHECKPOINT, Action, Finish, Refuse, Send, Train, Weights
+from p2p_fl.protocols.base import Protocol
 
 
 def mixing_weights(graph: Adjacency, samples: dict[str, int]) -> dict[str, dict[str, float]]:
@@ -132,7 +133,7 @@ class _Aggregation:
     rejoin_from: int | None = None  # the round we were at when this sum was opened to rejoin
 
 
-class GossipProtocol:
+class GossipProtocol(Protocol):
     """One site's view of a gossip run.
 
     Args:
@@ -214,7 +215,6 @@ class GossipProtocol:
         self._resume_until: float | None = None  # resumed: listen to the heartbeats until then
         self._failed_rejoin = -1  # the round of our last rejoining sum that failed: not retried
         self.rejoined = 0
-        self.checkpoint_due = False
 
     @property
     def progress(self) -> int:
@@ -232,7 +232,8 @@ class GossipProtocol:
         if self._resume_until is not None:  # back from a checkpoint: first hear where the others are
             self._resume_until = now + self.resume_wait_s
             return hellos
-        self.checkpoint_due = self.secure is not None  # the run key is on disk before it leaves
+        if self.secure is not None:
+            hellos = [CHECKPOINT, *hellos]  # the run key is on disk before it leaves
         if not self.present(self.me, self.round):
             return hellos + self._go_away(now)
         return hellos + [self._train_round()]
@@ -248,13 +249,12 @@ class GossipProtocol:
         # The learner's state after this training (its key, the DP steps taken) is on disk
         # before the model leaves: a restart never trains again with the same noise, and
         # the privacy this release spent stays counted.
-        self.checkpoint_due = True
+        actions: list[Action] = [CHECKPOINT]
         if self.secure is None:
-            return [Send(n, wire.GOSSIP_MODEL, round, weights) for n in self._live(round)] + self._mix_plain(now)
+            return actions + [Send(n, wire.GOSSIP_MODEL, round, weights) for n in self._live(round)] + self._mix_plain(now)
         flat, _ = flatten(weights)
         self._contributions = {r: v for r, v in self._contributions.items() if r >= round - 1}
         self._contributions[round] = flat
-        actions: list[Action] = []
         for request in self._waiting_requests.pop(round, {}).values():
             actions += self._join(request)
         target = self._rejoin_target()
@@ -326,6 +326,7 @@ class GossipProtocol:
             raise wire.WireError(f"{msg.type} from {msg.sender}, who has no key of ours to share")
         key = _bytes(msg.tensors["run_key"])
         known = self._peer_run_keys.get(msg.sender)
+        actions: list[Action] = []
         if known is None:
             try:
                 secret = run_pair_secret(self.secure.shared[msg.sender], self.run_key, key)
@@ -333,12 +334,11 @@ class GossipProtocol:
                 raise wire.WireError(f"run key of {msg.sender}: {err}") from None
             self._peer_run_keys[msg.sender] = key
             self._run_shared[msg.sender] = secret
-            self.checkpoint_due = True
+            actions.append(CHECKPOINT)
         elif known != key:
             # A second key in one run would let masks of the two keys be combined; a peer
             # that lost its checkpoint takes no part in sums until the next run.
             raise wire.WireError(f"{msg.sender} sent a different run key; its first one stands for this run")
-        actions: list[Action] = []
         if not msg.meta["have"]:
             tensors = {"run_key": np.frombuffer(self.run_key.public, np.uint8)}
             actions.append(Send(msg.sender, wire.GOSSIP_HELLO, 0, tensors, {"have": True}))
@@ -424,9 +424,8 @@ class GossipProtocol:
         self._mixing = True
         self._deadline = now + self.round_timeout_s
         self.rejoined += 1
-        self.checkpoint_due = True
         self._sum_to_open = rejoin_from
-        return self._step_sum(now)
+        return [CHECKPOINT, *self._step_sum(now)]
 
     # Plain gossip.
 
@@ -465,8 +464,7 @@ class GossipProtocol:
             rejoin_from, self.round, self._own, self._mixing = self.round, far, None, False
             self._inbox = {r: m for r, m in self._inbox.items() if r >= far}
             self.rejoined += 1
-            self.checkpoint_due = True
-            return [self._train_round({"rejoined_from": rejoin_from})]
+            return [CHECKPOINT, self._train_round({"rejoined_from": rejoin_from})]
         if not self._mixing:
             return []
         heard = dict(self._inbox.get(self.round, {}))
@@ -637,13 +635,13 @@ class GossipProtocol:
                 raise wire.WireError(reason)
             return [Refuse(reason)]
         session, reply = outcome
-        self.checkpoint_due = True  # the join is on disk before the reply leaves (JoinedRounds)
         self._joined = {k: s for k, s in self._joined.items() if k[0] >= self.round - 1}
         self._joined[(msg.round, aggregator)] = session
         others = sorted(reply.encrypted_shares)
         tensors = {"masked": reply.masked, "commitment": np.frombuffer(reply.seed_commitment, np.uint8),
                    **{wire.SHARE_PREFIX + k: np.frombuffer(reply.encrypted_shares[k], np.uint8) for k in others}}
-        return [Send(aggregator, wire.GOSSIP_MASKED, msg.round, tensors, {"share_for": wire.join_names(others)})]
+        # The join is on disk before the reply leaves (JoinedRounds: never join twice).
+        return [CHECKPOINT, Send(aggregator, wire.GOSSIP_MASKED, msg.round, tensors, {"share_for": wire.join_names(others)})]
 
     def _on_announcement(self, msg: wire.Message) -> list[Action]:
         session = self._joined.get((msg.round, msg.sender))
@@ -697,19 +695,18 @@ class GossipProtocol:
         self._own = None
         self._mixing = False
         self._start_model = mixed
-        self.checkpoint_due = True
         if self.round + 1 >= self.rounds:
             self._final = Finish(mixed, meta={"rounds": self.rounds, "rejoined": self.rejoined, **record})
             if self.secure is None:
                 self.finished = True
-                return [self._final]
+                return [CHECKPOINT, self._final]
             self._serve_until = now + 2 * self.round_timeout_s
-            return self._finish_when_served(now)
+            return [CHECKPOINT, *self._finish_when_served(now)]
         self.round += 1
         self._waiting_requests = {r: q for r, q in self._waiting_requests.items() if r >= self.round}
         if not self.present(self.me, self.round):
-            return self._go_away(now)
-        return [self._train_round(record)]
+            return [CHECKPOINT, *self._go_away(now)]
+        return [CHECKPOINT, self._train_round(record)]
 
     # Checkpoints: the round, the model it starts from, the sums joined (never join twice)
     # and the run keys (a restarted node stays in its run).

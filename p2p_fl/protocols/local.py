@@ -5,10 +5,11 @@ The baseline every federated result is compared with: what one hospital gets by 
 
 from __future__ import annotations
 
-from p2p_fl.protocols.actions import Action, Finish, Train, Weights
+from p2p_fl.protocols.actions import CHECKPOINT, Action, Finish, Train, Weights
+from p2p_fl.protocols.base import Protocol
 
 
-class LocalProtocol:
+class LocalProtocol(Protocol):
     """Trains `rounds` rounds back to back; same interface as the networked protocols."""
 
     def __init__(self, me: str, rounds: int):
@@ -16,7 +17,10 @@ class LocalProtocol:
         self.rounds = rounds
         self.finished = False
         self.round = 0  # the next round to train
-        self.checkpoint_due = False
+
+    @property
+    def progress(self) -> int:
+        return self.round
 
     def start(self, now: float) -> list[Action]:
         return [Train(self.round, None, progress=self.round / self.rounds)]
@@ -26,11 +30,11 @@ class LocalProtocol:
 
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
         self.round = round + 1
-        self.checkpoint_due = True  # the learner's state is the model: the node saves it
+        # The learner's state is the model: the checkpoint keeps it.
         if round + 1 < self.rounds:
-            return [Train(round + 1, None, progress=(round + 1) / self.rounds)]
+            return [CHECKPOINT, Train(round + 1, None, progress=(round + 1) / self.rounds)]
         self.finished = True
-        return [Finish(weights, meta={"rounds": self.rounds})]
+        return [CHECKPOINT, Finish(weights, meta={"rounds": self.rounds})]
 
     def on_tick(self, now: float) -> list[Action]:
         return []

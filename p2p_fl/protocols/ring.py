@@ -41,7 +41,8 @@ import numpy as np
 
 from p2p_fl.federate import weighted_average
 from p2p_fl.net import wire
-from p2p_fl.protocols.actions import Action, Finish, Send, Train, Weights
+from p2p_fl.protocols.actions import CHECKPOINT, Action, Finish, Send, Train, Weights
+from p2p_fl.protocols.base import Protocol
 
 FINAL_MODELS = ("last", "average-last-cycle")
 
@@ -87,7 +88,7 @@ class _Pending:
     repair: bool = False  # carries a copy kept for repair past a holder that died
 
 
-class RingProtocol:
+class RingProtocol(Protocol):
     """One site's view of an SWT/CWT run.
 
     Args:
@@ -139,7 +140,6 @@ class RingProtocol:
         self._handed_by: str | None = None  # the site that handed us our last hop
         self.resume_wait_s = resume_wait_s
         self._resume_until: float | None = None  # resumed: hold the checkpoint's hop until then
-        self.checkpoint_due = False
 
     @property
     def progress(self) -> int:
@@ -161,14 +161,15 @@ class RingProtocol:
     def on_message(self, msg: wire.Message, now: float) -> list[Action]:
         """Reacts to a checked message. Raises wire.WireError for one this state refuses."""
         if msg.type == wire.ACK:
+            kept = False
             for p in [p for p in self._pending
                       if p.to == msg.sender and p.round == msg.round and p.type == msg.meta.get("of")]:
                 self._pending.remove(p)
                 if p.type in (wire.MODEL, wire.MODEL_AVERAGE):
                     self._kept = p  # until its holder hands on: it may still die
                     self._handed = max(self._handed, p.round)
-                    self.checkpoint_due = True
-            return self._finish_if_delivered()
+                    kept = True
+            return ([CHECKPOINT] if kept else []) + self._finish_if_delivered()
         ack = Send(msg.sender, wire.ACK, msg.round, meta={"of": msg.type})
         if msg.type == wire.FINAL:
             if msg.round != self.num_hops:
@@ -201,8 +202,8 @@ class RingProtocol:
             self._averaged = averaged if self._average is not None else 0
             self._training = (msg.round, model)
             self._resume_until = None  # a newer hop came while we listened: the old one is history
-            self.checkpoint_due = True  # the hop is ours once it is on disk: then acknowledge
-            return [ack, self._train(msg.round, model)]
+            # The hop is ours once it is on disk: then acknowledge.
+            return [CHECKPOINT, ack, self._train(msg.round, model)]
         raise wire.WireError(f"unexpected {msg.type} message in a ring")
 
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
@@ -212,8 +213,7 @@ class RingProtocol:
             mean = weights if not self._averaged else weighted_average([self._average, weights], [self._averaged, 1])
             self._average = {name: mean[name] for name in weights}  # keep the model's order
             self._averaged += 1
-        self.checkpoint_due = True
-        return self._hand_on(round + 1, weights, now)
+        return [CHECKPOINT, *self._hand_on(round + 1, weights, now)]
 
     def on_peers(self, dead: set[str], revived: set[str], progress: Mapping[str, int], now: float) -> list[Action]:
         """Liveness news from the heartbeats: who died, who is back, the hops they report."""
@@ -251,7 +251,7 @@ class RingProtocol:
                     # Alive and not taking our repair copy: the holder we thought dead came
                     # back and handed the model on itself. Passing the copy further would
                     # fork the ring with a model missing that work.
-                    self.checkpoint_due = True
+                    actions.append(CHECKPOINT)
                 else:
                     actions += self._skip(p, now)
             elif now - p.last_sent > self.ack_timeout_s:
@@ -262,10 +262,9 @@ class RingProtocol:
     def _skip(self, handoff: _Pending, now: float, repair: bool = False) -> list[Action]:
         """Hands the model of `handoff` past its addressee, whose hop is lost."""
         self.skipped.append(handoff.to)
-        self.checkpoint_due = True
         model, self._average = _split_average(handoff.weights)
         self._averaged = handoff.meta.get("averaged", 0)
-        return self._hand_on(handoff.round + 1, model, now, repair=repair or handoff.repair)
+        return [CHECKPOINT, *self._hand_on(handoff.round + 1, model, now, repair=repair or handoff.repair)]
 
     def _hand_on(self, round: int, weights: Weights, now: float, repair: bool = False) -> list[Action]:
         while round < self.num_hops and self.schedule[round] in self._dead:

@@ -1,0 +1,114 @@
+"""The driver: one site's event handling, the same in a node process and in a simulation.
+
+It feeds the site's protocol what happens (messages from the transport, liveness news, the
+end of a training, the time) and carries out the actions the protocol returns: `Send` on the
+transport, `Train` queued for the engine to run, `Refuse` counted as a drop, `Checkpoint`
+written before anything else of the same callback leaves, `Finish` kept as the end. It
+never trains and never sleeps itself: the engine decides when and how training runs (a
+worker thread in `p2p_fl.node`, sites batched together in `p2p_fl.simulate`) and whose
+clock `now` is.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from p2p_fl.net import WireError, wire
+from p2p_fl.net.transport import Transport, traffic
+from p2p_fl.protocols import Finish, Refuse, Send, Train
+from p2p_fl.protocols.actions import Action, Checkpoint, Weights
+from p2p_fl.site import Site
+
+log = logging.getLogger(__name__)
+
+
+class Driver:
+    """Carries out `site.protocol`'s actions over `transport` (None: a local run, nothing
+    to send). Engines call `start` once, then `poll`, `next_training` and `trained` as
+    their loop goes, until `final` is set; then `result`."""
+
+    def __init__(self, site: Site, transport: Transport | None):
+        self.site = site
+        self.protocol = site.protocol
+        self.transport = transport
+        self.final: Finish | None = None
+        self.training: Train | None = None  # handed to the engine, not yet trained
+        self._waiting: list[Train] = []
+
+    def start(self, now: float) -> None:
+        self._carry_out(self._guarded(self.protocol.start, now))
+
+    def poll(self, now: Callable[[], float], timeout_s: float) -> None:
+        """Messages that arrived (waiting up to `timeout_s` for the first), the heartbeats,
+        liveness news and the time, each handed to the protocol. `now` is the engine's clock,
+        read as each event is handled."""
+        transport = self.transport
+        if transport is None:
+            return
+        for msg in transport.receive(timeout_s):
+            self._carry_out(self._guarded(self.protocol.on_message, msg, now()))
+        transport.pulse(self.protocol.progress)
+        dead, revived = transport.liveness_changes()
+        for site in sorted(dead):
+            log.warning("%s: %s is silent past %.1f s: dead", self.site.name, site,
+                        self.site.topology.network.peer_timeout_s)
+        for site in sorted(revived):
+            log.warning("%s: %s is back", self.site.name, site)
+        self._carry_out(self._guarded(self.protocol.on_peers, dead, revived, transport.peer_progress, now()))
+        self._carry_out(self._guarded(self.protocol.on_tick, now()))
+
+    def next_training(self) -> Train | None:
+        """The next training to run, if none is running (it becomes `training`)."""
+        if self.training is None and self._waiting:
+            self.training = self._waiting.pop(0)
+            self.site.emit({"event": "state", "state": "training", "round": self.training.round,
+                            **self.training.meta})
+            return self.training
+        return None
+
+    def trained(self, weights: Weights, record: dict, now: float) -> None:
+        """The running training is done: log it, tell the protocol."""
+        step, self.training = self.training, None
+        record["bytes_sent"] = self.transport.bytes_sent if self.transport else 0
+        self.site.trained(record)
+        actions = self._guarded(self.protocol.on_trained, step.round, weights, now)
+        self._carry_out(actions)
+        if not self._waiting and self.final is None:
+            self.site.emit({"event": "state", "state": "waiting"})  # handed on; the next model is elsewhere
+
+    def result(self) -> dict:
+        """After `final`: evaluates and writes the site's result (result.json)."""
+        return self.site.write_result(self.final, traffic(self.transport))
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        if any(isinstance(a, Checkpoint) for a in actions):
+            # Before anything of this callback leaves; a failed write stops the site (it
+            # resumes from the last good checkpoint), it is never dropped and counted.
+            self.site.save_checkpoint()
+        for action in actions:
+            if isinstance(action, Send):
+                self.transport.send(action.to, action.type, action.round, action.weights, action.meta)
+            elif isinstance(action, Train):
+                self._waiting.append(action)
+            elif isinstance(action, Refuse):
+                self.transport.drop("refused", action.reason)
+            elif isinstance(action, Finish):
+                self.final = action
+                self.site.finishing(action)
+
+    def _guarded(self, callback: Callable[..., list[Action]], *args) -> list[Action]:
+        """Runs a protocol callback under drop-and-count: a message it refuses, or an error
+        it hits on something a peer sent, is counted and logged; the site never stops on it."""
+        if self.transport is None:  # a local run: nothing from outside, so an error is a bug
+            return callback(*args)
+        try:
+            return callback(*args)
+        except WireError as err:
+            what = f"{args[0].type} from {args[0].sender}: " if args and isinstance(args[0], wire.Message) else ""
+            self.transport.drop("refused", f"{what}{err}")
+        except Exception as err:  # noqa: BLE001 - a bug here must not let a peer end the site:
+            # it is logged with its traceback and counted (result.json: protocol-error), so it shows
+            log.exception("%s: %s failed; dropped and counted", self.site.name, callback.__name__)
+            self.transport.drop("protocol-error", f"{callback.__name__}: {type(err).__name__}: {err}")
+        return []

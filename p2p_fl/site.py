@@ -1,0 +1,360 @@
+"""One institution's side of a run, without the network: its data, its learner and DP
+settings, its protocol, and its files (metrics.jsonl, checkpoint, result.json, the model).
+
+Both engines build the same `Site`: `p2p_fl.node` (one site per process, over ZeroMQ) and
+`p2p_fl.simulate` (many sites in one process, over memory). `p2p_fl.driver.Driver` carries
+out the protocol's actions between the site and its transport.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from p2p_fl.checkpoint import FILENAME as CHECKPOINT_FILE
+from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefixed
+from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, gossip_graph
+from p2p_fl.data import Dataset, Split
+from p2p_fl.federate import shared_secrets_with
+from p2p_fl.learn import Learner
+from p2p_fl.learn.ensemble import evaluate_ensemble
+from p2p_fl.learn.privacy import BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
+from p2p_fl.net import Curve
+from p2p_fl.protocols import EnsembleProtocol, Finish, GossipProtocol, LocalProtocol, RingProtocol, Train, Weights
+from p2p_fl.protocols.base import Protocol
+from p2p_fl.protocols.gossip import SecureSetup, mixing_weights, secure_fixed_point
+from p2p_fl.protocols.ring import ring_cycles
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[dict], None]
+
+
+def learning_rate_at(topology: Topology, progress: float) -> float:
+    """The learning rate for a step that starts at `progress` (0..1) of the whole run."""
+    base = topology.training.learning_rate
+    if topology.training.lr_schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base
+
+
+def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, ...],
+                 dp: DPConfig | None = None) -> Learner:
+    """Every site builds the same initial model from the federation's seed.
+
+    With DP, the site's batches and noise are keyed by a secret drawn here from the OS
+    CSPRNG, never sent (from the public seed any site could rebuild and subtract the
+    noise); a resumed node's checkpoint restores the key it had. Without DP, training
+    randomness stays the seed's, so runs are reproducible.
+    """
+    t = topology.training
+    return Learner(
+        t.model, num_classes=num_classes, image_shape=image_shape, optimizer=t.optimizer,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, batch_size=t.batch_size,
+        augment=t.augment, seed=topology.seed, dp=dp, prox_mu=t.prox_mu,
+        training_secret=None if dp is None else secrets.token_bytes(32),
+    )
+
+
+def dp_config(topology: Topology, num_train: int) -> DPConfig | None:
+    """This site's DP-SGD settings from [privacy] and its shard size (None: DP is off).
+
+    With a target epsilon and no noise multiplier, the noise is the smallest whose planned
+    run spends at most the target: training.rounds fits of local_epochs epochs on this shard,
+    the most any protocol asks of a site (a ring: one hop per cycle). The target is the
+    site's budget either way; ConfigError if no noise up to 1000 meets it.
+    """
+    p, t = topology.privacy, topology.training
+    if not p.enabled:
+        return None
+    delta = p.delta or default_delta(num_train)
+    budget = p.target_epsilon or None
+    noise = p.noise_multiplier
+    if not noise:
+        sample_rate, steps = batch_sampling(num_train, t.batch_size)
+        try:
+            noise = noise_for_target(budget, delta, sample_rate, t.rounds * t.local_epochs * steps)
+        except ValueError as err:
+            raise ConfigError(f"privacy.target_epsilon: {err} on {num_train} training samples") from None
+    return DPConfig(clip_norm=p.clip_norm, noise_multiplier=noise, target_epsilon=budget, delta=delta)
+
+
+def adopt_model(learner: Learner, weights: dict[str, np.ndarray], *, keep: frozenset,
+                keep_optimizer_state: bool) -> None:
+    """Trains on from a model that arrived: its tensors replace the learner's (except `keep`,
+    FedBN's local ones), and the optimizer restarts unless `keep_optimizer_state`: the
+    arriving model was shaped by other sites' moments, but under DP-SGD momentum built over
+    a site's own noisy steps is what averages the noise out (training.keep_optimizer_state)."""
+    learner.set_weights(weights, keep=keep)
+    if not keep_optimizer_state:
+        learner.reset_optimizer()
+
+
+def make_protocol(topology: Topology, me: str, curve: Curve | None) -> Protocol:
+    t = topology
+    if t.protocol in RING_PROTOCOLS:
+        cycles = ring_cycles(t.names, t.training.rounds, t.ring.order, t.seed, t.absences())
+        return RingProtocol(me, [site for cycle in cycles for site in cycle], ack_timeout_s=t.network.ack_timeout_s,
+                            handoff_timeout_s=t.network.handoff_timeout_s, final=t.ring.final,
+                            cycle_lengths=[len(cycle) for cycle in cycles],
+                            resume_wait_s=3 * t.network.heartbeat_interval_s)
+    if t.protocol == "ensemble":
+        return EnsembleProtocol(me, t.names, t.training.rounds, wait_s=t.ensemble.wait_s)
+    if t.protocol == "local":
+        return LocalProtocol(me, t.training.rounds)
+    if t.protocol == "gossip":
+        graph = gossip_graph(t)
+        secure = None
+        if t.gossip.secure:
+            secure = SecureSetup(t.federation, shared_secrets_with(curve.secret, curve.peer_keys, me),
+                                 secure_fixed_point(graph, t.gossip.clip))
+        return GossipProtocol(me, graph, mixing_weights(graph, t.gossip.samples), t.training.rounds,
+                              round_timeout_s=t.gossip.round_timeout_s, secure=secure,
+                              aggregation=t.gossip.aggregation, trim=t.gossip.trim, away=t.absences(),
+                              on_leave=t.gossip.on_leave, resume_wait_s=3 * t.network.heartbeat_interval_s,
+                              hello_interval_s=t.network.heartbeat_interval_s)
+    raise ValueError(f"protocol {t.protocol!r} has no implementation")
+
+
+class Site:
+    """One site's data, learner, protocol and files; resumed from its checkpoint if it has one.
+
+    Args:
+        topology: the federation (every site reads the same one).
+        name: this site's peer name.
+        data: this site's own train/val/test data (the test split is its local test set).
+        out_dir: where this site writes its files.
+        curve: this site's CURVE keys and its peers' (None only for `insecure = true`).
+        common_test: the test set shared by the whole study (None: local test only).
+        emit: receives progress events (dicts) for a live display.
+        durable: fsync each checkpoint (a node process); a simulation, whose sites die only
+            by its fault schedule, writes them without.
+        now: the driver's clock at the start (a restored protocol's deadlines count from it).
+
+    Raises:
+        CheckpointError: `out_dir` holds a finished run, or another run's checkpoint.
+    """
+
+    def __init__(self, topology: Topology, name: str, data: Dataset, out_dir: Path, *, curve: Curve | None,
+                 common_test: Split | None = None, emit: Emit = lambda event: None, durable: bool = True,
+                 now: float = 0.0):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = out_dir / CHECKPOINT_FILE
+        self.metrics_path = out_dir / "metrics.jsonl"
+        if (out_dir / "result.json").exists() and not self.checkpoint_path.exists():
+            # A site takes part in a run once: its run keys went with the checkpoint, and the
+            # finished run's metrics, model and result stay as they are.
+            raise CheckpointError(f"{out_dir} holds a finished run (result.json); use another --out")
+        self.started = time.monotonic()
+        self.topology = topology
+        self.name = name
+        self.data = data
+        self.out_dir = out_dir
+        self.common_test = common_test
+        self.emit = emit
+        self.durable = durable
+        self.dp = dp_config(topology, len(data.train))
+        self.learner = make_learner(topology, data.num_classes, data.image_shape, dp=self.dp)
+        if self.dp is not None:
+            log.info("%s: DP-SGD with noise multiplier %.4g, clip norm %g, delta %.3g, budget epsilon %s",
+                     name, self.dp.noise_multiplier, self.dp.clip_norm, self.dp.delta,
+                     self.dp.target_epsilon or "none")
+        # FedBN: these tensors never leave the site; the transport knows only the shared ones.
+        self.local = frozenset(self.learner.batchnorm_names()) if topology.training.fedbn else frozenset()
+        self.protocol = make_protocol(topology, name, curve)
+        listed = topology.gossip.samples.get(name) if topology.protocol == "gossip" else None
+        if listed is not None and listed != len(data.train):
+            log.warning("%s: gossip.samples lists %d training samples, the data has %d; mixing uses the listed "
+                        "count", name, listed, len(data.train))
+        resumed = self._resume(now)
+        self.resumes = resumed["resumes"] + 1 if resumed else 0
+        # The round this site first found its privacy budget spent (kept across restarts).
+        self.budget_reached_round: int | None = resumed.get("budget_reached_round")
+        if self.resumes:
+            log.warning("%s: resumed from %s (restart %d)", name, self.checkpoint_path, self.resumes)
+            emit({"event": "resumed", "resumes": self.resumes})
+        else:
+            self.metrics_path.write_text("")
+        emit({"event": "state", "state": "waiting", "samples": len(data.train)})
+        # As of the last finished training (a training thread may be busy with the learner).
+        self._learner_state = self.learner.get_state()
+
+    def shared_spec(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of the tensors that leave the site (not FedBN's local ones)."""
+        return [spec for spec in self.learner.weight_spec() if spec[0] not in self.local]
+
+    # Checkpoints.
+
+    def save_checkpoint(self) -> None:
+        state, arrays = self.protocol.snapshot()
+        save_checkpoint(self.checkpoint_path, {
+            "federation": self.topology.federation, "name": self.name, "protocol": self.topology.protocol,
+            "resumes": self.resumes, "protocol_state": state, "budget_reached_round": self.budget_reached_round,
+        }, {**{f"learner/{k}": v for k, v in self._learner_state.items()},
+            **{f"protocol/{k}": v for k, v in arrays.items()}}, durable=self.durable)
+
+    def _resume(self, now: float) -> dict:
+        """Restores learner and protocol from the checkpoint; returns the site's own part of
+        its state (`resumes`, `budget_reached_round`), {} for a fresh start."""
+        path = self.checkpoint_path
+        if not path.exists():
+            return {}
+        state, arrays = load_checkpoint(path)
+        t = self.topology
+        mine = {"federation": t.federation, "name": self.name, "protocol": t.protocol}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            raise CheckpointError(f"{path} belongs to {theirs}, not {mine}; use another --out or move it away")
+        try:
+            self.learner.set_state(split_prefixed(arrays, "learner"))
+            self.protocol.restore(state["protocol_state"], split_prefixed(arrays, "protocol"), now)
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{path} does not fit this topology's model or protocol ({err}); "
+                                  "use another --out or move it away") from None
+        return {"resumes": state["resumes"], "budget_reached_round": state.get("budget_reached_round")}
+
+    # Training: `train` for one site; `begin_training`, the fit, then `end_training` for an
+    # engine that fits several sites' learners together.
+
+    def train(self, step: Train) -> tuple[Weights, dict]:
+        """Trains one hop or round as `step` asks; returns (shared weights, metrics record)."""
+        learning_rate = self.begin_training(step)
+        t0 = time.monotonic()
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            self.emit({"event": "epoch", "round": step.round, "epoch": epoch + 1,
+                       "epochs": self.topology.training.local_epochs, "loss": loss, **step.meta})
+
+        try:
+            losses = self.learner.fit(self.data.train.images, self.data.train.labels,
+                                      epochs=self.topology.training.local_epochs,
+                                      learning_rate=learning_rate, on_epoch=on_epoch)
+        except BudgetExceeded as err:
+            # Out of privacy budget, the site stops training but stays in the federation: it
+            # hands on (ring) or mixes (gossip) the models it holds, already released, which
+            # costs no privacy. Exiting would cost the others a ring hand-off timeout per hop
+            # or a member of every secure sum.
+            if self.budget_reached_round is None:
+                self.budget_reached_round = step.round
+                log.warning("%s: %s; no more training from round %d, the site only passes models on",
+                            self.name, err, step.round)
+            losses = [None]
+        return self.end_training(step, losses, time.monotonic() - t0)
+
+    def begin_training(self, step: Train) -> float:
+        """Takes the model the step starts from; returns the step's learning rate."""
+        if step.weights is not None:
+            adopt_model(self.learner, step.weights, keep=self.local,
+                        keep_optimizer_state=self.topology.training.keep_optimizer_state)
+        return learning_rate_at(self.topology, step.progress)
+
+    def end_training(self, step: Train, losses: list, train_s: float) -> tuple[Weights, dict]:
+        val = self.learner.evaluate(self.data.val.images, self.data.val.labels)
+        record = {"round": step.round, **step.meta, "lr": learning_rate_at(self.topology, step.progress),
+                  "train_loss": _plain(losses[-1]), "val_loss": _plain(val["loss"]),
+                  "val_auc": _plain(val["auc"]),  # None: one class only
+                  "train_s": train_s, **self.privacy_fields()}
+        if self.budget_reached_round is not None:
+            record["budget_reached"] = True
+        return {k: v for k, v in self.learner.get_weights().items() if k not in self.local}, record
+
+    def trained(self, record: dict) -> None:
+        """A training's record is final (bytes and time added): log it; the learner's state
+        as of now is what the next checkpoint keeps."""
+        record["elapsed_s"] = time.monotonic() - self.started
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.emit({"event": "trained", **record})
+        self._learner_state = self.learner.get_state()
+
+    def privacy_fields(self) -> dict:
+        dp = self.dp
+        return {} if dp is None else {"epsilon": self.learner.privacy_spent(), "delta": dp.delta,
+                                      "dp_sampling": self.learner.dp_sampling}
+
+    # The end.
+
+    def finishing(self, final: Finish) -> None:
+        """The protocol finished: gossip's last mix gets its metrics line, like the others'."""
+        if "mixed_round" in final.meta:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps({"round": self.topology.training.rounds, **final.meta,
+                                    **self.privacy_fields()}) + "\n")
+
+    def write_result(self, final: Finish, traffic: dict) -> dict:
+        """Evaluates the final model; writes result.json and the model; the checkpoint goes.
+
+        `traffic`: bytes_sent, messages_sent, bytes_received and dropped of the transport."""
+        self.emit({"event": "state", "state": "evaluating"})
+        learner, topology, dp = self.learner, self.topology, self.dp
+        if final.weights is not None:
+            learner.set_weights(final.weights, keep=self.local)
+        result = _evaluate(learner, self.data, self.common_test, final.members)
+        result.update({
+            "name": self.name,
+            "protocol": topology.protocol,
+            "samples": len(self.data.train),
+            **traffic,
+            "wall_s": time.monotonic() - self.started,
+            "resumes": self.resumes,
+            "repaired": self.protocol.repaired,
+            "rejoined": self.protocol.rejoined,
+            "prox_mu": topology.training.prox_mu,
+            "fedbn": topology.training.fedbn,
+            "keep_optimizer_state": topology.training.keep_optimizer_state,
+            **({} if dp is None else {
+                **self.privacy_fields(), "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
+                "target_epsilon": dp.target_epsilon, "budget_reached_round": self.budget_reached_round}),
+            **{f"final_{k}": v for k, v in final.meta.items()},
+        })
+        _write_json_atomic(self.out_dir / "result.json", result)
+        self.checkpoint_path.unlink(missing_ok=True)  # the run is over: result.json and the model are its record
+        np.savez(self.out_dir / "final_model.npz", **learner.get_weights())
+        if final.members:  # an ensemble: every member, to predict again as this site did
+            np.savez(self.out_dir / "ensemble_models.npz",
+                     **{f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})
+        self.emit({"event": "done", **{k: result[k] for k in ("test_auc", "test_acc", "test_loss", "bytes_sent",
+                                                              "wall_s")}})
+        return result
+
+
+def _evaluate(learner: Learner, data: Dataset, common_test: Split | None, members: tuple = ()) -> dict:
+    """Final metrics: common test set (the headline) and this site's own test shard.
+
+    The decision threshold reported beside 0.5 is chosen on this site's validation data.
+    """
+    result = {}
+    test_sets = {"test": common_test, "local_test": data.test}
+    for prefix, split in test_sets.items():
+        if split is None or len(split) == 0:
+            continue
+        if members:  # an ensemble predicts with its members' mean probabilities
+            report = evaluate_ensemble(learner, members, split.images, split.labels, data.val.images, data.val.labels)
+        else:
+            report = learner.evaluate(split.images, split.labels, data.val.images, data.val.labels)
+        result.update({f"{prefix}_{k}": _plain(v) for k, v in report.items()})
+    if common_test is None:  # the local test set is then the headline
+        result.update({k.removeprefix("local_"): v for k, v in list(result.items())})
+    return result
+
+
+def _plain(value):
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
