@@ -19,7 +19,7 @@ import tomllib
 from p2p_fl.config import ConfigError, PeerConfig, Topology, dump_topology, load_topology, parse_topology
 from p2p_fl.checkpoint import CheckpointError
 from p2p_fl.data import DataError
-from p2p_fl.net import Curve, KeyFileError, load_secret_key
+from p2p_fl.net import KeyFileError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--max-restarts", type=int, default=5, metavar="N",
                         help="restarts per node before launch reports it failed (default: 5)")
     launch.add_argument("--no-restart", action="store_true", help="do not restart node processes that die")
+    launch.add_argument("--engine", choices=("process", "inproc"), default="process",
+                        help="process: one node process per site over CurveZMQ (default); inproc: every site in "
+                             "this process, sites training together, virtual time (for studies)")
+    launch.add_argument("--kill", action="append", default=[], metavar="SITE:ROUND[:PHASE][:BACK]",
+                        help="inproc only, repeatable: kill SITE at ROUND (hop for rings) as it starts training "
+                             "(PHASE train) or after its masked reply to a sum (sum); restart it from its "
+                             "checkpoint BACK rounds later")
     launch.set_defaults(func=cmd_launch)
 
     keygen = sub.add_parser("keygen", help="create this institution's CURVE key pair")
@@ -135,6 +142,7 @@ def cmd_node(args) -> int:
     _setup_runtime()
     from p2p_fl.data import load_dataset, partition_dataset
     from p2p_fl.node import run_node
+    from p2p_fl.site import site_curve
 
     topology = load_topology(args.config)
     _check_model(topology, args.config)
@@ -149,7 +157,7 @@ def cmd_node(args) -> int:
         shards = partition_dataset(load_dataset(topology.data.dataset), len(topology.peers),
                                    topology.data.partition, topology.seed)
         data = shards[topology.names.index(args.name)]
-    curve = node_curve(topology, args.name, args.key or Path("keys") / f"{args.name}.key_secret", args.config)
+    curve = site_curve(topology, args.name, args.key or Path("keys") / f"{args.name}.key_secret", args.config)
     common_test = None
     if topology.data.test:
         h, w, c = data.image_shape
@@ -163,20 +171,6 @@ def cmd_node(args) -> int:
 
     run_node(topology, args.name, data, out, curve=curve, common_test=common_test, emit=emit)
     return 0
-
-
-def node_curve(topology: Topology, name: str, key_path: Path, source: Path) -> Curve | None:
-    """This node's CURVE keys, checked against the topology; None only if it says insecure."""
-    if topology.network.insecure:
-        return None
-    unkeyed = [f"peers[{i}] ({p.name})" for i, p in enumerate(topology.peers) if not p.public_key]
-    if unkeyed:
-        raise ConfigError(f"{source}: {', '.join(unkeyed)} has no public_key; run `p2p-fl keygen` at each "
-                          "site and list the keys, or set network.insecure = true to debug without CURVE")
-    public, secret = load_secret_key(key_path)
-    if public != topology.peer(name).public_key:
-        raise ConfigError(f"{key_path}: its public key is not the one {source} lists for {name!r}")
-    return Curve(public, secret, {p.name: p.public_key for p in topology.peers if p.name != name})
 
 
 def cmd_keygen(args) -> int:
@@ -198,6 +192,16 @@ def cmd_launch(args) -> int:
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     supervision = Supervision(not args.no_restart, args.restart_delay, args.max_restarts)
+    faults = ()
+    if args.engine == "inproc":
+        if args.netns:
+            raise ConfigError("--netns needs --engine process: in-process sites share no network")
+        _setup_runtime()  # JAX runs in this process: every core, the compilation cache
+        from p2p_fl.simulate import Fault
+
+        faults = tuple(Fault.parse(text) for text in args.kill)
+    elif args.kill:
+        raise ConfigError("--kill needs --engine inproc (kill process nodes with a signal)")
     topology = load_topology(args.topology)
     try:
         topology = with_overrides(topology, peers=args.peers, rounds=args.rounds, local_epochs=args.local_epochs,
@@ -209,10 +213,11 @@ def cmd_launch(args) -> int:
     _check_model(topology, args.topology)
     out = args.out or Path("runs") / f"{topology.federation}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        summary = run_launch(topology, out, netns=args.netns, supervision=supervision)
+        summary = run_launch(topology, out, netns=args.netns, supervision=supervision, engine=args.engine,
+                             faults=faults)
     except NetnsError as err:
         raise ConfigError(f"--netns: {err}") from None
-    except RuntimeError as err:
+    except RuntimeError as err:  # failed nodes, or a simulation that stalled
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return 1
     print(f"results: {out / 'summary.json'}")

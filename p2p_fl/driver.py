@@ -46,8 +46,11 @@ class Driver:
         transport = self.transport
         if transport is None:
             return
+        # One checkpoint covers what every message of the batch changed, before any reply leaves.
+        replies: list[Action] = []
         for msg in transport.receive(timeout_s):
-            self._carry_out(self._guarded(self.protocol.on_message, msg, now()))
+            replies += self._guarded(self.protocol.on_message, msg, now())
+        self._carry_out(replies)
         transport.pulse(self.protocol.progress)
         dead, revived = transport.liveness_changes()
         for site in sorted(dead):

@@ -154,18 +154,76 @@ def node_env(num_nodes: int) -> dict[str, str]:
     return env
 
 
+ENGINES = ("process", "inproc")
+
+
 def run_launch(topology: Topology, out: Path, *, console: Console | None = None, netns: bool = False,
-               supervision: Supervision = Supervision()) -> dict:
+               supervision: Supervision = Supervision(), engine: str = "process", faults: tuple = ()) -> dict:
     """Runs the federation; returns the summary (also written to OUT/summary.json).
 
+    `engine`: "process" (one node process per site over CurveZMQ, the default) or "inproc"
+    (every site in this process, `p2p_fl.simulate`, with the fault schedule `faults`).
     With `netns`, every node runs in a network namespace of its own (deleted at the end
     however the run ends); `netns.NetnsError` if they cannot be made.
     """
     console = console or Console()
     if not console.is_terminal:
         console.width = max(console.width, 140)  # a log file has no width; keep tables readable
+    if engine == "inproc":
+        with _sigterm_as_interrupt():
+            return _run_inproc(topology, out, console, faults)
     with _sigterm_as_interrupt(), (network_hosts(len(topology.peers)) if netns else contextlib.nullcontext()) as hosts:
         return _run_nodes(topology, out, console, hosts, supervision)
+
+
+def _run_inproc(topology: Topology, out: Path, console: Console, faults: tuple) -> dict:
+    """Every site in this process (`simulate.run_sites`), from the same shards, keys and
+    topology file a process launch writes; the same live table, files and summary."""
+    import logging
+
+    from p2p_fl.simulate import run_sites
+    from p2p_fl.site import site_curve
+
+    topology, shard_paths = prepare(topology, out, console)
+    started = time.monotonic()
+    data = {name: load_dataset(str(path)) for name, path in shard_paths.items()}
+    curves = {n: site_curve(topology, n, out / "keys" / f"{n}.key_secret", out / "topology.toml")
+              for n in topology.names}
+    common_test = None
+    if topology.data.test:
+        h, _, c = next(iter(data.values())).image_shape
+        common_test = load_dataset(topology.data.test, image_size=h, channels=c).test
+    status = {p.name: {"state": "starting"} for p in topology.peers}
+    live = Live(_status_table(topology, status, started), console=console, refresh_per_second=4) \
+        if console.is_terminal else None
+
+    def emit(name: str, event: dict) -> None:
+        _apply_event(status[name], event)
+        if live is not None:
+            live.update(_status_table(topology, status, started))
+        elif event.get("event") in ("trained", "done", "resumed"):
+            console.print(_event_line(name, event))
+
+    handler = logging.FileHandler(out / "simulation.log")  # every site's log lines, as node.log has one's
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous_level = root.level
+    root.setLevel(logging.INFO)
+    if live:
+        live.start()
+    try:
+        results = run_sites(topology, out, data, curves, common_test=common_test, faults=faults, emit=emit)
+    finally:
+        if live:
+            live.stop()
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+    summary = collect_summary(topology, out, time.monotonic() - started,
+                              restarts={n: r["resumes"] for n, r in results.items()}, engine="inproc")
+    console.print(results_table(summary))
+    return summary
 
 
 @contextlib.contextmanager
@@ -334,7 +392,8 @@ def _write_netns_layout(topology: Topology, out: Path, hosts: Hosts | None) -> N
     path.write_text(json.dumps({"run": hosts.run, "bridge_namespace": hosts.bridge_namespace, "sites": sites}, indent=2))
 
 
-def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict[str, int] | None = None) -> dict:
+def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict[str, int] | None = None,
+                    engine: str = "process") -> dict:
     """Merges every node's result.json into OUT/summary.json, with how often launch restarted each node."""
     nodes = []
     for peer in topology.peers:
@@ -344,6 +403,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
     summary = {
         "protocol": topology.protocol,
         "federation": topology.federation,
+        "engine": engine,
         "peers": len(topology.peers),
         "partition": topology.data.partition,
         "seed": topology.seed,
@@ -358,7 +418,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "epsilon": {n["name"]: n.get("epsilon") for n in nodes} if topology.privacy.enabled else {},
         "wall_s": wall_s,
         "final": _final_metrics(topology, nodes),
-        "restarts": restarts or {p.name: 0 for p in topology.peers},
+        "restarts": {p.name: 0 for p in topology.peers} | (restarts or {}),
         "nodes": nodes,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

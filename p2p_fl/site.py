@@ -27,7 +27,7 @@ from p2p_fl.federate import shared_secrets_with
 from p2p_fl.learn import Learner
 from p2p_fl.learn.ensemble import evaluate_ensemble
 from p2p_fl.learn.privacy import BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
-from p2p_fl.net import Curve
+from p2p_fl.net import Curve, load_secret_key
 from p2p_fl.protocols import EnsembleProtocol, Finish, GossipProtocol, LocalProtocol, RingProtocol, Train, Weights
 from p2p_fl.protocols.base import Protocol
 from p2p_fl.protocols.gossip import SecureSetup, mixing_weights, secure_fixed_point
@@ -114,7 +114,12 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None) -> Protocol:
         graph = gossip_graph(t)
         secure = None
         if t.gossip.secure:
-            secure = SecureSetup(t.federation, shared_secrets_with(curve.secret, curve.peer_keys, me),
+            # A site shares sums only with its neighbours (as aggregator or member) and their
+            # neighbours (fellow members): run keys and pair secrets for those alone, so a
+            # sparse graph of N sites costs N x k^2 hellos and secrets, not N^2.
+            near = set(graph[me]).union(*(graph[n] for n in graph[me])) - {me}
+            keys = {p: k for p, k in curve.peer_keys.items() if p in near}
+            secure = SecureSetup(t.federation, shared_secrets_with(curve.secret, keys, me),
                                  secure_fixed_point(graph, t.gossip.clip))
         return GossipProtocol(me, graph, mixing_weights(graph, t.gossip.samples), t.training.rounds,
                               round_timeout_s=t.gossip.round_timeout_s, secure=secure,
@@ -122,6 +127,20 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None) -> Protocol:
                               on_leave=t.gossip.on_leave, resume_wait_s=3 * t.network.heartbeat_interval_s,
                               hello_interval_s=t.network.heartbeat_interval_s)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
+
+
+def site_curve(topology: Topology, name: str, key_path: Path, source: Path) -> Curve | None:
+    """This node's CURVE keys, checked against the topology; None only if it says insecure."""
+    if topology.network.insecure:
+        return None
+    unkeyed = [f"peers[{i}] ({p.name})" for i, p in enumerate(topology.peers) if not p.public_key]
+    if unkeyed:
+        raise ConfigError(f"{source}: {', '.join(unkeyed)} has no public_key; run `p2p-fl keygen` at each "
+                          "site and list the keys, or set network.insecure = true to debug without CURVE")
+    public, secret = load_secret_key(key_path)
+    if public != topology.peer(name).public_key:
+        raise ConfigError(f"{key_path}: its public key is not the one {source} lists for {name!r}")
+    return Curve(public, secret, {p.name: p.public_key for p in topology.peers if p.name != name})
 
 
 class Site:

@@ -29,14 +29,14 @@ SCALE = 1e6
 ATTACK = """
 import sys, time
 from pathlib import Path
-from p2p_fl.cli import node_curve
+from p2p_fl.site import site_curve
 from p2p_fl.config import load_topology
 from p2p_fl.learn import Learner
 from p2p_fl.net import Peer, wire
 config, keys, until = sys.argv[1], sys.argv[2], float(sys.argv[3])
 t = load_topology(config)
 me = t.peer("m")
-curve = node_curve(t, "m", Path(keys) / "m.key_secret", Path(config))
+curve = site_curve(t, "m", Path(keys) / "m.key_secret", Path(config))
 others = {p.name: p.address for p in t.peers if p.name != "m"}
 # Heartbeats like any node's, so the honest sites keep it among the living.
 peer = Peer("m", me.address, others, t.federation, Learner("small-cnn").weight_spec(), curve=curve,

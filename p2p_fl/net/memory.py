@@ -99,6 +99,8 @@ class MemoryTransport:
         self._drops = DropLog(name, self.dropped)
         self._last_seq: dict[str, int] = {}
         self._reported_dead: set[str] = set()
+        # Called as (to, type, round) for each message sent: a simulation's fault schedule.
+        self.on_send: Callable[[str, str, int], None] | None = None
 
     def send(self, to: str, type: str, round: int, tensors: Mapping[str, np.ndarray] | None = None,
              meta: Mapping[str, Any] | None = None) -> int:
@@ -113,6 +115,8 @@ class MemoryTransport:
         self.bytes_sent += wire.message_bytes(frames)
         self.messages_sent += 1
         self.hub._deliver(to, self.name, frames)
+        if self.on_send is not None:
+            self.on_send(to, type, round)
         return seq
 
     def receive(self, timeout_s: float = 0.0) -> list[wire.Message]:

@@ -1,0 +1,139 @@
+"""The in-process engine (`launch --engine inproc`) against the process engine, its fault
+schedule, and the in-memory transport it runs on."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from processes import ROOT, p2p_fl, small_dataset
+
+from p2p_fl.net import wire
+from p2p_fl.net.memory import MemoryHub
+from p2p_fl.simulate import Fault, VirtualClock
+
+SPEC = [("w", "float32", (2,))]
+
+
+def final_models(out, sites):
+    return {s: dict(np.load(out / s / "final_model.npz")) for s in sites}
+
+
+def launch(topology, out, *args, threads=1):
+    env = {**os.environ, "P2P_FL_THREADS": str(threads)}
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "p2p_fl", "launch", str(topology), "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return small_dataset(tmp_path_factory.mktemp("data") / "small.npz", train=450, val=90, test=150)
+
+
+def topology_variant(tmp_path, name, **replace):
+    text = (ROOT / "topologies" / name).read_text()
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, replace, identical", [
+    ("ring-3.toml", {}, True),
+    ("gossip-3.toml", {}, False),
+    ("gossip-3.toml", {"secure = true": "secure = false"}, False),
+], ids=["cwt", "secure-gossip", "plain-gossip"])
+def test_the_in_process_engine_ends_with_the_models_of_the_process_engine(tmp_path, small, name, replace, identical):
+    """Same topology, seed and data: the same final models from both engines. A ring trains
+    one site at a time, the same program as a node's: bit-identical (at equal XLA thread
+    counts). Gossip sites of one round train together (vmap), which rounds differently
+    from one site's program: equal up to float rounding, the AUC to 3 decimals."""
+    topology = topology_variant(tmp_path, name, **replace)
+    args = ("--data", str(small), "--rounds", "2")
+    runs = {}
+    for engine in ("process", "inproc"):
+        proc = launch(topology, tmp_path / engine, *args, "--engine", engine)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[engine] = json.loads((tmp_path / engine / "summary.json").read_text())
+    assert runs["inproc"]["engine"] == "inproc" and runs["process"]["engine"] == "process"
+    sites = [n["name"] for n in runs["process"]["nodes"]]
+    assert sorted(n["name"] for n in runs["inproc"]["nodes"]) == sorted(sites)
+    process, inproc = (final_models(tmp_path / e, sites) for e in ("process", "inproc"))
+    largest = max(float(np.abs(process[s][k] - inproc[s][k]).max()) for s in sites for k in process[s])
+    if identical:
+        assert largest == 0.0
+    else:
+        assert largest < 0.05, largest
+    assert abs(runs["process"]["final"]["test_auc"] - runs["inproc"]["final"]["test_auc"]) < 1e-3
+    for node in runs["inproc"]["nodes"]:  # every message went through the wire checks
+        assert node["dropped"] == {} and node["messages_sent"] > 0
+
+
+def test_a_member_killed_inside_a_sum_is_recovered_and_comes_back(tmp_path, small):
+    """The fault schedule: hospital-03 dies right after its masked replies to round 1's sums
+    (before it could release its shares) and restarts from its checkpoint when the others
+    reach round 3. Every other site's round-1 sum still opens with it as a survivor (its
+    self-mask recovered from the others' shares), it rejoins and finishes with the others.
+    Run twice, the run unfolds the same way to the last bit."""
+    topology = ROOT / "topologies" / "gossip-10.toml"  # complete graph: groups of 4 at 5 sites
+    outs = []
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        proc = launch(topology, out, "--data", str(small), "--peers", "5", "--rounds", "4", "--local-epochs", "1",
+                      "--engine", "inproc", "--kill", "hospital-03:1:sum:2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(out)
+    summary = json.loads((outs[0] / "summary.json").read_text())
+    nodes = {n["name"]: n for n in summary["nodes"]}
+    assert sorted(nodes) == [f"hospital-0{i}" for i in range(1, 6)]
+    assert nodes["hospital-03"]["resumes"] == 1 and nodes["hospital-03"]["rejoined"] >= 1
+    for name in set(nodes) - {"hospital-03"}:
+        rounds = [json.loads(line) for line in (outs[0] / name / "metrics.jsonl").read_text().splitlines()]
+        mixed = next(r for r in rounds if r.get("mixed_round") == 1)
+        assert (mixed["members"], mixed["survivors"], mixed["kept_own"]) == (4, 4, False), mixed
+        assert "failure" not in mixed
+    first, second = (final_models(out, list(nodes)) for out in outs)
+    for site in nodes:
+        for k in first[site]:
+            np.testing.assert_array_equal(first[site][k], second[site][k])
+
+
+def test_a_kill_option_names_a_site_and_a_round():
+    assert Fault.parse("hospital-b:3") == Fault("hospital-b", 3, "train", None)
+    assert Fault.parse("hospital-b:3:sum:2") == Fault("hospital-b", 3, "sum", 2)
+    assert Fault.parse("hospital-b:0:4") == Fault("hospital-b", 0, "train", 4)
+    for bad in ("hospital-b", "b:x", "b:1:later", "b:1:sum:0", "b:-1"):
+        proc = p2p_fl("launch", "topologies/gossip-3.toml", "--engine", "inproc", "--kill", bad)
+        assert proc.returncode == 2 and "--kill" in proc.stderr and "Traceback" not in proc.stderr
+    proc = p2p_fl("launch", "topologies/gossip-3.toml", "--kill", "hospital-b:1")
+    assert proc.returncode == 2 and "--engine inproc" in proc.stderr
+
+
+def test_the_memory_transport_checks_what_it_carries_and_reports_deaths_in_virtual_time():
+    clock = VirtualClock()
+    hub = MemoryHub("fed", SPEC, peer_timeout_s=10.0, clock=clock)
+    a, b = hub.transport("a", ["b"]), hub.transport("b", ["a"])
+    a.send("b", wire.GOSSIP_MODEL, 0, {"w": np.ones(2, np.float32)})
+    a.send("b", wire.GOSSIP_MODEL, 0, {"w": np.ones(3, np.float32)})  # not the model's shape
+    (msg,) = b.receive()
+    assert msg.sender == "a" and msg.tensors["w"].tolist() == [1.0, 1.0]
+    assert b.dropped["malformed"] == 1 and hub.in_flight == 0
+    a.pulse(4)
+    assert b.peer_progress == {"a": 4}
+    hub.down("a")
+    b.send("a", wire.ACK, 0, meta={"of": wire.GOSSIP_MODEL})  # lost: a is down
+    assert b.liveness_changes() == (set(), set())
+    clock.now = 10.0
+    assert b.liveness_changes() == ({"a"}, set())
+    a = hub.transport("a", ["b"])  # restarted: its sequence numbers go on increasing
+    assert b.liveness_changes() == (set(), {"a"})
+    a.send("b", wire.GOSSIP_MODEL, 1, {"w": np.zeros(2, np.float32)})
+    (msg,) = b.receive()
+    assert msg.round == 1 and b.dropped["replayed-seq"] == 0
+    with pytest.raises(ValueError, match="no peer"):
+        a.send("c", wire.ACK, 0)
