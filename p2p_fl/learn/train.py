@@ -1,10 +1,13 @@
 """Training and inference of one site's model, after Flax's examples/mnist train.py.
 
-The pure core is ``loss_fn``, ``train_step``, ``dp_train_step`` and
-``train_epoch``: one epoch is a single jitted call that samples and augments
-on the device and runs ``lax.scan`` over the steps, so no Python runs per
-step. Plain training shuffles and cuts fixed-size batches; DP-SGD draws each
-step's batch by Poisson sampling, as its accountant assumes (``privacy``).
+The pure core is ``loss_fn``, ``train_step``, ``dp_train_step``,
+``plain_epoch`` and ``train_epoch``: one epoch is a single jitted call that
+samples and augments on the device and runs ``lax.scan`` over the steps, so
+no Python runs per step. Plain training shuffles and cuts fixed-size
+batches, with an order and step keys defined per index so that a padded
+shard trains as the shard alone (``together`` vmaps ``plain_epoch`` over many
+sites); DP-SGD draws each step's batch by Poisson sampling, as its
+accountant assumes (``privacy``).
 ``Learner`` wraps them with the state a site keeps (weights, BatchNorm
 statistics, optimizer state, PRNG key) and the flat ``dict[str, np.ndarray]``
 view of the weights that crosses into the federation.
@@ -307,8 +310,9 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
                 ) -> tuple[TrainState, jax.Array]:
     """One pass over device-resident data, as a single compiled program.
 
-    Plain training shuffles and drops the last ``len(images) % batch_size``
-    samples of the shuffled order, so that every batch has the same shape.
+    Plain training (``plain_epoch``) shuffles and drops the last
+    ``len(images) % batch_size`` samples of the shuffled order, so that every
+    batch has the same shape.
     DP-SGD instead takes ``privacy.batch_sampling``'s round(N / batch_size)
     steps of ``dp_train_step``, each on a Poisson sample with expected size
     ``batch_size``.
@@ -328,9 +332,10 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
     Returns:
       (new state with an advanced key, mean training loss over the steps).
     """
-    key, shuffle_key, steps_key = jax.random.split(state.key, 3)
     num_examples = images.shape[0]
     if dp is not None:
+        # The middle key (the plain path's shuffle key) goes unused.
+        key, _, steps_key = jax.random.split(state.key, 3)
         # Shapes are static here, so these are Python numbers fixed at tracing.
         sample_rate, num_steps = privacy.batch_sampling(num_examples, batch_size)
         capacity = privacy.poisson_capacity(num_examples, sample_rate)
@@ -343,19 +348,99 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
         state, losses = jax.lax.scan(dp_body, state, jax.random.split(steps_key, num_steps))
         return state._replace(key=key), losses.mean()
 
-    num_batches = num_examples // batch_size
-    order = jax.random.permutation(shuffle_key, num_examples)
-    batch_indices = order[:num_batches * batch_size].reshape(num_batches, batch_size)
-    step_keys = jax.random.split(steps_key, num_batches)
+    return plain_epoch(state, images, labels, num_examples, num_examples // batch_size,
+                       graphdef=graphdef, tx=tx, batch_size=batch_size, augment=augment,
+                       prox_mu=prox_mu, anchor=anchor)
+
+
+def shuffled_order(shuffle_key: jax.Array, num_valid: int | jax.Array, size: int
+                   ) -> jax.Array:
+    """A permutation of ``range(size)``: the first ``num_valid`` indices in a
+    random order, then the rest (padding) in ascending order.
+
+    Index i's place is decided by its own sort key, the bits of
+    ``fold_in(shuffle_key, i)``, so the order of the valid indices does not
+    depend on ``size``: a shard padded to any size shuffles exactly as the
+    shard alone (what ``fit_together`` relies on). Equal keys (32 bits) keep
+    index order.
+
+    Args:
+      shuffle_key: the epoch's shuffle key.
+      num_valid: how many leading indices are real examples (may be traced).
+      size: the (static) padded size.
+
+    Returns:
+      (size,) int32 indices.
+    """
+    index = jnp.arange(size, dtype=jnp.int32)
+    padding = (index >= num_valid).astype(jnp.uint32)
+    sort_bits = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(shuffle_key, i)))(index)
+    sort_bits = jnp.where(padding, jnp.uint32(0), sort_bits)  # padding stays in index order
+    _, _, order = jax.lax.sort((padding, sort_bits, index), num_keys=2, is_stable=True)
+    return order
+
+
+def plain_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
+                num_valid: int | jax.Array, num_batches: int | jax.Array, *,
+                graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                batch_size: int, augment: bool, prox_mu: float = 0.0,
+                anchor: nnx.State | None = None) -> tuple[TrainState, jax.Array]:
+    """One epoch of plain (non-DP) training of one site, padding-aware: the
+    one definition behind ``train_epoch`` and ``together.fit_together``
+    (which ``jax.vmap``s it over sites whose shards are padded to one size).
+
+    The first ``num_valid`` examples are shuffled (``shuffled_order``) and
+    cut into ``num_batches`` batches of ``batch_size``, dropping the rest of
+    the shuffled order; step b trains with key ``fold_in(steps_key, b)``.
+    Both are defined per index, so they do not depend on how far the arrays
+    are padded. (Under JAX's default partitionable threefry,
+    ``split(key, n)[b]`` equals ``fold_in(key, b)`` for every n, so the step
+    keys are those ``split`` gave; ``fold_in`` keeps that true whatever the
+    ``jax_threefry_partitionable`` setting.) The scan runs
+    ``len(images) // batch_size`` steps; steps from ``num_batches`` on train
+    nothing: the state before them (weights, BatchNorm statistics, optimizer
+    moments and counters) is selected unchanged, and their losses do not
+    count. When ``num_batches`` is a Python int equal to the step count (one
+    unpadded shard) no selection is compiled at all.
+
+    Args:
+      state: the training state.
+      images: (N, H, W, C) raw images, the first ``num_valid`` real.
+      labels: (N,) labels.
+      num_valid: real examples, 1..N (a Python int or a traced int32).
+      num_batches: steps that train, ``num_valid // batch_size``, at least 1
+        for a real site (0 for an inert padding row: nothing changes).
+      batch_size: examples per step, at most ``num_valid``.
+
+    Returns:
+      (new state with an advanced key, mean loss over the ``num_batches`` steps).
+    """
+    key, shuffle_key, steps_key = jax.random.split(state.key, 3)
+    max_batches = images.shape[0] // batch_size
+    order = shuffled_order(shuffle_key, num_valid, images.shape[0])
+    batch_indices = order[:max_batches * batch_size].reshape(max_batches, batch_size)
+    steps = jnp.arange(max_batches, dtype=jnp.int32)
+    step_keys = jax.vmap(lambda b: jax.random.fold_in(steps_key, b))(steps)
+    every_step_trains = isinstance(num_batches, int) and num_batches == max_batches
 
     def body(state, batch):
-        indices, step_key = batch
-        return train_step(state, images[indices], labels[indices], step_key,
-                          graphdef=graphdef, tx=tx, augment=augment,
-                          prox_mu=prox_mu, anchor=anchor)
+        step, indices, step_key = batch
+        new, loss = train_step(state, images[indices], labels[indices], step_key,
+                               graphdef=graphdef, tx=tx, augment=augment,
+                               prox_mu=prox_mu, anchor=anchor)
+        if every_step_trains:
+            return new, loss
+        trains = step < num_batches
+        kept = jax.tree_util.tree_map(
+            lambda after, before: jnp.where(trains, after, before),
+            (new.params, new.batch_stats, new.opt_state),
+            (state.params, state.batch_stats, state.opt_state))
+        return TrainState(*kept, state.key), jnp.where(trains, loss, 0.0)
 
-    state, losses = jax.lax.scan(body, state, (batch_indices, step_keys))
-    return state._replace(key=key), losses.mean()
+    state, losses = jax.lax.scan(body, state, (steps, batch_indices, step_keys))
+    if every_step_trains:
+        return state._replace(key=key), losses.mean()
+    return state._replace(key=key), losses.sum() / jnp.maximum(num_batches, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
