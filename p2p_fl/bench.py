@@ -18,6 +18,14 @@ the figure needs to be read (`reference_is`, sizes, repeats). Families:
   site on this machine (`launch`), tiny shards (128 training images a site); reference:
   the same protocol with 3 peers. Each line carries the peak RSS of the largest node.
 
+* inproc: the in-process engine (`launch --engine inproc`), each run in a child process
+  of its own (its peak RSS is that child's): 10 sites x 10 rounds x 1 epoch of secure
+  gossip, IID, on the embedded data, against `centralized` for the same 10 epochs; its
+  round time against plain gossip's in the same settings; bytes each site sent per round
+  against the model's size.
+* inproc-large: 100 sites of secure gossip on a 4-regular graph (5 rounds) and 1,000 (3
+  rounds): peak RSS, and time per image trained against the 10-site run of `inproc`.
+
 `--quick` runs a short version of each (fewer repeats, smaller sizes, 3 and 5 peers).
 The bench/*.py scripts print the longer per-family reports from the same functions.
 """
@@ -37,7 +45,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-FAMILIES = ("train", "handoff", "masks", "secure-round", "scaling")
+FAMILIES = ("train", "handoff", "masks", "secure-round", "scaling", "inproc", "inproc-large")
 
 
 def figure(family: str, name: str, value: float, reference: float, unit: str, **extra) -> dict:
@@ -47,7 +55,8 @@ def figure(family: str, name: str, value: float, reference: float, unit: str, **
 
 def run_benchmarks(families: list[str], quick: bool, emit: Callable[[dict], None]) -> None:
     benches = {"train": bench_train, "handoff": bench_handoff, "masks": bench_masks,
-               "secure-round": bench_secure_round, "scaling": bench_scaling}
+               "secure-round": bench_secure_round, "scaling": bench_scaling, "inproc": bench_inproc,
+               "inproc-large": bench_inproc_large}
     for family in families:
         for line in benches[family](quick):
             emit(line)
@@ -435,3 +444,88 @@ def _round_seconds(run: Path, names: list[str]) -> float:
     if not per_site:
         raise RuntimeError(f"{run}: no site trained two rounds")
     return statistics.median(per_site)
+
+
+# The in-process engine.
+
+def bench_inproc(quick: bool) -> Iterator[dict]:
+    sites, rounds = (3, 2) if quick else (10, 10)
+    with tempfile.TemporaryDirectory(prefix="p2p-fl-bench-") as tmp:
+        central = _child({"kind": "centralized", "out": f"{tmp}/central", "epochs": rounds})
+        secure = _child({"kind": "inproc", "out": f"{tmp}/secure", "template": "gossip-10.toml", "peers": sites,
+                         "rounds": rounds, "secure": True})
+        plain = _child({"kind": "inproc", "out": f"{tmp}/plain", "template": "gossip-10.toml", "peers": sites,
+                        "rounds": rounds, "secure": False})
+    common = {"peers": sites, "rounds": rounds, "local_epochs": 1, "partition": "iid"}
+    yield figure("inproc", f"inproc_secure_gossip_{sites}sites_wall", secure["wall_s"], central["wall_s"], "s",
+                 reference_is=f"centralized training, {rounds} epochs of the same images", **common,
+                 peak_rss_mb=secure["peak_rss_mb"], reference_peak_rss_mb=central["peak_rss_mb"],
+                 test_auc=secure["test_auc"], reference_test_auc=central["test_auc"])
+    yield figure("inproc", f"inproc_secure_vs_plain_round_{sites}sites", secure["round_s"], plain["round_s"],
+                 "s per round", reference_is="plain gossip, same settings, same engine", **common)
+    yield figure("inproc", f"bytes_per_site_round_{sites}sites_complete", secure["bytes_per_site_round"],
+                 secure["model_bytes"], "bytes", reference_is="the model's size", **common,
+                 plain_bytes_per_site_round=plain["bytes_per_site_round"])
+
+
+def bench_inproc_large(quick: bool) -> Iterator[dict]:
+    runs = [(10, 2), (30, 2)] if quick else [(10, 5), (100, 5), (1000, 3)]
+    with tempfile.TemporaryDirectory(prefix="p2p-fl-bench-") as tmp:
+        reference = None
+        for sites, rounds in runs:
+            result = _child({"kind": "inproc", "out": f"{tmp}/k4-{sites}", "template": "gossip-10-k4.toml",
+                             "peers": sites, "rounds": rounds, "secure": True})
+            per_image = result["wall_s"] / result["images_trained"]
+            reference = reference or per_image
+            yield figure("inproc-large", f"inproc_secure_gossip_4regular_{sites}sites_time_per_image", per_image,
+                         reference, "s per image trained", reference_is=f"the same with {runs[0][0]} sites",
+                         peers=sites, rounds=rounds, peak_rss_mb=result["peak_rss_mb"], wall_s=result["wall_s"],
+                         round_s=result["round_s"], test_auc=result["test_auc"])
+
+
+def _child(spec: dict) -> dict:
+    """One run in a child process of its own (`_child_run`): its RUSAGE_SELF is the run's."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, json; from p2p_fl.bench import _child_run; "
+                           "print(json.dumps(_child_run(json.loads(sys.argv[1]))))", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=6 * 3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench run {spec['out']} failed: {proc.stderr.strip().splitlines()[-3:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_run(spec: dict) -> dict:
+    import os
+    import resource
+
+    from rich.console import Console
+
+    from p2p_fl.config import load_topology
+    from p2p_fl.learn.runtime import configure_jax
+
+    configure_jax(cache_dir=os.environ.get("P2P_FL_XLA_CACHE"))
+    root = Path(__file__).resolve().parent.parent
+    out = Path(spec["out"])
+    if spec["kind"] == "centralized":
+        from p2p_fl.centralized import run_centralized
+
+        topology = load_topology(root / "topologies" / "gossip-10.toml")
+        summary = run_centralized(topology, out, epochs=spec["epochs"])
+        result = {"wall_s": summary["wall_s"], "test_auc": summary["final"]["test_auc"]}
+    else:
+        from p2p_fl.launch import run_launch, with_overrides
+
+        topology = with_overrides(load_topology(root / "topologies" / spec["template"]), peers=spec["peers"],
+                                  rounds=spec["rounds"], local_epochs=1)
+        topology = dataclasses.replace(topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"]))
+        with open(os.devnull, "w") as devnull:
+            summary = run_launch(topology, out, console=Console(file=devnull), engine="inproc")
+        names = [p.name for p in topology.peers]
+        nodes = summary["nodes"]
+        model_bytes = sum(a.nbytes for a in np.load(out / names[0] / "final_model.npz").values())
+        result = {"wall_s": summary["wall_s"], "test_auc": summary["final"]["test_auc"],
+                  "round_s": _round_seconds(out, names),
+                  "images_trained": sum(n["samples"] for n in nodes) * spec["rounds"],
+                  "bytes_per_site_round": statistics.median(n["bytes_sent"] for n in nodes) / spec["rounds"],
+                  "model_bytes": model_bytes}
+    kib = 1024  # ru_maxrss is in KiB on Linux
+    return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1e6}

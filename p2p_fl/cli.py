@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     experiment.add_argument("--list", action="store_true", help="list the runs and exit")
     experiment.add_argument("--only", action="append", metavar="GLOB",
                             help="run only the runs whose names match (repeatable), e.g. '*-seed0'")
+    experiment.add_argument("--engine", choices=("process", "inproc"), default="process",
+                            help="how each federation runs, as `launch --engine` (default: process)")
     experiment.set_defaults(func=cmd_experiment)
 
     report = sub.add_parser("report", help="write DIR/report.html with plots, for a run or an experiment folder")
@@ -253,7 +255,9 @@ def cmd_experiment(args) -> int:
         for run in select(runs, args.only):
             print(f"{run.name}{'  (done)' if (out / run.name / 'summary.json').exists() else ''}")
         return 0
-    return 1 if run_sweep(runs, out, only=args.only) else 0
+    if args.engine == "inproc":
+        _setup_runtime()
+    return 1 if run_sweep(runs, out, only=args.only, engine=args.engine) else 0
 
 
 def cmd_report(args) -> int:

@@ -21,7 +21,8 @@ partitions and seeds; an optional centralized reference is trained once per seed
     peers = [3, 10]                  # overrides the default lists
     set = { "gossip.secure" = false }           # any other topology field, dotted
 
-Each federation runs through `launch` (one process per site) into OUT/<label>-<peers>-
+Each federation runs through `launch` (one process per site, or with `--engine inproc` all
+sites in the experiment's own process) into OUT/<label>-<peers>-
 <partition>-seed<S>/, the centralized reference into OUT/centralized-seed<S>/. A run whose
 summary.json exists is skipped, so rerunning the command resumes an interrupted sweep. After
 every run OUT/runs.csv (one row per run), OUT/results.csv and OUT/results.md (one row per
@@ -244,8 +245,10 @@ def select(runs: list[Run], patterns: list[str] | None) -> list[Run]:
 
 
 def run_sweep(runs: list[Run], out: Path, *, only: list[str] | None = None,
-              console: Console | None = None) -> list[str]:
+              console: Console | None = None, engine: str = "process") -> list[str]:
     """Runs every run (of those matching `only`) not done yet, rewriting the tables after each.
+
+    `engine`: how each federation runs (`launch --engine`): "process" or "inproc".
 
     The tables cover every run of the sweep that has a summary. Returns the names of the
     selected runs that failed.
@@ -265,7 +268,8 @@ def run_sweep(runs: list[Run], out: Path, *, only: list[str] | None = None,
             shutil.rmtree(run_dir)
         console.rule(head)
         started = time.monotonic()
-        ok = _run_centralized(run, run_dir, console) if run.centralized else _run_federation(run, run_dir, console)
+        ok = (_run_centralized(run, run_dir, console) if run.centralized
+              else _run_federation(run, run_dir, console, engine))
         took = time.monotonic() - started
         if ok:
             summary = json.loads((run_dir / "summary.json").read_text())
@@ -281,9 +285,9 @@ def run_sweep(runs: list[Run], out: Path, *, only: list[str] | None = None,
     return failed
 
 
-def _run_federation(run: Run, run_dir: Path, console: Console) -> bool:
+def _run_federation(run: Run, run_dir: Path, console: Console, engine: str) -> bool:
     try:
-        run_launch(run.topology, run_dir, console=console)
+        run_launch(run.topology, run_dir, console=console, engine=engine)
         return True
     except RuntimeError:
         # collect_summary wrote what the surviving nodes reported; keep it aside so a

@@ -663,8 +663,10 @@ class Learner:
     def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Class probabilities in inference mode (running BatchNorm statistics).
 
-        The last batch is padded to ``batch_size`` so one compiled program
-        serves every batch.
+        Images go in batches of ``batch_size``; the last one is padded to the
+        next power of two (at least 8), so a few compiled programs serve every
+        size, and a small validation split costs what it holds, not a whole
+        batch.
 
         Args:
           images: images as for ``fit``.
@@ -678,11 +680,14 @@ class Learner:
         if count == 0:
             return np.zeros((0,) if self.num_classes == 2 else (0, self.num_classes),
                             np.float32)
-        padded = np.concatenate(
-            [images, np.zeros((-count % batch_size,) + images.shape[1:], images.dtype)])
-        probs = [predict_step(self._state.params, self._state.batch_stats, batch,
-                              graphdef=self._graphdef)
-                 for batch in np.split(padded, len(padded) // batch_size)]
+        whole, rest = divmod(count, batch_size)
+        batches = [images[i * batch_size:(i + 1) * batch_size] for i in range(whole)]
+        if rest:
+            bucket = min(batch_size, max(8, 1 << (rest - 1).bit_length()))
+            batches.append(np.concatenate(
+                [images[whole * batch_size:], np.zeros((bucket - rest,) + images.shape[1:], images.dtype)]))
+        probs = [predict_step(self._state.params, self._state.batch_stats, batch, graphdef=self._graphdef)
+                 for batch in batches]
         return np.asarray(jnp.concatenate(probs))[:count]
 
     def evaluate(self, test_images: np.ndarray, test_labels: np.ndarray,
