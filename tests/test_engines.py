@@ -137,3 +137,22 @@ def test_the_memory_transport_checks_what_it_carries_and_reports_deaths_in_virtu
     assert msg.round == 1 and b.dropped["replayed-seq"] == 0
     with pytest.raises(ValueError, match="no peer"):
         a.send("c", wire.ACK, 0)
+
+
+def test_a_hundred_sites_run_secure_gossip_in_one_process(tmp_path):
+    """CI-bounded form of the 100-site benchmark: 100 sites on a 4-regular graph, secure
+    sums with real masks, one process; every site finishes and every sum of every round
+    took in all four neighbours."""
+    data = small_dataset(tmp_path / "data.npz", train=1600, val=400, test=400)
+    topology = topology_variant(tmp_path, "gossip-10-k4.toml", **{'test = "builtin:pneumoniamnist"': 'test = ""'})
+    proc = launch(topology, tmp_path / "run", "--data", str(data), "--peers", "100", "--rounds", "2",
+                  "--local-epochs", "1", "--engine", "inproc", threads=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["nodes"]) == 100
+    for node in summary["nodes"]:
+        assert node["dropped"] == {} and node["final_kept_own"] is False
+        rounds = [json.loads(line) for line in (tmp_path / "run" / node["name"] / "metrics.jsonl").read_text().splitlines()]
+        mixes = [r for r in rounds if "mixed_round" in r]
+        assert [(r["mixed_round"], r["members"], r["survivors"], r["kept_own"]) for r in mixes] == \
+            [(0, 4, 4, False), (1, 4, 4, False)]

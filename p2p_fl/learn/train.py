@@ -660,7 +660,7 @@ class Learner:
                 f"privacy budget exceeded: {steps} more steps would spend epsilon="
                 f"{after:.3g} > target {self.dp.target_epsilon:g} at delta={self.dp.delta:g}")
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Class probabilities in inference mode (running BatchNorm statistics).
 
         Images go in batches of ``batch_size``; the last one is padded to the
@@ -670,7 +670,8 @@ class Learner:
 
         Args:
           images: images as for ``fit``.
-          batch_size: images per compiled call.
+          batch_size: images per compiled call (64: on a 2-core CPU small-cnn
+            predicts 0.11 ms an image in batches of 32-64, 0.22 ms in 512s).
 
         Returns:
           (N,) probabilities of class 1 for binary models, else (N, K).
