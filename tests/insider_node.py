@@ -24,6 +24,8 @@ import numpy as np
 from p2p_fl import site as site_module
 from p2p_fl.net import wire
 from p2p_fl.protocols import GossipProtocol, RingProtocol, Send
+from p2p_fl.protocols import gossip_messages as messages
+from p2p_fl.protocols.gossip_secure import SecureMixer
 from p2p_fl.federate import RunKey
 from p2p_fl.learn import Learner
 
@@ -97,6 +99,10 @@ class InsiderGossip(_Insider, GossipProtocol):
                             {"survivors": "", "dropped": "", "shares_from": "", "attack": "stray-announcement"}))
         return out
 
+
+class InsiderSecureMixer(SecureMixer):
+    """The insider's own secure sums: honest, but for a second, contradicting announcement."""
+
     def _announcement(self, to, a):
         """Tells each member its honest story, then a second one dropping another member: an
         honest member must not release a correction for a member whose share it released."""
@@ -104,13 +110,11 @@ class InsiderGossip(_Insider, GossipProtocol):
         others = [s for s in a.survivors if s != to]
         if others:
             lie = others[0]
-            survivors = [s for s in a.survivors if s != lie]
-            owners = [s for s in survivors if s != to]
-            tensors = {wire.SHARE_PREFIX + k: honest.weights[wire.SHARE_PREFIX + k] for k in owners}
-            meta = {"survivors": wire.join_names(survivors), "dropped": wire.join_names([*a.dropped, lie]),
-                    "shares_from": wire.join_names(owners)}
+            survivors = tuple(s for s in a.survivors if s != lie)
+            story = a._replace(survivors=survivors, dropped=tuple(sorted([*a.dropped, lie])),
+                               encrypted_shares={k: a.encrypted_shares[k] for k in survivors if k != to})
             SENT["contradicting-announcement"] += 1
-            self._pending_lies.append(Send(to, wire.GOSSIP_ANNOUNCE, a.round, tensors, meta))
+            self._pending_lies.append(messages.announce(to, story))
         return honest
 
     def _take_release(self, agg, msg):
@@ -137,7 +141,9 @@ def main(argv: list[str]) -> int:
         protocol.__class__ = {RingProtocol: InsiderRing, GossipProtocol: InsiderGossip}[type(protocol)]
         protocol.all_sites = topology.names
         protocol.spec = Learner(topology.training.model).weight_spec()  # after the node set JAX up
-        protocol._pending_lies = []
+        if type(protocol) is InsiderGossip and type(protocol.mixer) is SecureMixer:
+            protocol.mixer.__class__ = InsiderSecureMixer
+            protocol.mixer._pending_lies = []
         return protocol
 
     site_module.make_protocol = make_protocol

@@ -311,7 +311,7 @@ def test_a_secure_round_with_a_dropout_in_a_group_of_three_keeps_the_own_model()
     assert train.meta["kept_own"] is True and train.meta["dropped"] == "d"
     assert "can drop safely" in train.meta["failure"]
     np.testing.assert_array_equal(train.weights["w"], random_model("a", 0)["w"])
-    assert "d" in a._suspects
+    assert "d" in a.mixer._suspects
 
 
 def test_requests_wait_for_the_members_own_training_and_foreign_groups_are_refused():
@@ -383,6 +383,89 @@ def test_a_well_formed_masked_reply_decodes():
 def test_malformed_secure_sum_messages_are_refused(frames, reason):
     with pytest.raises(wire.WireError, match=reason):
         decode(frames)
+
+
+# Every gossip message's layout (gossip_messages.py): what a builder writes, wire.decode
+# accepts, and the parser gives back what was built.
+
+def test_every_gossip_message_round_trips_through_its_layout():
+    from p2p_fl.federate import Announcement, GroupRequest, MaskedReply, Release
+    from p2p_fl.protocols import gossip_messages as messages
+
+    def blob(i, size=wire.ENCRYPTED_SHARE_BYTES):
+        return bytes([i]) * size
+
+    flat = np.arange(4, dtype=np.uint32)  # model(): w (3) and b (1)
+    request = GroupRequest("fed", 2, "a", ("b", "c", "d"), 2)
+    reply = MaskedReply(flat, {"d": blob(2), "c": blob(1)}, blob(9, wire.COMMITMENT_BYTES))
+    announcement = Announcement("fed", 2, "a", ("b", "c"), ("d",), {"c": blob(3)})
+    releases = [Release({"d": blob(6, wire.SHARE_BYTES), "c": blob(5, wire.SHARE_BYTES)}, flat + 7),
+                Release({"c": blob(5, wire.SHARE_BYTES)}, None)]
+
+    send = messages.group("b", request)
+    assert (send.type, send.round, send.weights, send.meta) == (wire.GOSSIP_GROUP, 2, None,
+                                                                {"members": "b,c,d", "threshold": 2})
+    assert messages.parse_group(over_the_wire("a", send), "fed") == request
+
+    send = messages.masked("a", 2, reply)
+    assert list(send.weights) == ["masked", "commitment", "share/c", "share/d"]
+    got = messages.parse_masked(over_the_wire("b", send), request.members)
+    np.testing.assert_array_equal(got.masked, flat)
+    assert (got.encrypted_shares, got.seed_commitment) == (reply.encrypted_shares, reply.seed_commitment)
+    with pytest.raises(wire.WireError, match="made for another group"):
+        messages.parse_masked(over_the_wire("b", send), ("b", "c"))
+
+    send = messages.announce("b", announcement)
+    assert send.meta == {"survivors": "b,c", "dropped": "d", "shares_from": "c"}
+    assert messages.parse_announce(over_the_wire("a", send), "fed") == announcement
+
+    for release in releases:
+        send = messages.release("a", 2, release)
+        assert send.meta["correction"] is (release.correction is not None)
+        got = messages.parse_release(over_the_wire("b", send))
+        assert got.shares == release.shares
+        if release.correction is None:
+            assert got.correction is None
+        else:
+            np.testing.assert_array_equal(got.correction, release.correction)
+
+    key = blob(4, wire.RUN_KEY_BYTES)
+    assert messages.parse_hello(over_the_wire("b", messages.hello("a", key, have=False))) == (key, False)
+    weights = model(3.0)
+    got = messages.parse_model(over_the_wire("b", messages.model("a", 1, weights)))
+    assert list(got) == ["w", "b"] and all(np.array_equal(got[k], weights[k]) for k in weights)
+
+
+def test_a_message_whose_layout_does_not_fit_is_refused_by_its_parser():
+    from p2p_fl.protocols import gossip_messages as messages
+
+    group = wire.Message(wire.GOSSIP_GROUP, "fed", "b", 0, 0, {}, {"members": "a,c", "threshold": 2})
+    with pytest.raises(wire.WireError, match="gossip-announce was expected"):
+        messages.parse_announce(group, "fed")
+    stray = wire.Message(wire.GOSSIP_ANNOUNCE, "fed", "b", 0, 0, {},
+                         {"survivors": "a,c", "dropped": "", "shares_from": "c"})
+    with pytest.raises(wire.WireError, match="its meta announces"):
+        messages.parse_announce(stray, "fed")
+    with pytest.raises(wire.WireError, match="threshold"):
+        messages.parse_group(dataclasses.replace(group, meta={"members": "a,c", "threshold": "2"}), "fed")
+
+
+def test_each_mode_gets_its_mixer_and_a_subclass_can_swap_it():
+    from p2p_fl.protocols.gossip_plain import PlainMixer
+    from p2p_fl.protocols.gossip_secure import SecureMixer
+
+    graph = complete("abc")
+    assert type(gossip("a", graph).mixer) is PlainMixer
+    assert type(gossip("a", graph, secure=secure_setups(graph)).mixer) is SecureMixer
+
+    class Mine(SecureMixer):
+        pass
+
+    class Site(GossipProtocol):
+        secure_mixer = Mine
+
+    site = Site("a", graph, mixing_weights(graph, {}), 1, round_timeout_s=1.0, secure=secure_setups(graph)["a"])
+    assert type(site.mixer) is Mine and site.mixer.site is site
 
 
 def test_a_group_of_four_survives_one_dropout_with_pairwise_corrections():

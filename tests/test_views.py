@@ -15,19 +15,24 @@ from p2p_fl.federate import isolated_sites, ring_neighbours
 from p2p_fl.net import wire
 from p2p_fl.protocols import Finish, GossipProtocol, Send, Train
 from p2p_fl.protocols.gossip import mixing_weights
+from p2p_fl.protocols.gossip_secure import SecureMixer
 
 TOPOLOGIES = sorted(p for p in (Path(__file__).resolve().parent.parent / "topologies").glob("*.toml")
                     if (t := load_topology(p)).protocol == "gossip" and t.gossip.secure)
 
 
-class Recording(GossipProtocol):
-    """An honest site that writes down every sum it unmasks: its whole view of the others."""
+class RecordingMixer(SecureMixer):
+    """An honest site's secure mixer that writes down every sum it unmasks: its whole view of the others."""
 
-    def _mix_secure(self, result, failure, now):
+    def _mix(self, result, failure, now):
         if result is not None:
             weights = self._aggregation.session.weights
-            self.views.setdefault(self.round, []).append({s: weights[s] for s in result.survivors})
-        return super()._mix_secure(result, failure, now)
+            self.site.views.setdefault(self.site.round, []).append({s: weights[s] for s in result.survivors})
+        return super()._mix(result, failure, now)
+
+
+class Recording(GossipProtocol):
+    secure_mixer = RecordingMixer
 
 
 def run_views(graph, weights, rounds, silent=()):

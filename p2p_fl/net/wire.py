@@ -35,11 +35,13 @@ MODEL = "model"  # a model handed to the next site of a ring (round = hop to tra
 MODEL_AVERAGE = "model+average"
 ACK = "ack"  # receipt of a model/final message (round and meta.of echo it)
 FINAL = "final"  # the finished model, sent to every site at the end of a ring run
-# A site's model after its local training of gossip round `round`; meta.samples: its
-# training sample count (the receiver caps it).
+# A site's model after its local training of gossip round `round`. No meta: mixing weights
+# come from the topology, never from a sender's claim.
 GOSSIP_MODEL = "gossip-model"
 # Secure neighbourhood sum of gossip round `round` (federate/secure_sum.py). Name lists
-# travel in meta as comma-separated peer names; they fix which tensors must follow.
+# travel in meta as comma-separated peer names; they fix which tensors must follow
+# (`expected_spec`). protocols/gossip_messages.py builds and reads these messages from the
+# federate values, taking its tensors from `expected_spec`.
 #   gossip-group     aggregator -> member. meta: members, threshold. No tensors.
 #   gossip-masked    member -> aggregator. meta: share_for (the other members). Tensors:
 #                    masked (uint32, the flat model's length), commitment (uint8, 32), then
