@@ -25,6 +25,7 @@ from p2p_fl import site as site_module
 from p2p_fl.net import wire
 from p2p_fl.protocols import GossipProtocol, RingProtocol, Send
 from p2p_fl.protocols import gossip_messages as messages
+from p2p_fl.protocols.base import Protocol
 from p2p_fl.protocols.gossip_secure import SecureMixer
 from p2p_fl.federate import RunKey
 from p2p_fl.learn import Learner
@@ -33,8 +34,11 @@ EVERY_S = 0.5
 SENT: collections.Counter = collections.Counter()
 
 
-class _Insider:
-    """What both insiders share: a clock for the attacks and the count of what they sent."""
+class _Insider(Protocol):
+    """What both insiders share: a clock for the attacks and the count of what they sent.
+
+    A Protocol itself, so that a site's protocol can become an insider in place
+    (`__class__` assignment needs the same layout chain as the Protocol it replaces)."""
 
     _next_attack = 0.0
 
