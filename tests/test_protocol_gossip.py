@@ -522,3 +522,24 @@ def test_a_trained_model_is_checkpointed_before_it_leaves():
     actions = a.on_trained(0, model(1.0), 0.0)
     assert [x.type for x in actions if isinstance(x, Send)] == [wire.GOSSIP_MODEL] * 2
     assert CHECKPOINT in actions
+
+
+def test_a_plain_site_that_caught_up_while_listening_after_a_restart_trains_once():
+    """Found by a randomised comparison of the gossip split: a restarted plain site that
+    caught up from its neighbours' models during its listening window started a second
+    Train of the same round when the window ended; its on_trained then raised."""
+    graph = complete("abc")
+    a = gossip("a", graph, rounds=5)
+    a.start(0.0)
+    state, arrays = a.snapshot()
+    resumed = gossip("a", graph, rounds=5)
+    resumed.restore(state, arrays, 10.0)
+    assert moves(resumed.start(10.0)) == []  # listens first
+    resumed.on_message(message("b", 3, 2.0), 10.5)
+    (train,) = moves(resumed.on_message(message("c", 3, 4.0), 10.5))  # two neighbours at round 3
+    assert isinstance(train, Train) and train.round == 3 and train.meta["rejoined_from"] == 0
+    assert moves(resumed.on_tick(10.0 + resumed.resume_wait_s + 1)) == []  # no second Train
+    actions = moves(resumed.on_trained(3, model(3.0), 20.0))
+    (mixed,) = [x for x in actions if isinstance(x, Train)]
+    assert mixed.round == 4 and mixed.meta["mixed_round"] == 3
+    np.testing.assert_allclose(mixed.weights["w"], 3.0)

@@ -300,7 +300,7 @@ class GossipProtocol(Protocol):
         if not self.present(self.me, self.round):
             return self._go_away(now)
         actions = self._maybe_rejoin(now)
-        if actions or self.mixing:
+        if actions or self.mixing or self.training:  # training: caught up while listening (plain)
             return actions
         return [self._train_round()]  # nobody is far enough ahead: go on from the checkpoint
 
