@@ -25,9 +25,13 @@ the figure needs to be read (`reference_is`, sizes, repeats). Families:
   against the model's size.
 * inproc-large: 100 sites of secure gossip on a 4-regular graph (5 rounds) and 1,000 (3
   rounds): peak RSS, and time per image trained against the 10-site run of `inproc`.
+* dp: seconds per epoch of `Learner.fit` with DP-SGD (Poisson-sampled steps, per-example
+  gradients over `dp_slots` padded slots, clipped and noised under a site secret) and with
+  FedProx (mu 0.01), against the plain epoch of the same model, data, batch and Adam.
 
 `--quick` runs a short version of each (fewer repeats, smaller sizes, 3 and 5 peers).
-The bench/*.py scripts print the longer per-family reports from the same functions.
+This command is the one way to run them: `--only FAMILY` picks families, and
+`P2P_FL_THREADS` limits XLA's threads as for a node.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-FAMILIES = ("train", "handoff", "masks", "secure-round", "scaling", "inproc", "inproc-large")
+FAMILIES = ("train", "handoff", "masks", "secure-round", "scaling", "inproc", "inproc-large", "dp")
 
 
 def figure(family: str, name: str, value: float, reference: float, unit: str, **extra) -> dict:
@@ -56,7 +60,7 @@ def figure(family: str, name: str, value: float, reference: float, unit: str, **
 def run_benchmarks(families: list[str], quick: bool, emit: Callable[[dict], None]) -> None:
     benches = {"train": bench_train, "handoff": bench_handoff, "masks": bench_masks,
                "secure-round": bench_secure_round, "scaling": bench_scaling, "inproc": bench_inproc,
-               "inproc-large": bench_inproc_large}
+               "inproc-large": bench_inproc_large, "dp": bench_dp}
     for family in families:
         for line in benches[family](quick):
             emit(line)
@@ -153,6 +157,39 @@ def bench_train(quick: bool) -> Iterator[dict]:
         yield figure("train", f"train_throughput_augmented_{model}", per_epoch / seconds["learner_augment"],
                      per_epoch / seconds["reference"], "images/s", **common)
 
+
+
+# What DP-SGD and FedProx cost per epoch.
+
+def bench_dp(quick: bool) -> Iterator[dict]:
+    import secrets
+
+    from p2p_fl.data import load_dataset
+    from p2p_fl.learn import DPConfig, Learner, describe_backend
+    from p2p_fl.learn.privacy import batch_sampling, poisson_capacity
+
+    models = ["small-cnn"] if quick else ["small-cnn", "seed-cnn"]
+    count, batch, noise, mu = 1024, 64, 1.0, 0.01
+    repeats = 3 if quick else 5
+    train = load_dataset("builtin:pneumoniamnist").train
+    images, labels = train.images[:count], train.labels[:count]
+    rate, steps = batch_sampling(len(images), batch)
+    shape = images.shape[1:]
+    for model in models:
+        learners = {
+            "plain": Learner(model, image_shape=shape, batch_size=batch),
+            "fedprox": Learner(model, image_shape=shape, batch_size=batch, prox_mu=mu),
+            "dp": Learner(model, image_shape=shape, batch_size=batch, dp=DPConfig(noise_multiplier=noise),
+                          training_secret=secrets.token_bytes(32)),
+        }
+        seconds = median_seconds({name: (lambda learner=learner: learner.fit(images, labels, epochs=1))
+                                  for name, learner in learners.items()}, repeats)
+        common = {"reference_is": "the plain epoch of Learner.fit, same model, data, batch and Adam",
+                  "backend": describe_backend(), "images": len(images), "batch_size": batch, "repeats": repeats}
+        yield figure("dp", f"dp_epoch_{model}", seconds["dp"], seconds["plain"], "s per epoch (median)",
+                     noise_multiplier=noise, dp_steps=steps, dp_slots=poisson_capacity(len(images), rate), **common)
+        yield figure("dp", f"fedprox_epoch_{model}", seconds["fedprox"], seconds["plain"], "s per epoch (median)",
+                     prox_mu=mu, **common)
 
 # Hand-off.
 
