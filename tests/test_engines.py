@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from processes import ROOT, p2p_fl, small_dataset
 
+from p2p_fl.config import ConfigError
 from p2p_fl.net import wire
 from p2p_fl.net.memory import MemoryHub
 from p2p_fl.simulate import Fault, VirtualClock
@@ -107,9 +108,11 @@ def test_a_kill_option_names_a_site_and_a_round():
     assert Fault.parse("hospital-b:3") == Fault("hospital-b", 3, "train", None)
     assert Fault.parse("hospital-b:3:sum:2") == Fault("hospital-b", 3, "sum", 2)
     assert Fault.parse("hospital-b:0:4") == Fault("hospital-b", 0, "train", 4)
-    for bad in ("hospital-b", "b:x", "b:1:later", "b:1:sum:0", "b:-1"):
-        proc = p2p_fl("launch", "topologies/gossip-3.toml", "--engine", "inproc", "--kill", bad)
-        assert proc.returncode == 2 and "--kill" in proc.stderr and "Traceback" not in proc.stderr
+    for bad in ("hospital-b", "b:x", "b:1:later", "b:1:sum:0", "b:-1", ":1"):
+        with pytest.raises(ConfigError, match="--kill"):
+            Fault.parse(bad)
+    proc = p2p_fl("launch", "topologies/gossip-3.toml", "--engine", "inproc", "--kill", "b:1:later")
+    assert proc.returncode == 2 and "--kill" in proc.stderr and "Traceback" not in proc.stderr
     proc = p2p_fl("launch", "topologies/gossip-3.toml", "--kill", "hospital-b:1")
     assert proc.returncode == 2 and "--engine inproc" in proc.stderr
 

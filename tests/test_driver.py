@@ -1,0 +1,78 @@
+"""The driver between a site's protocol and its transport: a real site (learner, ring
+protocol, files) over the in-memory transport."""
+
+import tomllib
+
+import numpy as np
+import pytest
+
+from p2p_fl.config import parse_topology
+from p2p_fl.data import Dataset, Split, load_dataset
+from p2p_fl.driver import Driver
+from p2p_fl.net import wire
+from p2p_fl.net.memory import MemoryHub
+from p2p_fl.simulate import VirtualClock
+from p2p_fl.site import Site
+
+TOPOLOGY = """
+federation = "driver"
+protocol = "cwt"
+[training]
+rounds = 1
+[ring]
+order = "listed"
+[network]
+insecure = true
+[[peers]]
+name = "a"
+[[peers]]
+name = "b"
+"""
+
+
+@pytest.fixture()
+def b(tmp_path):
+    """Site b of a two-site ring (hop 0 is a's, hop 1 b's), with a's end of the network."""
+    full = load_dataset("builtin:pneumoniamnist")
+    take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
+    data = Dataset(take(full.train, 64), take(full.val, 16), take(full.test, 16), 2, "tiny")
+    topology = parse_topology(tomllib.loads(TOPOLOGY))
+    clock = VirtualClock()
+    site = Site(topology, "b", data, tmp_path / "b", curve=None, durable=False)
+    hub = MemoryHub("driver", site.shared_spec(), peer_timeout_s=10.0, clock=clock)
+    driver = Driver(site, hub.transport("b", ["a"]))
+    driver.start(clock())
+    return driver, hub.transport("a", ["b"]), hub, clock
+
+
+def test_a_hop_is_acknowledged_only_once_its_checkpoint_is_on_disk(b):
+    driver, a, hub, clock = b
+    weights = {name: np.zeros(shape, dtype) for name, dtype, shape in driver.site.shared_spec()}
+    a.send("b", wire.MODEL, 1, weights, {"cycle": 0, "skipped": 0})
+    driver.poll(clock, 0.0)
+    (ack,) = a.receive()
+    assert ack.type == wire.ACK and ack.round == 1
+    assert driver.site.checkpoint_path.exists() and driver.next_training().round == 1
+
+
+def test_when_the_checkpoint_cannot_be_written_nothing_leaves(b):
+    """The driver writes the checkpoint a callback asks for before any of its messages: if
+    the write fails the site stops (and resumes from its last good checkpoint); the ack that
+    depended on it never left."""
+    driver, a, hub, clock = b
+    driver.site.checkpoint_path.mkdir()  # a folder where the file must go: the write fails
+    weights = {name: np.zeros(shape, dtype) for name, dtype, shape in driver.site.shared_spec()}
+    a.send("b", wire.MODEL, 1, weights, {"cycle": 0, "skipped": 0})
+    with pytest.raises(OSError):
+        driver.poll(clock, 0.0)
+    assert a.receive() == [] and hub.in_flight == 0
+    assert driver.next_training() is None
+
+
+def test_a_refused_message_is_counted_and_the_site_goes_on(b):
+    driver, a, hub, clock = b
+    weights = {name: np.zeros(shape, dtype) for name, dtype, shape in driver.site.shared_spec()}
+    a.send("b", wire.MODEL, 0, weights, {"cycle": 0, "skipped": 0})  # hop 0 is a's own
+    driver.poll(clock, 0.0)
+    assert driver.transport.dropped["refused"] == 1 and a.receive() == []
+    assert driver.final is None and driver.next_training() is None
