@@ -12,7 +12,8 @@ all their images, not ten programs. One process also means one JAX runtime for a
 
 A fault schedule (`Fault`) kills sites at a chosen round or hop, mid-training or right after
 they joined a secure sum, and restarts them from their checkpoint later: fault experiments
-that take minutes of processes take seconds here, and always unfold the same way.
+that take minutes of processes take seconds here, and always unfold the same way. Only the
+sites the schedule kills write checkpoints: the others would never read one.
 """
 
 from __future__ import annotations
@@ -110,13 +111,15 @@ def run_sites(topology: Topology, out: Path, data: dict[str, Dataset], curves: d
     sims = {n: _Sim(n, data[n], curves.get(n), out / n) for n in topology.names}
     hub: MemoryHub | None = None
     pending = list(faults)
+    killed = {f.site for f in faults}  # only these sites ever resume, so only they checkpoint
     due_kills: dict[str, int] = {}  # site -> the round of the sum it just replied to
     networked = topology.protocol != "local"
     tick_s = net.heartbeat_interval_s / 2
 
     def start(sim: _Sim) -> None:
         site = Site(topology, sim.name, sim.data, sim.out, curve=sim.curve, common_test=common_test,
-                    emit=lambda event: emit(sim.name, event), durable=False, now=clock())
+                    emit=lambda event: emit(sim.name, event), durable=False,
+                    checkpoints=sim.name in killed, now=clock())
         nonlocal hub
         if networked and hub is None:
             hub = MemoryHub(topology.federation, site.shared_spec(), peer_timeout_s=net.peer_timeout_s, clock=clock)
