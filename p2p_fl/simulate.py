@@ -6,9 +6,11 @@ checkpoints, secure sums (real masks, real key agreement) and [[events]]; only t
 virtual: it stands still while sites train and messages are delivered, and jumps ahead only
 when every site is idle, so timeouts fire as they would, without waiting for them.
 
-Sites that are due to train at the same moment train together (`learn.together`: one jitted
-computation over their stacked states), so ten sites cost about one model's training over
-all their images, not ten programs. One process also means one JAX runtime for all sites.
+Sites that are due to train at the same moment train together (`learn.together`): on an
+accelerator in one vmapped computation over their stacked states; on a CPU one after another
+through the same padded program (faster there than vmap, and one compile for every shard
+size), so ten sites cost about one model's training over all their images. One process also
+means one JAX runtime for all sites.
 
 A fault schedule (`Fault`) kills sites at a chosen round or hop, mid-training or right after
 they joined a secure sum, and restarts them from their checkpoint later: fault experiments
@@ -23,6 +25,8 @@ import logging
 import time
 from pathlib import Path
 from typing import Callable
+
+import jax
 
 from p2p_fl.config import ConfigError, Topology
 from p2p_fl.data import Dataset, Split
@@ -220,9 +224,14 @@ def _train(steps: list[tuple[Driver, Train]], clock: VirtualClock) -> None:
     if together:
         rates = [d.site.begin_training(s) for d, s in together]
         t0 = time.monotonic()
+        # On a CPU one site at a time through the shared padded program beats vmapping the
+        # sites (10 sites x 470 images, one epoch: 1.81 s against 2.18 s on 2 cores); on an
+        # accelerator the sites of a round go in one vmapped call.
+        per_call = 1 if jax.default_backend() == "cpu" else None
         losses = fit_together([d.site.learner for d, _ in together],
                               [(d.site.data.train.images, d.site.data.train.labels) for d, _ in together],
-                              epochs=together[0][0].site.topology.training.local_epochs, learning_rates=rates)
+                              epochs=together[0][0].site.topology.training.local_epochs, learning_rates=rates,
+                              max_sites_per_call=per_call)
         share = (time.monotonic() - t0) / len(together)
         for (d, s), site_losses in zip(together, losses):
             outcomes[id(d)] = d.site.end_training(s, site_losses, share)

@@ -175,7 +175,8 @@ def test_dp_and_small_sites_mixed_in(data):
 
 def test_calls_are_cut_to_budget_and_padding_rows_are_inert(data):
     """Seven sites in calls of at most 3: 3, 3 (shapes as in ``adam_runs``,
-    so nothing compiles anew), then 1 that runs fit."""
+    so nothing compiles anew), then 1 through the same padded program; and
+    one by one (``max_sites_per_call=1``, the CPU's choice), alike."""
     sizes = [320] * 7
     assert _plan_calls(list(range(7)), sizes, 64, 784, 3, 1 << 30, 4096) == [
         [0, 1, 2], [3, 4, 5], [6]]
@@ -189,11 +190,15 @@ def test_calls_are_cut_to_budget_and_padding_rows_are_inert(data):
     alone_losses = [learner.fit(*shard) for learner, shard in zip(alone, shards)]
     together_losses = fit_together(together, shards, epochs=1, learning_rates=[None] * 7,
                                    max_sites_per_call=3)
-    assert together_losses[6] == alone_losses[6]
+    one_by_one = [Learner("small-cnn", seed=site) for site in range(7)]
+    one_by_one_losses = fit_together(one_by_one, shards, epochs=1, learning_rates=[None] * 7,
+                                     max_sites_per_call=1)
     np.testing.assert_allclose(together_losses, alone_losses, rtol=1e-5)
-    for first, second in zip(alone, together):
-        assert max_difference(first.get_weights(), second.get_weights(),
-                              skip=BATCHNORM_NULL_SPACE) < TOLERANCE
+    np.testing.assert_allclose(one_by_one_losses, alone_losses, rtol=1e-5)
+    for first, second, third in zip(alone, together, one_by_one):
+        for other in (second, third):
+            assert max_difference(first.get_weights(), other.get_weights(),
+                                  skip=BATCHNORM_NULL_SPACE) < TOLERANCE
 
 
 def test_shuffle_does_not_depend_on_padding():

@@ -133,8 +133,11 @@ def fit_together(learners: Sequence[Learner],
     ``max_step_images`` images; a call pads its site count up to
     ``padded_rows`` and each shard up to one less than a whole number of
     batches past its largest, so that calls of similar shape reuse one
-    compiled program (padding rows are inert and discarded). A DP-SGD
-    learner (``learner.dp is not None``), and a group or call of one site,
+    compiled program (padding rows are inert and discarded). With
+    ``max_sites_per_call=1`` the sites of a group run one by one through that
+    one padded program (on a CPU that is faster than vmapping them, and
+    compiles once where ``fit`` compiles once per shard size). A DP-SGD
+    learner (``learner.dp is not None``), and a site alone in its group,
     simply runs ``learner.fit``, one after another.
 
     Everything is checked before anything trains: shapes, labels, empty
@@ -192,15 +195,15 @@ def fit_together(learners: Sequence[Learner],
     losses: list[list[float] | None] = [None] * len(learners)
     calls = []
     for members in groups.values():
+        if len(members) == 1:  # alone in its group: nothing to share, its own fit
+            sequential.append(members[0])
+            continue
         members.sort(key=lambda index: -len(checked[index][0]))
         sizes = [len(checked[index][0]) for index in members]
         batch_size = min(learners[members[0]].batch_size, sizes[0])  # alike in the group
         calls += _plan_calls(members, sizes, batch_size, checked[members[0]][0][0].nbytes,
                              max_sites_per_call, max_image_bytes, max_step_images)
     for members in calls:
-        if len(members) == 1:
-            sequential.append(members[0])
-            continue
         for index, site_losses in zip(members, _fit_call(
                 [learners[index] for index in members], [checked[index] for index in members],
                 [learning_rates[index] for index in members], epochs)):
@@ -236,7 +239,7 @@ def _padded_size(largest: int, batch_size: int) -> int:
 
 def _fit_call(learners: list[Learner], shards: list[tuple[np.ndarray, np.ndarray]],
               learning_rates: list[float | None], epochs: int) -> list[list[float]]:
-    """Trains 2+ compatible learners in one vmapped program per epoch."""
+    """Trains compatible learners in one vmapped program per epoch."""
     first = learners[0]
     sizes = [len(images) for images, _ in shards]
     batch_size = min(first.batch_size, sizes[0])
