@@ -207,8 +207,9 @@ class Site:
         else:
             self.metrics_path.write_text("")
         emit({"event": "state", "state": "waiting", "samples": len(data.train)})
-        # As of the last finished training (a training thread may be busy with the learner).
-        self._learner_state = self.learner.get_state()
+        # As of the last finished training (a training thread may be busy with the learner);
+        # only for the checkpoint, so none without checkpoints (a simulated site's megabyte).
+        self._learner_state = self.learner.get_state() if checkpoints else {}
 
     def shared_spec(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, shape) of the tensors that leave the site (not FedBN's local ones)."""
@@ -298,7 +299,8 @@ class Site:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.emit({"event": "trained", **record})
-        self._learner_state = self.learner.get_state()
+        if self.checkpoints:
+            self._learner_state = self.learner.get_state()
 
     def privacy_fields(self) -> dict:
         dp = self.dp
