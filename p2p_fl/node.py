@@ -29,20 +29,8 @@ def run_node(
     common_test: Split | None = None,
     emit: Emit = lambda event: None,
 ) -> dict:
-    """Runs one site until its protocol finishes; writes metrics.jsonl and result.json.
-
-    Args:
-        topology: the federation (every node reads the same one).
-        name: this site's peer name.
-        data: this site's own train/val/test data (the test split is its local test set).
-        out_dir: where this node writes its files.
-        curve: this node's CURVE keys and its peers' (None only for `insecure = true`).
-        common_test: the test set shared by the whole study (None: local test only).
-        emit: receives progress events (dicts) for a live display.
-
-    Returns:
-        The result dict also written to out_dir/result.json.
-    """
+    """Runs one site (the arguments are `site.Site`'s) in this process over its ZeroMQ peer
+    until its protocol finishes; returns the result also written to out_dir/result.json."""
     me = topology.peer(name)
     site = Site(topology, name, data, out_dir, curve=curve, common_test=common_test, emit=emit,
                 now=time.monotonic())
