@@ -135,3 +135,26 @@ set = {{ "data.test" = "{data}", "training.batch_size" = 32 }}
     again = p2p_fl("experiment", str(sweep), "--out", str(out), timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("done before, skipped") == 2
+
+
+def test_a_sweep_runs_in_process_with_engine_inproc(tmp_path):
+    """`experiment --engine inproc`: every federation of the sweep runs its sites inside the
+    experiment's own process, with the same folders and tables."""
+    data = tiny_dataset(tmp_path / "tiny.npz")
+    sweep = write(tmp_path, f"""
+seeds = [0]
+topology = "{ROOT / 'topologies' / 'gossip-3.toml'}"
+dataset = "{data}"
+[[federations]]
+label = "FedAvg"
+rounds = 2
+set = {{ "data.test" = "{data}", "training.batch_size" = 32 }}
+""")
+    out = tmp_path / "out"
+    proc = p2p_fl("experiment", str(sweep), "--out", str(out), "--engine", "inproc", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / "FedAvg-3-iid-seed0" / "summary.json").read_text())
+    assert summary["engine"] == "inproc" and len(summary["nodes"]) == 3
+    assert all(n["final_kept_own"] is False and n["dropped"] == {} for n in summary["nodes"])
+    with (out / "results.csv").open() as f:
+        assert [r["label"] for r in csv.DictReader(f)] == ["FedAvg"]
