@@ -19,10 +19,11 @@ from p2p_fl.config import ConfigError, parse_topology
 from p2p_fl.federate import complete
 from p2p_fl.net import wire
 from p2p_fl.net.heartbeat import DEAD, SUSPECT, ALIVE, Heartbeats
-from p2p_fl.protocols import Finish, GossipProtocol, Send, Train
+from p2p_fl.protocols import GossipProtocol, Send, Train
 from p2p_fl.protocols.gossip import mixing_weights
 from p2p_fl.protocols.actions import Checkpoint
 from p2p_fl.protocols.ring import RingProtocol, ring_cycles
+from routing import route
 
 # -- heartbeats ---------------------------------------------------------------------------
 
@@ -166,32 +167,9 @@ def run_plain(rounds, away, on_leave, train):
     graph = complete("abc")
     sites = {n: GossipProtocol(n, graph, mixing_weights(graph, {}), rounds, round_timeout_s=10.0, away=away,
                                on_leave=on_leave) for n in graph}
-    now, finals, records, dropped = 0.0, {}, [], []
-    queue = [(n, a) for n in graph for a in sites[n].start(now)]
-    for _ in range(10_000):
-        if len(finals) == len(graph):
-            break
-        if not queue:
-            now += 0.5
-            progress = {n: s.progress for n, s in sites.items()}
-            for n in graph:
-                if n not in finals:
-                    queue += [(n, a) for a in sites[n].on_peers(set(), set(), progress, now)]
-                    queue += [(n, a) for a in sites[n].on_tick(now)]
-            continue
-        site, action = queue.pop(0)
-        if isinstance(action, Train):
-            records.append((site, action.round, dict(action.meta)))
-            queue += [(site, a) for a in sites[site].on_trained(action.round, train(site, action), now)]
-        elif isinstance(action, Send) and action.to not in finals:
-            try:
-                queue += [(action.to, a) for a in sites[action.to].on_message(over_the_wire(site, action), now)]
-            except wire.WireError as err:  # what a node drops and counts
-                dropped.append((action.to, str(err)))
-        elif isinstance(action, Finish):
-            finals[site] = action
-    assert not dropped, dropped
-    return finals, records
+    trace = route(sites, train, over_the_wire, tick_s=0.5, heartbeats=True, count_refusals=True, max_steps=10_000)
+    assert not trace.refused, trace.refused  # what a node would drop and count
+    return trace.finals, [(site, step.round, dict(step.meta)) for site, step in trace.trained]
 
 
 def test_forget_a_site_away_is_left_out_and_rejoins_with_its_own_model_when_it_returns():

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from routing import route
 
 from p2p_fl.federate import complete, metropolis_hastings_weights, ring_neighbours
 from p2p_fl.net import wire
@@ -39,35 +40,11 @@ def over_the_wire(sender, send):
 
 
 def run(graph, rounds, samples, train, silent=(), tick=None, secure=None):
-    """Routes every action between the sites' protocols; `train(site, round, weights)` trains.
-
-    Sites in `silent` only exchange run keys (gossip-hello): they never train nor answer
-    anything else. Returns site -> its Finish action.
-    """
+    """Every site's protocol on `graph`, routed (`routing.route`); `train(site, round,
+    weights)` trains. Sites in `silent` only exchange run keys. Returns site -> its Finish."""
     sites = {n: gossip(n, graph, rounds, samples, secure=secure) for n in graph}
-    now = 0.0
-
-    def heard(site, action):
-        return site not in silent or (isinstance(action, Send) and action.type == wire.GOSSIP_HELLO)
-
-    queue = [(n, a) for n in graph for a in sites[n].start(now) if heard(n, a)]
-    finals = {}
-    while len(finals) < len(graph) - len(silent):
-        if not queue:  # everyone waits: time passes to the deadline
-            now += tick
-            queue = [(n, a) for n in graph for a in sites[n].on_tick(now) if heard(n, a)]
-            continue
-        site, action = queue.pop(0)
-        if isinstance(action, Train):
-            weights = train(site, action.round, action.weights)
-            queue += [(site, a) for a in sites[site].on_trained(action.round, weights, now)]
-        elif isinstance(action, Send):
-            if heard(action.to, action):
-                queue += [(action.to, a) for a in sites[action.to].on_message(over_the_wire(site, action), now)
-                          if heard(action.to, a)]
-        elif isinstance(action, Finish):
-            finals[site] = action
-    return finals
+    return route(sites, lambda site, step: train(site, step.round, step.weights), over_the_wire,
+                 silent=frozenset(silent), tick_s=tick).finals
 
 
 def test_complete_graph_is_fedavg_with_sample_count_weights():

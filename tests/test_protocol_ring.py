@@ -6,6 +6,7 @@ import pytest
 from p2p_fl.net import wire
 from p2p_fl.protocols import Finish, RingProtocol, Send, Train, ring_schedule
 from p2p_fl.protocols.actions import Checkpoint
+from routing import route
 
 W = {"w": np.zeros(2, np.float32)}
 
@@ -37,6 +38,11 @@ def test_shuffled_schedule_visits_every_site_once_per_cycle_and_never_twice_in_a
     assert schedule == ring_schedule(peers, 4, "shuffle", seed)
 
 
+
+def deliver(sender, send):
+    return message(send.type, sender, send.round, send.weights, **send.meta)
+
+
 def test_first_site_trains_the_others_wait():
     assert isinstance(ring("a", ["a", "b"]).start(0)[0], Train)
     assert ring("b", ["a", "b"]).start(0) == []
@@ -46,19 +52,9 @@ def test_a_full_cwt_run_between_three_state_machines():
     """Routes every Send between three protocols; the model visits the schedule in order."""
     schedule = ring_schedule(["a", "b", "c"], 2, "shuffle", seed=1)
     sites = {n: ring(n, schedule) for n in "abc"}
-    inbox = [(n, a) for n in "abc" for a in sites[n].start(0)]
-    trained, finals = [], {}
-    while inbox:
-        site, action = inbox.pop(0)
-        if isinstance(action, Train):
-            trained.append(site)
-            weights = {"w": np.full(2, action.round, np.float32)}
-            inbox += [(site, a) for a in sites[site].on_trained(action.round, weights, 0)]
-        elif isinstance(action, Send):
-            msg = message(action.type, site, action.round, action.weights, **action.meta)
-            inbox += [(action.to, a) for a in sites[action.to].on_message(msg, 0)]
-        elif isinstance(action, Finish):
-            finals[site] = action.weights
+    trace = route(sites, lambda site, step: {"w": np.full(2, step.round, np.float32)}, deliver)
+    trained = [site for site, _ in trace.trained]
+    finals = {site: finish.weights for site, finish in trace.finals.items()}
     assert trained == schedule
     assert set(finals) == {"a", "b", "c"}
     for weights in finals.values():  # everyone ends with the model of the last hop
@@ -153,20 +149,9 @@ def run_ring(schedule, final):
     sites = {n: ring(n, schedule) for n in set(schedule)}
     for p in sites.values():
         p.__init__(p.me, schedule, ack_timeout_s=1.0, handoff_timeout_s=10.0, final=final)
-    inbox = [(n, a) for n in sites for a in sites[n].start(0)]
-    finals, types = {}, []
-    while inbox:
-        site, action = inbox.pop(0)
-        if isinstance(action, Train):
-            weights = {"w": np.full(2, action.round, np.float32), "v": np.full(3, -action.round, np.float32)}
-            inbox += [(site, a) for a in sites[site].on_trained(action.round, weights, 0)]
-        elif isinstance(action, Send):
-            types.append(action.type)
-            msg = message(action.type, site, action.round, action.weights, **action.meta)
-            inbox += [(action.to, a) for a in sites[action.to].on_message(msg, 0)]
-        elif isinstance(action, Finish):
-            finals[site] = action.weights
-    return finals, types
+    trace = route(sites, lambda site, step: {"w": np.full(2, step.round, np.float32),
+                                             "v": np.full(3, -step.round, np.float32)}, deliver)
+    return {site: finish.weights for site, finish in trace.finals.items()}, [send.type for _, send in trace.sent]
 
 
 def test_average_last_cycle_ends_with_the_mean_of_the_last_cycle_models():

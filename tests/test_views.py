@@ -8,12 +8,12 @@ solved for every model of a 4-site ring (see the last test).
 from pathlib import Path
 
 import pytest
+from routing import route
 from test_protocol_gossip import model, over_the_wire, secure_setups
 
 from p2p_fl.config import ConfigError, gossip_graph, load_topology, parse_topology
 from p2p_fl.federate import isolated_sites, ring_neighbours
-from p2p_fl.net import wire
-from p2p_fl.protocols import Finish, GossipProtocol, Send, Train
+from p2p_fl.protocols import GossipProtocol
 from p2p_fl.protocols.gossip import mixing_weights
 from p2p_fl.protocols.gossip_secure import SecureMixer
 
@@ -40,29 +40,9 @@ def run_views(graph, weights, rounds, silent=()):
     sites = {n: Recording(n, graph, weights, rounds, round_timeout_s=10.0, secure=setups[n]) for n in graph}
     for site in sites.values():
         site.views = {}
-
-    def heard(name, action):
-        return name not in silent or (isinstance(action, Send) and action.type == wire.GOSSIP_HELLO)
-
-    now, finals = 0.0, set()
-    queue = [(n, a) for n in graph for a in sites[n].start(now) if heard(n, a)]
-    while len(finals) < len(graph) - len(silent):
-        if not queue:
-            now += 1.0
-            queue = [(n, a) for n in graph for a in sites[n].on_tick(now) if heard(n, a)]
-            continue
-        name, action = queue.pop(0)
-        if isinstance(action, Train):
-            value = float(sorted(graph).index(name) + action.round)
-            queue += [(name, a) for a in sites[name].on_trained(action.round, model(value), now)]
-        elif isinstance(action, Send) and heard(action.to, action):
-            try:
-                queue += [(action.to, a) for a in sites[action.to].on_message(over_the_wire(name, action), now)
-                          if heard(action.to, a)]
-            except wire.WireError:
-                pass  # a late reply, refused and counted by a node
-        elif isinstance(action, Finish):
-            finals.add(name)
+    # A late reply is refused and counted, as by a node.
+    route(sites, lambda name, step: model(float(sorted(graph).index(name) + step.round)), over_the_wire,
+          silent=frozenset(silent), tick_s=1.0, count_refusals=True)
     return sites
 
 
