@@ -40,6 +40,7 @@ from p2p_fl.site import Site
 log = logging.getLogger(__name__)
 
 PHASES = ("train", "sum")
+MAX_PASSES = 100_000  # delivery passes at one virtual instant before the run is called stuck
 
 
 class SimulationError(RuntimeError):
@@ -176,12 +177,16 @@ def run_sites(topology: Topology, out: Path, data: dict[str, Dataset], curves: d
 
     def deliver() -> None:
         """Every site handles what reached it and the time, until nothing is in flight."""
-        while True:
+        for _ in range(MAX_PASSES):
             for sim in running():
                 sim.driver.poll(clock, 0.0)
                 settle(sim)
             if hub is None or not hub.in_flight:
                 return
+        # Protocols answer each message with finitely many; messages that never stop while
+        # no time passes are a bug, and a simulation must say so rather than hang.
+        raise SimulationError(f"messages still in flight after {MAX_PASSES} delivery passes at "
+                              f"virtual time {clock():g} s")
 
     for sim in sims.values():
         start(sim)
@@ -232,7 +237,7 @@ def _train(steps: list[tuple[Driver, Train]], clock: VirtualClock) -> None:
                               [(d.site.data.train.images, d.site.data.train.labels) for d, _ in together],
                               epochs=together[0][0].site.topology.training.local_epochs, learning_rates=rates,
                               max_sites_per_call=per_call)
-        share = (time.monotonic() - t0) / len(together)
+        share = (time.monotonic() - t0) / len(together)  # each site's train_s: its share of the call
         for (d, s), site_losses in zip(together, losses):
             outcomes[id(d)] = d.site.end_training(s, site_losses, share)
     for d, s in steps:

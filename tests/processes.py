@@ -1,5 +1,6 @@
 """What the end-to-end tests share: running the `p2p-fl` command and making small shards."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,10 +12,11 @@ from p2p_fl.data import Dataset, Split, load_dataset, partition_dataset, save_np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def p2p_fl(*args, timeout=600) -> subprocess.CompletedProcess:
-    """`python -m p2p_fl ARGS` from the repository root, output captured."""
+def p2p_fl(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`python -m p2p_fl ARGS` from the repository root, output captured; `env`: variables
+    added to this process's environment."""
     return subprocess.run([sys.executable, "-m", "p2p_fl", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=None if env is None else {**os.environ, **env})
 
 
 def small_shards(folder: Path, sites, *, train: int, val: int, test: int) -> dict[str, Path]:

@@ -2,7 +2,6 @@
 schedule, and the in-memory transport it runs on."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -21,12 +20,8 @@ def final_models(out, sites):
 
 
 def launch(topology, out, *args, threads=1):
-    env = {**os.environ, "P2P_FL_THREADS": str(threads)}
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "p2p_fl", "launch", str(topology), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    """`p2p-fl launch` with a fixed XLA thread count (it changes float summation order)."""
+    return p2p_fl("launch", str(topology), "--out", str(out), *args, env={"P2P_FL_THREADS": str(threads)})
 
 
 @pytest.fixture(scope="module")
