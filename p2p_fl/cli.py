@@ -109,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: ../centralized-seed<S> beside the run, as `experiment` makes)")
     report.set_defaults(func=cmd_report)
 
+    from p2p_fl.chaos import FAULTS, PROTOCOLS
+
+    chaos = sub.add_parser("chaos", help="run federations under seeded random faults and check every run's invariants")
+    chaos.add_argument("--protocols", default=",".join(PROTOCOLS),
+                       help=f"comma-separated, of {', '.join(PROTOCOLS)} (default: all)")
+    chaos.add_argument("--trials", type=int, default=10, help="trials per protocol (default: 10)")
+    chaos.add_argument("--faults", default=",".join(FAULTS),
+                       help=f"comma-separated fault kinds to draw from, of {', '.join(FAULTS)} (default: all)")
+    chaos.add_argument("--seed", type=int, default=0, help="seed of the fault plans (default: 0)")
+    chaos.add_argument("--out", type=Path, help="folder for the runs and chaos.jsonl (default: runs/chaos-<time>)")
+    chaos.set_defaults(func=cmd_chaos)
+
     from p2p_fl.bench import FAMILIES
 
     bench = sub.add_parser("bench", help="run the benchmarks: one JSON line per figure, each with its reference")
@@ -143,7 +155,8 @@ def _check_model(topology: Topology, source: Path) -> None:
 def cmd_node(args) -> int:
     _setup_runtime()
     from p2p_fl.data import load_dataset, partition_dataset
-    from p2p_fl.node import run_node
+    from p2p_fl.launch import GAVE_UP_EXIT, INCOMPLETE_EXIT
+    from p2p_fl.node import RunTimeout, run_node
     from p2p_fl.site import site_curve
 
     topology = load_topology(args.config)
@@ -171,7 +184,15 @@ def cmd_node(args) -> int:
         elif event.get("event") in ("trained", "done"):
             logging.info("%s", json.dumps(event))
 
-    run_node(topology, args.name, data, out, curve=curve, common_test=common_test, emit=emit)
+    try:
+        result = run_node(topology, args.name, data, out, curve=curve, common_test=common_test, emit=emit)
+    except RunTimeout as err:
+        print(f"p2p-fl: error: {err}", file=sys.stderr)
+        return GAVE_UP_EXIT
+    if result["shortfall"]:
+        print(f"p2p-fl: error: {args.name} ended without the federation: {result['shortfall']} "
+              f"(result.json in {out})", file=sys.stderr)
+        return INCOMPLETE_EXIT
     return 0
 
 
@@ -223,6 +244,12 @@ def cmd_launch(args) -> int:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return 1
     print(f"results: {out / 'summary.json'}")
+    for site, why in summary["incomplete"].items():
+        print(f"p2p-fl: error: {site} ended without the federation: {why}", file=sys.stderr)
+    if summary["incomplete"]:
+        from p2p_fl.launch import INCOMPLETE_EXIT
+
+        return INCOMPLETE_EXIT
     return 0 if summary["nodes"] else 1
 
 
@@ -270,6 +297,33 @@ def cmd_report(args) -> int:
         raise ConfigError(str(err)) from None
     print(f"report: {page}")
     return 0
+
+
+def cmd_chaos(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from p2p_fl.chaos import FAULTS, PROTOCOLS, run_chaos, summary_rows
+
+    protocols = [p for p in args.protocols.split(",") if p]
+    kinds = tuple(k for k in args.faults.split(",") if k)
+    unknown = [p for p in protocols if p not in PROTOCOLS] + [k for k in kinds if k not in FAULTS]
+    if unknown or not protocols or not kinds:
+        raise ConfigError(f"chaos: unknown or missing protocol or fault {', '.join(unknown) or '(none given)'}; "
+                          f"protocols: {', '.join(PROTOCOLS)}; faults: {', '.join(FAULTS)}")
+    if args.trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {args.trials}")
+    out = args.out or Path("runs") / f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
+    records = run_chaos(protocols, args.trials, kinds, args.seed, out, report=lambda line: print(line, flush=True))
+    rows = summary_rows(records)
+    table = Table(title=f"chaos: {len(records)} trials, seed {args.seed}")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+    print(f"trials: {out / 'chaos.jsonl'}")
+    return 1 if any(r["violations"] for r in records) else 0
 
 
 def cmd_bench(args) -> int:

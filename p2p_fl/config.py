@@ -131,7 +131,12 @@ MAX_MESSAGE_MB = 4096
 class NetworkConfig:
     ack_timeout_s: float = 2.0  # resend a hand-off not acknowledged within this
     handoff_timeout_s: float = 60.0  # then skip the successor that never acknowledged
-    run_timeout_s: float = 3600.0  # a node gives up waiting after this
+    # A node gives up after waiting this long in all (time spent training does not count):
+    # one line, exit 3, its checkpoint kept for a restart.
+    run_timeout_s: float = 3600.0
+    # A fresh node waits up to this long for every peer to be heard before its first round
+    # (logging who it waits for), then starts with those it heard; a late site rejoins.
+    start_window_s: float = 300.0
     max_message_mb: int = 512
     # Liveness (docs/architecture.md, Fault tolerance): a heartbeat to every peer this often; a peer
     # silent for peer_timeout_s is dead (a ring skips it or repairs round it, a gossip sum
@@ -365,6 +370,8 @@ def _check_semantics(t: Topology, fail) -> None:
     for key in ("ack_timeout_s", "handoff_timeout_s", "run_timeout_s"):
         if not getattr(net, key) > 0:
             fail(f"network.{key} must be > 0")
+    if not net.start_window_s >= 0:
+        fail(f"network.start_window_s must be >= 0 (0: start at once), got {net.start_window_s}")
     if net.handoff_timeout_s < net.ack_timeout_s:
         fail("network.handoff_timeout_s must be >= network.ack_timeout_s")
     if not 0 < net.heartbeat_interval_s:

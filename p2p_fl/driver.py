@@ -35,9 +35,21 @@ class Driver:
         self.final: Finish | None = None
         self.training: Train | None = None  # handed to the engine, not yet trained
         self._waiting: list[Train] = []
+        # The start window: until `_start_by` the protocol waits for every peer to be heard;
+        # what arrives meanwhile is held for it.
+        self._start_by: float | None = None
+        self._held: list[wire.Message] = []
 
     def start(self, now: float) -> None:
-        self._carry_out(self._guarded(self.protocol.start, now))
+        """Starts the protocol: at once for a local run or a resumed site (it rejoins), else
+        once every peer was heard or `network.start_window_s` went by (`poll` opens it)."""
+        window = self.site.topology.network.start_window_s
+        if self.transport is None or self.site.resumes or window <= 0:
+            self._carry_out(self._guarded(self.protocol.start, now))
+            return
+        self._start_by = now + window
+        log.info("%s: waiting up to %g s for %s to start", self.site.name, window, ", ".join(self._unheard()))
+        self.site.emit({"event": "state", "state": "waiting for peers"})
 
     def poll(self, now: Callable[[], float], timeout_s: float) -> None:
         """Messages that arrived (waiting up to `timeout_s` for the first), the heartbeats,
@@ -46,9 +58,17 @@ class Driver:
         transport = self.transport
         if transport is None:
             return
+        arrived = transport.receive(timeout_s)
+        if self._start_by is not None:
+            transport.pulse(self.protocol.progress)  # the others are waiting to hear us too
+            self._held += arrived
+            if self._unheard() and now() < self._start_by:
+                return
+            self._open_start(now())
+            arrived, self._held = self._held, []
         # One checkpoint covers what every message of the batch changed, before any reply leaves.
         replies: list[Action] = []
-        for msg in transport.receive(timeout_s):
+        for msg in arrived:
             replies += self._guarded(self.protocol.on_message, msg, now())
         self._carry_out(replies)
         transport.pulse(self.protocol.progress)
@@ -60,6 +80,22 @@ class Driver:
             log.warning("%s: %s is back", self.site.name, site)
         self._carry_out(self._guarded(self.protocol.on_peers, dead, revived, transport.peer_progress, now()))
         self._carry_out(self._guarded(self.protocol.on_tick, now()))
+
+    def _unheard(self) -> list[str]:
+        """The peers whose heartbeats have not reached us yet."""
+        heard = self.transport.peer_progress
+        return sorted(p for p in self.site.topology.names if p != self.site.name and p not in heard)
+
+    def _open_start(self, now: float) -> None:
+        unheard = self._unheard()
+        if unheard:
+            log.warning("%s: starting without %s: not heard within network.start_window_s=%g s; "
+                        "they rejoin when they come", self.site.name, ", ".join(unheard),
+                        self.site.topology.network.start_window_s)
+        else:
+            log.info("%s: every peer heard; starting", self.site.name)
+        self._start_by = None
+        self._carry_out(self._guarded(self.protocol.start, now))
 
     def next_training(self) -> Train | None:
         """The next training to run, if none is running (it becomes `training`)."""

@@ -40,7 +40,10 @@ from p2p_fl.netns import Hosts, network_hosts
 SITE_MODEL_PROTOCOLS = ("local", "gossip", "ensemble")
 XLA_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "p2p_fl" / "xla"
 NETNS_PORT = 7700  # every node is alone in its namespace, so one port serves all
-CONFIG_ERROR_EXIT = 2  # `p2p-fl node` refused its input: starting it again cannot help
+# `p2p-fl node`'s exit codes beside 0 (done) and 1 (a bug: a traceback in its log).
+CONFIG_ERROR_EXIT = 2  # it refused its input: starting it again cannot help
+INCOMPLETE_EXIT = 3  # it finished without the federation (result.json: shortfall); it will not run again
+GAVE_UP_EXIT = 4  # it waited network.run_timeout_s in all; its checkpoint is kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +58,9 @@ class Supervision:
 def after_exit(returncode: int, restarts: int, supervision: Supervision) -> str:
     """"done", "restart" or "failed" for a node process that exited with `returncode`
     (negative: killed by that signal) after `restarts` restarts."""
-    if returncode == 0:
+    if returncode in (0, INCOMPLETE_EXIT):  # INCOMPLETE_EXIT: the summary says why
         return "done"
-    if returncode == CONFIG_ERROR_EXIT or not supervision.restart or restarts >= supervision.max_restarts:
+    if returncode in (CONFIG_ERROR_EXIT, GAVE_UP_EXIT) or not supervision.restart or restarts >= supervision.max_restarts:
         return "failed"
     return "restart"
 
@@ -419,6 +422,8 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "wall_s": wall_s,
         "final": _final_metrics(topology, nodes),
         "restarts": {p.name: 0 for p in topology.peers} | (restarts or {}),
+        # Sites that finished without the federation, and why (their node exited 3).
+        "incomplete": {n["name"]: n["shortfall"] for n in nodes if n.get("shortfall")},
         "nodes": nodes,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

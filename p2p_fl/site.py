@@ -322,6 +322,9 @@ class Site:
         `traffic`: bytes_sent, messages_sent, bytes_received and dropped of the transport."""
         self.emit({"event": "state", "state": "evaluating"})
         learner, topology, dp = self.learner, self.topology, self.dp
+        shortfall = self.protocol.shortfall()
+        if shortfall:
+            log.warning("%s: the run ended without the federation: %s", self.name, shortfall)
         if final.weights is not None:
             learner.set_weights(final.weights, keep=self.local)
         result = _evaluate(learner, self.data, self.common_test, final.members)
@@ -341,6 +344,7 @@ class Site:
                 **self.privacy_fields(), "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
                 "target_epsilon": dp.target_epsilon, "budget_reached_round": self.budget_reached_round}),
             **{f"final_{k}": v for k, v in final.meta.items()},
+            "shortfall": shortfall or "",  # why the run did not include the federation ("" : it did)
         })
         _write_json_atomic(self.out_dir / "result.json", result)
         self.checkpoint_path.unlink(missing_ok=True)  # the run is over: result.json and the model are its record

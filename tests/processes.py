@@ -1,11 +1,14 @@
 """What the end-to-end tests share: running the `p2p-fl` command and making small shards."""
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import zmq
 
 from p2p_fl.data import Dataset, Split, load_dataset, partition_dataset, save_npz
 
@@ -91,3 +94,17 @@ def wait_listening(port: int, procs: list[subprocess.Popen], timeout_s: float = 
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"nothing listening on port {port}")
+
+
+@contextlib.contextmanager
+def zmq_context():
+    """A ZeroMQ context for a test's own sockets that cannot hang the suite: its sockets
+    linger 0 unless a close says otherwise, and it is destroyed (linger 0) however the test
+    ends. (A context left to the garbage collector terms in some later test, and blocks
+    there forever on a socket with unsent messages and unbounded linger.)"""
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)

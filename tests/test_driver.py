@@ -1,6 +1,7 @@
 """The driver between a site's protocol and its transport: a real site (learner, ring
 protocol, files) over the in-memory transport."""
 
+import logging
 import tomllib
 
 import numpy as np
@@ -41,8 +42,10 @@ def b(tmp_path):
     site = Site(topology, "b", data, tmp_path / "b", curve=None, durable=False)
     hub = MemoryHub("driver", site.shared_spec(), peer_timeout_s=10.0, clock=clock)
     driver = Driver(site, hub.transport("b", ["a"]))
+    a = hub.transport("a", ["b"])
+    a.pulse(0)  # a is up: b's start window opens at its first poll
     driver.start(clock())
-    return driver, hub.transport("a", ["b"]), hub, clock
+    return driver, a, hub, clock
 
 
 def test_a_hop_is_acknowledged_only_once_its_checkpoint_is_on_disk(b):
@@ -76,3 +79,56 @@ def test_a_refused_message_is_counted_and_the_site_goes_on(b):
     driver.poll(clock, 0.0)
     assert driver.transport.dropped["refused"] == 1 and a.receive() == []
     assert driver.final is None and driver.next_training() is None
+
+
+def site_a(tmp_path, clock, hub_peers=("a", "b")):
+    """Site a, the ring's first holder, over a fresh hub; returns (driver, hub)."""
+    full = load_dataset("builtin:pneumoniamnist")
+    take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
+    data = Dataset(take(full.train, 64), take(full.val, 16), take(full.test, 16), 2, "tiny")
+    topology = parse_topology(tomllib.loads(TOPOLOGY.replace("[network]", "[network]\nstart_window_s = 60.0")))
+    site = Site(topology, "a", data, tmp_path / "a", curve=None, durable=False)
+    hub = MemoryHub("driver", site.shared_spec(), peer_timeout_s=10.0, clock=clock)
+    return Driver(site, hub.transport("a", ["b"])), hub
+
+
+def test_a_fresh_site_waits_for_its_peers_before_its_first_round_and_keeps_what_arrives(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    clock = VirtualClock()
+    driver, hub = site_a(tmp_path, clock)
+    driver.start(clock())
+    for _ in range(3):
+        clock.now += 5.0
+        driver.poll(clock, 0.0)
+    assert driver.next_training() is None  # hop 0 is a's, but b has not been heard
+    assert "waiting up to 60 s for b" in caplog.text
+    b = hub.transport("b", ["a"])
+    b.pulse(0)
+    b.send("a", wire.ACK, 0, meta={"of": wire.MODEL})  # arrives with b's first heartbeat
+    driver.poll(clock, 0.0)
+    assert driver.next_training().round == 0  # b heard: the ring starts
+    assert driver.transport.dropped["refused"] == 0  # the held ack reached the protocol (an ack of nothing: ignored)
+    assert "every peer heard" in caplog.text
+
+
+def test_a_fresh_site_starts_without_a_silent_peer_once_the_window_is_over(tmp_path, caplog):
+    clock = VirtualClock()
+    driver, hub = site_a(tmp_path, clock)
+    driver.start(clock())
+    clock.now += 59.0
+    driver.poll(clock, 0.0)
+    assert driver.next_training() is None
+    clock.now += 2.0
+    driver.poll(clock, 0.0)
+    assert driver.next_training().round == 0
+    assert "starting without b" in caplog.text
+
+
+def test_a_resumed_site_does_not_wait_it_rejoins(tmp_path):
+    clock = VirtualClock()
+    driver, hub = site_a(tmp_path, clock)
+    driver.site.save_checkpoint()
+    resumed, _ = site_a(tmp_path, clock)  # the same folder: it resumes from the checkpoint
+    assert resumed.site.resumes == 1
+    resumed.start(clock())
+    assert resumed.next_training().round == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from processes import ROOT, small_shards, wait_listening
+from processes import ROOT, small_shards, wait_listening, zmq_context
 import zmq
 
 from p2p_fl.launch import free_ports, node_env
@@ -55,10 +55,16 @@ def run_federation(federation, out: Path, attack: bool):
         for n in "ab"
     }
     sent = 0
-    if attack:
-        keys = {n: load_secret_key(tmp / "keys" / f"{n}.key_secret") for n in "ab"}
-        sent = attack_nodes(ports, keys, tmp, procs, spec)
-    codes = {n: p.wait(timeout=300) for n, p in procs.items()}
+    try:
+        if attack:
+            keys = {n: load_secret_key(tmp / "keys" / f"{n}.key_secret") for n in "ab"}
+            sent = attack_nodes(ports, keys, tmp, procs, spec)
+        codes = {n: p.wait(timeout=300) for n, p in procs.items()}
+    finally:  # never leave a node running into the next test
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return codes, sent
 
 
@@ -68,8 +74,11 @@ def attack_nodes(ports, keys, tmp, procs, spec) -> int:
     Stops early (and the test then fails on the count) if the nodes finish first or after
     a bounded time, so a broken run can never hang the suite.
     """
-    ctx = zmq.Context()
+    with zmq_context() as ctx:
+        return _attack(ctx, ports, keys, tmp, procs, spec)
 
+
+def _attack(ctx, ports, keys, tmp, procs, spec) -> int:
     def dealer(target: str) -> zmq.Socket:
         """A connection to `target` authenticated as the other node (stolen key)."""
         sock = ctx.socket(zmq.DEALER)
@@ -86,30 +95,27 @@ def attack_nodes(ports, keys, tmp, procs, spec) -> int:
     rng = np.random.default_rng(1234)
     sent = 0
     deadline = time.monotonic() + 120
-    try:
-        while sent < ATTACK_MESSAGES and time.monotonic() < deadline:
-            if all(p.poll() is not None for p in procs.values()):
-                break
-            target = "ab"[sent % 2]
-            frames = hostile_message(rng, spec, sent, target)
-            if len(frames[-1]) > 2**20:
-                # The node cuts a connection that carries an oversized frame; use a
-                # throw-away one so the rest of the attack keeps its connection.
-                oversized = dealer(target)
-                oversized.send_multipart(frames)
-                oversized.close(linger=2000)
-                sent += 1
-                continue
-            try:
-                socks[target].send_multipart(frames, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                time.sleep(0.01)
-                continue
+    while sent < ATTACK_MESSAGES and time.monotonic() < deadline:
+        if all(p.poll() is not None for p in procs.values()):
+            break
+        target = "ab"[sent % 2]
+        frames = hostile_message(rng, spec, sent, target)
+        if len(frames[-1]) > 2**20:
+            # The node cuts a connection that carries an oversized frame; use a
+            # throw-away one so the rest of the attack keeps its connection.
+            oversized = dealer(target)
+            oversized.send_multipart(frames)
+            oversized.close(linger=2000)
             sent += 1
-    finally:
-        for sock in [*socks.values(), *strangers]:
-            sock.close(linger=10_000)  # deliver what is queued
-        ctx.term()
+            continue
+        try:
+            socks[target].send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            time.sleep(0.01)
+            continue
+        sent += 1
+    for sock in [*socks.values(), *strangers]:
+        sock.close(linger=10_000)  # deliver what is queued (bounded; the context is destroyed after)
     return sent
 
 

@@ -118,10 +118,15 @@ def test_ring_finishes_on_every_node_after_a_link_is_cut_past_the_peer_timeout(t
         if launch.poll() is None:
             launch.kill()
             launch.wait()
-    assert launch.returncode == 0, stdout + stderr
+    # Whether c's second hop came after the link was back depends on the machine's speed: if
+    # the ring skipped both of c's hops, c holds the final model but none of its own work,
+    # and launch must say so (exit 3, summary "incomplete") rather than pass it as done.
+    summary = json.loads((out / "summary.json").read_text())
+    assert launch.returncode == (3 if summary["incomplete"] else 0), stdout + stderr
+    assert set(summary["incomplete"]) <= {"c"}
+    assert not summary["incomplete"] or "c ended without the federation" in stderr
     ran = tomllib.loads((out / "topology.toml").read_text())
     assert [p["address"] for p in ran["peers"]] == [f"tcp://10.77.0.{i + 1}:7700" for i in range(3)]
-    summary = json.loads((out / "summary.json").read_text())
     assert sorted(n["name"] for n in summary["nodes"]) == SITES
     models = [np.load(out / n / "final_model.npz") for n in SITES]
     for other in models[1:]:

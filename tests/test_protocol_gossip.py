@@ -520,3 +520,16 @@ def test_a_plain_site_that_caught_up_while_listening_after_a_restart_trains_once
     (mixed,) = [x for x in actions if isinstance(x, Train)]
     assert mixed.round == 4 and mixed.meta["mixed_round"] == 3
     np.testing.assert_allclose(mixed.weights["w"], 3.0)
+
+
+def test_a_site_that_mixed_with_nobody_ends_saying_so_not_as_a_normal_finish():
+    """b is down after the start: a trains both rounds but every mix holds only its own
+    model; the finish says so (the node then exits 3). With b there, no shortfall."""
+    graph = complete("ab")
+    sites = {n: gossip(n, graph, rounds=2, timeout=3.0) for n in graph}
+    trace = route(sites, lambda site, step: model(1.0), over_the_wire, silent={"b"}, tick_s=1.0)
+    assert "a" in trace.finals
+    assert "mixed with no neighbour in any of the 2 rounds" in sites["a"].shortfall()
+    together = {n: gossip(n, graph, rounds=2) for n in graph}
+    route(together, lambda site, step: model(1.0), over_the_wire)
+    assert all(site.finished and site.shortfall() is None for site in together.values())

@@ -211,3 +211,18 @@ def test_a_hander_cannot_end_its_successor_s_run_before_the_last_cycle():
     b.on_message(message(wire.MODEL, "m", 2, W), 0)
     with pytest.raises(wire.WireError, match="last holder"):  # b's hop 5 is not of the last cycle
         b.on_message(message(wire.FINAL, "m", 9, W), 0)
+
+
+def test_a_site_the_ring_never_reached_ends_saying_so_not_as_a_normal_finish():
+    """b is down the whole run: a trains every hop alone (b skipped at each hand-off
+    deadline) and its final model holds nobody else's work; a run that did include b
+    reports no shortfall."""
+    schedule = ring_schedule(["a", "b"], 2, "listed", seed=0)
+    sites = {n: ring(n, schedule, handoff=3.0) for n in "ab"}
+    trace = route(sites, lambda site, step: {"w": np.full(2, step.round, np.float32)}, deliver,
+                  silent={"b"}, tick_s=1.0)
+    assert "a" in trace.finals and [site for site, _ in trace.trained] == ["a", "a"]
+    assert "no other site's model reached it" in sites["a"].shortfall()
+    together = {n: ring(n, schedule) for n in "ab"}
+    route(together, lambda site, step: {"w": np.full(2, step.round, np.float32)}, deliver)
+    assert all(site.finished and site.shortfall() is None for site in together.values())

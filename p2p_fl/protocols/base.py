@@ -33,6 +33,12 @@ class Protocol(abc.ABC):
         """The hop or round this site is at, as its heartbeats tell its peers."""
         return 0
 
+    def shortfall(self) -> str | None:
+        """Once finished: why this site's run did not include the federation (it trained
+        nothing, or no other site's work reached its model), or None when it took part. A
+        run that ends alone must say so (result.json, a nonzero exit), never pass as done."""
+        return None
+
     @abc.abstractmethod
     def start(self, now: float) -> list[Action]:
         """The first actions of a fresh or resumed site (after `restore`)."""

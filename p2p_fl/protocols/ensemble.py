@@ -110,6 +110,11 @@ class EnsembleProtocol(Protocol):
         meta = {"rounds": self.rounds, "ensemble_members": len(members), "ensemble_missing": ",".join(missing)}
         return [Finish(self._own, meta=meta, members=members)]
 
+    def shortfall(self) -> str | None:
+        if not self._received:
+            return f"no other site's model reached it in {self.wait_s:g} s: its ensemble is its own model alone"
+        return None
+
     def snapshot(self) -> tuple[dict, Weights]:
         arrays = {f"own/{k}": v for k, v in (self._own or {}).items()}
         for name, model in self._received.items():

@@ -168,6 +168,8 @@ class GossipProtocol(Protocol):
         self._resume_until: float | None = None  # resumed: listen to the heartbeats until then
         self.failed_rejoin = -1  # the round of our last rejoining sum that failed: not retried
         self.rejoined = 0
+        self.rounds_trained = 0
+        self.rounds_mixed = 0  # rounds whose mix took in at least one neighbour's model
         self.mixer: Mixer = self.plain_mixer(self) if secure is None else self.secure_mixer(self)
 
     @property
@@ -196,6 +198,7 @@ class GossipProtocol(Protocol):
         if round != self.round or not self.training:
             raise ValueError(f"trained round {round} while at round {self.round}")
         self.training = False
+        self.rounds_trained += 1
         self.own = weights
         self.mixing = True
         self.deadline = now + self.round_timeout_s
@@ -245,6 +248,7 @@ class GossipProtocol(Protocol):
         order = self.own if self.own is not None else (self.start_model or mixed)
         mixed = {name: mixed[name] for name in order}  # the model's order, as the wire expects
         record = {"mixed_round": self.round, **record}
+        self.rounds_mixed += record.get("survivors", 0) > 0 and not record.get("kept_own", False)
         self.own = None
         self.mixing = False
         self.start_model = mixed
@@ -264,6 +268,13 @@ class GossipProtocol(Protocol):
         rejoin_from, self.round, self.own, self.mixing = self.round, round, None, False
         self.rejoined += 1
         return [CHECKPOINT, self._train_round({"rejoined_from": rejoin_from})]
+
+    def shortfall(self) -> str | None:
+        if self.rounds_trained == 0:
+            return f"it trained none of the {self.rounds} rounds"
+        if self.rounds_mixed == 0:
+            return f"it mixed with no neighbour in any of the {self.rounds} rounds: its model is its own alone"
+        return None
 
     def end(self) -> list[Action]:
         """The run is over for this site: its final model goes out."""
@@ -358,7 +369,7 @@ class GossipProtocol(Protocol):
         model = self.start_model or {}
         mixer_state, mixer_arrays = self.mixer.snapshot()
         state = {"round": self.round, "start_model": self.start_model is not None, "rejoined": self.rejoined,
-                 **mixer_state}
+                 "rounds_trained": self.rounds_trained, "rounds_mixed": self.rounds_mixed, **mixer_state}
         arrays = {f"start/{n}": a for n, a in model.items()}
         arrays["run_key"] = np.frombuffer(self.run_key.private_bytes(), np.uint8)
         arrays.update(mixer_arrays)
@@ -369,6 +380,7 @@ class GossipProtocol(Protocol):
         if state["start_model"]:
             self.start_model = {n[len("start/"):]: a for n, a in arrays.items() if n.startswith("start/")}
         self.rejoined = state["rejoined"]
+        self.rounds_trained, self.rounds_mixed = state.get("rounds_trained", 0), state.get("rounds_mixed", 0)
         self.run_key = RunKey(as_bytes(arrays["run_key"]))
         self.mixer.restore(state, arrays)
         self._resume_until = now + self.resume_wait_s

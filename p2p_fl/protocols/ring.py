@@ -125,6 +125,8 @@ class RingProtocol(Protocol):
         self.skipped: list[str] = []
         self.repaired = 0  # hand-offs re-sent because their holder died
         self.duplicates = 0
+        self.hops_trained = 0
+        self.received = False  # a hop or the final model came from another site
         # First hop whose output joins the final average (num_hops: no averaging).
         self.average_from = self.num_hops - cycle_lengths[-1] if final == "average-last-cycle" else self.num_hops
         self._average: Weights | None = None  # running mean of the outputs of hops >= average_from
@@ -179,6 +181,7 @@ class RingProtocol(Protocol):
             if self.finished:
                 return [ack]  # a resend: our ack was lost
             self.finished = True
+            self.received = True
             return [ack, Finish(dict(msg.tensors), meta=dict(msg.meta))]
         if msg.type in (wire.MODEL, wire.MODEL_AVERAGE):
             averaged = msg.meta.get("averaged", 0)
@@ -197,6 +200,7 @@ class RingProtocol(Protocol):
                 raise wire.WireError(f"hop {msg.round} from {msg.sender} is ahead of where the ring is")
             self.last_round_accepted = msg.round
             self._handed_by = msg.sender
+            self.received = True
             self._kept = None  # the model came round again: our copy is history
             model, self._average = _split_average(msg.tensors)
             self._averaged = averaged if self._average is not None else 0
@@ -209,6 +213,7 @@ class RingProtocol(Protocol):
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
         """The local training of hop `round` finished with `weights`."""
         self._training = None
+        self.hops_trained += 1
         if round >= self.average_from:
             mean = weights if not self._averaged else weighted_average([self._average, weights], [self._averaged, 1])
             self._average = {name: mean[name] for name in weights}  # keep the model's order
@@ -258,6 +263,13 @@ class RingProtocol(Protocol):
                 p.last_sent = now
                 actions.append(Send(p.to, p.type, p.round, p.weights, p.meta))
         return actions + self._finish_if_delivered()
+
+    def shortfall(self) -> str | None:
+        if self.hops_trained == 0:
+            return f"none of its {self.schedule.count(self.me)} hops was trained here (the ring skipped it)"
+        if not self.received:
+            return "no other site's model reached it: it trained alone"
+        return None
 
     def _skip(self, handoff: _Pending, now: float, repair: bool = False) -> list[Action]:
         """Hands the model of `handoff` past its addressee, whose hop is lost."""
@@ -372,6 +384,7 @@ class RingProtocol(Protocol):
             "pending": [handoff(f"pending{i}", p) for i, p in enumerate(self._pending)],
             "kept": None if self._kept is None else handoff("kept", self._kept),
             "final": put("final", self._final), "handed": self._handed, "handed_by": self._handed_by,
+            "hops_trained": self.hops_trained, "received": self.received,
         }
         return state, arrays
 
@@ -386,6 +399,7 @@ class RingProtocol(Protocol):
 
         self.last_round_accepted = state["last_round_accepted"]
         self.skipped, self.repaired, self.duplicates = list(state["skipped"]), state["repaired"], state["duplicates"]
+        self.hops_trained, self.received = state.get("hops_trained", 0), state.get("received", False)
         self._averaged, self._handed, self._handed_by = state["averaged"], state["handed"], state["handed_by"]
         self._average = take("average") if state["average"] else None
         if state["training"] is not None:

@@ -1,0 +1,30 @@
+"""What every test module shares: a ZeroMQ context that cannot hang the suite, and the
+`pure` marker.
+
+`pytest -m pure` runs the pure layers alone, in seconds: configuration, data partitioning,
+the federate math, the wire format, keys, and the protocols as state machines (no process,
+no socket, no training).
+"""
+
+import pytest
+from processes import zmq_context as _zmq_context
+
+PURE_MODULES = {
+    "test_config", "test_data_partition", "test_federate_doctests", "test_federate_fixed_point",
+    "test_federate_flat", "test_federate_masks", "test_federate_mixing", "test_federate_robust",
+    "test_federate_secure_sum", "test_federate_shares", "test_net_keys", "test_net_wire",
+    "test_net_wire_fuzz", "test_protocol_gossip", "test_protocol_ring", "test_views", "test_chaos",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in PURE_MODULES:
+            item.add_marker(pytest.mark.pure)
+
+
+@pytest.fixture
+def zmq_context():
+    """A context whose sockets linger 0 and which is destroyed when the test ends, whatever happened."""
+    with _zmq_context() as ctx:
+        yield ctx

@@ -1,0 +1,89 @@
+"""The chaos harness's invariant checker, on run folders written by hand as a launch writes
+them: it passes a clean run and names each broken promise. (The harness's real trials run
+with `p2p-fl chaos`; a bounded one is in test_chaos_trial below, marked slow.)"""
+
+import json
+
+import numpy as np
+import pytest
+
+from p2p_fl.chaos import Fault, check_run, plan_faults
+from processes import p2p_fl
+
+RING = ('federation = "chaos-test"\nprotocol = "cwt"\n[training]\nrounds = 2\n[ring]\norder = "listed"\n'
+        '[network]\ninsecure = true\n[[peers]]\nname = "a"\n[[peers]]\nname = "b"\n')
+GOSSIP = ('federation = "chaos-test"\nprotocol = "gossip"\n[training]\nrounds = 2\n[gossip]\nsecure = false\n'
+          '[network]\ninsecure = true\n[[peers]]\nname = "a"\n[[peers]]\nname = "b"\n[[peers]]\nname = "c"\n')
+
+
+def write_run(out, topology, metrics, models, shortfall=None, log=""):
+    (out).mkdir(parents=True, exist_ok=True)
+    (out / "topology.toml").write_text(topology)
+    for site, records in metrics.items():
+        folder = out / site
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (folder / "result.json").write_text(json.dumps({"name": site, "shortfall": (shortfall or {}).get(site, ""),
+                                                        "dropped": {}}))
+        np.savez(folder / "final_model.npz", w=np.full(3, models[site], np.float32))
+        (folder / "node.log").write_text(log if site == "a" else "")
+    return out
+
+
+def hop(round_):
+    return {"round": round_, "train_loss": 0.5}
+
+
+def test_a_clean_ring_run_passes(tmp_path):
+    out = write_run(tmp_path / "run", RING, {"a": [hop(0), hop(2)], "b": [hop(1), hop(3)]}, {"a": 1.0, "b": 1.0})
+    assert check_run(out, "cwt", []) == {"violations": [], "degraded": 0}
+
+
+def test_the_checker_names_a_hop_trained_by_the_wrong_site_a_fork_and_lost_hops(tmp_path):
+    out = write_run(tmp_path / "run", RING, {"a": [hop(0), hop(1)], "b": [hop(1)]}, {"a": 1.0, "b": 2.0})
+    violations = check_run(out, "cwt", [Fault("kill", "a", 5.0)])["violations"]
+    assert "hop 1 trained by a, not by b alone" in violations
+    assert any("the ring forked" in v for v in violations)
+    assert any("never trained: more than one per fault" in v for v in violations)  # hops 2 and 3
+
+
+def test_a_site_that_ended_without_the_federation_or_with_a_traceback_is_a_violation(tmp_path):
+    out = write_run(tmp_path / "run", RING, {"a": [hop(0), hop(2)], "b": [hop(1), hop(3)]}, {"a": 1.0, "b": 1.0},
+                    shortfall={"b": "no other site's model reached it"}, log="Traceback (most recent call last):")
+    violations = check_run(out, "cwt", [])["violations"]
+    assert "a: a traceback in node.log" in violations
+    assert "b ended without the federation: no other site's model reached it" in violations
+
+
+def mix(survivors, kept_own=False):
+    return {"round": 2, "mixed_round": 1, "survivors": survivors, "kept_own": kept_own}
+
+
+def test_gossip_sites_that_mixed_every_model_must_agree_a_kept_own_last_mix_is_only_degraded(tmp_path):
+    agree = write_run(tmp_path / "agree", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(0, kept_own=True)]},
+                      {"a": 1.0, "b": 1.0, "c": 5.0})
+    assert check_run(agree, "gossip", []) == {"violations": [], "degraded": 1}
+    differ = write_run(tmp_path / "differ", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(2)]},
+                       {"a": 1.0, "b": 1.0, "c": 1.1})
+    [violation] = check_run(differ, "gossip", [])["violations"]
+    assert violation.startswith("c and a mixed every model of the last round but differ by 0.1")
+
+
+def test_fault_plans_are_seeded_sequential_and_of_the_kinds_asked():
+    import random
+
+    plans = [plan_faults(random.Random(7), ("freeze", "starve"), ["s0", "s1"], 2.0) for _ in range(2)]
+    assert plans[0] == plans[1]
+    for fault in plans[0]:
+        assert fault.kind in ("freeze", "starve") and fault.length_s > 0
+    for earlier, later in zip(plans[0], plans[0][1:]):
+        assert later.at_s >= earlier.at_s + earlier.length_s
+
+
+@pytest.mark.slow
+def test_chaos_trial_with_a_kill_and_a_freeze_passes_its_invariants(tmp_path):
+    proc = p2p_fl("chaos", "--protocols", "cwt,secure-gossip", "--trials", "1", "--faults", "kill,freeze",
+                  "--seed", "3", "--out", str(tmp_path / "chaos"), timeout=1200)
+    records = [json.loads(line) for line in (tmp_path / "chaos" / "chaos.jsonl").read_text().splitlines()]
+    assert proc.returncode == 0 and all(not r["violations"] for r in records), proc.stdout + proc.stderr
+    assert sum(len(r["faults"]) for r in records) >= 2
