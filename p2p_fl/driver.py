@@ -39,6 +39,9 @@ class Driver:
         # what arrives meanwhile is held for it.
         self._start_by: float | None = None
         self._held: list[wire.Message] = []
+        # Peers the heartbeats call dead, and since when every one of them is.
+        self._dead: set[str] = set()
+        self._alone_since: float | None = None
 
     def start(self, now: float) -> None:
         """Starts the protocol: at once for a local run or a resumed site (it rejoins), else
@@ -78,8 +81,26 @@ class Driver:
                         self.site.topology.network.peer_timeout_s)
         for site in sorted(revived):
             log.warning("%s: %s is back", self.site.name, site)
+        self._dead = (self._dead | dead) - revived
+        everyone = len(self.site.topology.names) - 1
+        if len(self._dead) < everyone:
+            self._alone_since = None
+        elif self._alone_since is None:
+            self._alone_since = now()
         self._carry_out(self._guarded(self.protocol.on_peers, dead, revived, transport.peer_progress, now()))
         self._carry_out(self._guarded(self.protocol.on_tick, now()))
+
+    def abandoned(self, now: float) -> str | None:
+        """Why this site should stop waiting: every peer has been dead for
+        network.start_window_s while it has nothing to train (the federation is over, say a
+        ring whose final model went out while this site was down, or unreachable); None while
+        a peer is alive, or recently was."""
+        window = self.site.topology.network.start_window_s
+        if self._alone_since is None or self.training is not None or self._waiting or now - self._alone_since < window:
+            return None
+        return (f"{self.site.name}: no peer heard for {now - self._alone_since + self.site.topology.network.peer_timeout_s:.0f} s "
+                f"(network.start_window_s={window:g}): the federation is over or out of reach; its checkpoint "
+                "is kept: start it again to resume")
 
     def _unheard(self) -> list[str]:
         """The peers whose heartbeats have not reached us yet."""

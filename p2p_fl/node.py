@@ -20,7 +20,8 @@ POLL_S = 0.05
 
 
 class RunTimeout(Exception):
-    """The node waited network.run_timeout_s in all and the run did not finish."""
+    """The node gave up waiting: network.run_timeout_s in all, or every peer silent for
+    network.start_window_s (`Driver.abandoned`); its checkpoint is kept."""
 
 
 def run_node(
@@ -62,6 +63,9 @@ def run_node(
                 raise RunTimeout(f"{name}: waited {topology.network.run_timeout_s:g} s in all without the run "
                                  f"finishing (network.run_timeout_s); its checkpoint in {out_dir} is kept: "
                                  "start it again to resume")
+            abandoned = driver.abandoned(time.monotonic())
+            if abandoned:
+                raise RunTimeout(abandoned)
             step = driver.next_training()
             if step is not None:
                 running = executor.submit(site.train, step)

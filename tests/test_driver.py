@@ -132,3 +132,21 @@ def test_a_resumed_site_does_not_wait_it_rejoins(tmp_path):
     assert resumed.site.resumes == 1
     resumed.start(clock())
     assert resumed.next_training().round == 0
+
+
+def test_a_site_whose_peers_are_all_gone_gives_up_after_the_window_not_the_run_timeout(b):
+    """b waits for its ring hop; a (the only peer) goes away for good, as a federation that
+    finished while b was down. b stops waiting start_window_s after a was declared dead
+    (the node then exits 4, checkpoint kept), not after run_timeout_s (an hour)."""
+    driver, a, hub, clock = b
+    driver.poll(clock, 0.0)  # a heard: b's protocol starts and waits for hop 1
+    hub.down("a")
+    window = driver.site.topology.network.start_window_s
+    clock.now += 11.0  # past peer_timeout_s: a is dead
+    driver.poll(clock, 0.0)
+    assert driver.abandoned(clock()) is None
+    clock.now += window - 1.0
+    driver.poll(clock, 0.0)
+    assert driver.abandoned(clock()) is None
+    clock.now += 2.0
+    assert "no peer heard for" in driver.abandoned(clock())
