@@ -24,6 +24,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says what to do."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a folder gone): the node stops before
+    anything that depends on it leaves, and resumes from its last good one once restarted."""
+
+
 def save_checkpoint(path: Path, state: dict, arrays: dict[str, np.ndarray], *, durable: bool = True) -> None:
     """Writes `state` and `arrays` to `path` atomically; `durable`: on disk (fsync) when it
     returns, as a node needs against power loss (a simulation, which loses only its own
@@ -35,7 +40,10 @@ def save_checkpoint(path: Path, state: dict, arrays: dict[str, np.ndarray], *, d
     tmp.unlink(missing_ok=True)  # a write a kill -9 interrupted
     # Private from its creation (it holds the site's own, unmasked model), and never through
     # a file or link someone else put there.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write the checkpoint {path}: {err}") from err
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)  # exact, whatever the umask
@@ -44,6 +52,9 @@ def save_checkpoint(path: Path, state: dict, arrays: dict[str, np.ndarray], *, d
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"cannot write the checkpoint {path}: {err}") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -17,7 +17,7 @@ from pathlib import Path
 import tomllib
 
 from p2p_fl.config import ConfigError, PeerConfig, Topology, dump_topology, load_topology, parse_topology
-from p2p_fl.checkpoint import CheckpointError
+from p2p_fl.checkpoint import CheckpointError, CheckpointWriteError
 from p2p_fl.data import DataError
 from p2p_fl.net import KeyFileError
 
@@ -189,6 +189,10 @@ def cmd_node(args) -> int:
     except RunTimeout as err:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return GAVE_UP_EXIT
+    except CheckpointWriteError as err:  # nothing that depended on it left; a restart resumes
+        print(f"p2p-fl: error: {args.name}: {err}; nothing that depends on it was sent: free the space "
+              "and start the node again (it resumes from its last good checkpoint)", file=sys.stderr)
+        return 1
     if result["shortfall"]:
         print(f"p2p-fl: error: {args.name} ended without the federation: {result['shortfall']} "
               f"(result.json in {out})", file=sys.stderr)

@@ -7,6 +7,7 @@ import tomllib
 import numpy as np
 import pytest
 
+from p2p_fl.checkpoint import CheckpointWriteError
 from p2p_fl.config import parse_topology
 from p2p_fl.data import Dataset, Split, load_dataset
 from p2p_fl.driver import Driver
@@ -66,7 +67,7 @@ def test_when_the_checkpoint_cannot_be_written_nothing_leaves(b):
     driver.site.checkpoint_path.mkdir()  # a folder where the file must go: the write fails
     weights = {name: np.zeros(shape, dtype) for name, dtype, shape in driver.site.shared_spec()}
     a.send("b", wire.MODEL, 1, weights, {"cycle": 0, "skipped": 0})
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError, match="cannot write the checkpoint"):  # one line from `p2p-fl node`
         driver.poll(clock, 0.0)
     assert a.receive() == [] and hub.in_flight == 0
     assert driver.next_training() is None
