@@ -40,6 +40,7 @@ import numpy as np
 from p2p_fl.checkpoint import FILENAME as CHECKPOINT_FILE
 from p2p_fl.checkpoint import load_checkpoint
 from p2p_fl.config import load_topology
+from p2p_fl.launch import INCOMPLETE_EXIT
 
 FAULTS = ("kill", "freeze", "starve")
 SITES = 4
@@ -122,13 +123,16 @@ def run_trial(protocol: str, number: int, data: Path, folder: Path, faults: list
             os.killpg(launch.pid, signal.SIGKILL)
             launch.wait()
     wall_s = time.monotonic() - started
+    checked = check_run(out, protocol, [Fault(**f) for f in injected])
     violations = [f"launch did not end within {TRIAL_TIMEOUT_S} s"] if code is None else []
-    if code not in (None, 0):
+    # Exit 3: a site ended without the federation and said so; fine for a site a fault kept
+    # out (check_run names any other).
+    if code not in (None, 0) and not (code == INCOMPLETE_EXIT and checked["alone"]):
         violations.append(f"launch exited {code}")
     violations += unreadable
-    checked = check_run(out, protocol, [Fault(**f) for f in injected])
     return {"protocol": protocol, "trial": number, "faults": injected, "wall_s": round(wall_s, 1),
-            "violations": violations + checked["violations"], "degraded": checked["degraded"]}
+            "violations": violations + checked["violations"], "degraded": checked["degraded"],
+            "alone": checked["alone"]}
 
 
 def _pid(path: Path) -> int | None:
@@ -177,10 +181,15 @@ def _checkpoint_problem(path: Path) -> str | None:
 
 
 def check_run(out: Path, protocol: str, faults: list[Fault]) -> dict:
-    """The invariants of one finished run, from its files: {"violations": [...], "degraded": n}."""
+    """The invariants of one finished run, from its files: {"violations": [...], "degraded":
+    n, "alone": [...]}. A site a fault hit may end without the federation (down while the
+    others finished) if it says so (`alone`: result.json's shortfall, exit 3); any other
+    site that does is a violation."""
     topology = load_topology(out / "topology.toml")
     sites = topology.names
+    faulted = {f.site for f in faults}
     violations: list[str] = []
+    alone: list[str] = []
     results, metrics, models = {}, {}, {}
     for site in sites:
         folder = out / site
@@ -193,17 +202,19 @@ def check_run(out: Path, protocol: str, faults: list[Fault]) -> dict:
         results[site] = json.loads((folder / "result.json").read_text())
         metrics[site] = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         models[site] = dict(np.load(folder / "final_model.npz"))
-        if results[site].get("shortfall"):
+        if results[site].get("shortfall") and site in faulted:
+            alone.append(site)
+        elif results[site].get("shortfall"):
             violations.append(f"{site} ended without the federation: {results[site]['shortfall']}")
         errors = results[site].get("dropped", {}).get("protocol-error", 0)
         if errors:
             violations.append(f"{site}: {errors} protocol-error(s)")
     if len(results) < len(sites):
-        return {"violations": violations, "degraded": 0}
+        return {"violations": violations, "degraded": 0, "alone": alone}
     if protocol == "cwt":
         violations += _check_ring(topology, metrics, models, faults)
-        return {"violations": violations, "degraded": 0}
-    return _check_gossip(sites, metrics, models, SAME_MODEL_TOLERANCE[protocol], violations)
+        return {"violations": violations, "degraded": 0, "alone": alone}
+    return {**_check_gossip(sites, metrics, models, SAME_MODEL_TOLERANCE[protocol], violations), "alone": alone}
 
 
 def _check_ring(topology, metrics: dict, models: dict, faults: list[Fault]) -> list[str]:
@@ -286,6 +297,7 @@ def summary_rows(records: list[dict]) -> list[dict]:
         rows.append({"protocol": protocol, "trials": len(mine),
                      **{kind: kinds.count(kind) for kind in FAULTS},
                      "violating trials": sum(bool(r["violations"]) for r in mine),
+                     "sites ended alone (said so)": sum(len(r.get("alone", ())) for r in mine),
                      "degraded last mixes": sum(r["degraded"] for r in mine),
                      "median wall s": round(statistics.median(r["wall_s"] for r in mine), 1)})
     return rows

@@ -36,7 +36,7 @@ def hop(round_):
 
 def test_a_clean_ring_run_passes(tmp_path):
     out = write_run(tmp_path / "run", RING, {"a": [hop(0), hop(2)], "b": [hop(1), hop(3)]}, {"a": 1.0, "b": 1.0})
-    assert check_run(out, "cwt", []) == {"violations": [], "degraded": 0}
+    assert check_run(out, "cwt", []) == {"violations": [], "degraded": 0, "alone": []}
 
 
 def test_the_checker_names_a_hop_trained_by_the_wrong_site_a_fork_and_lost_hops(tmp_path):
@@ -53,6 +53,9 @@ def test_a_site_that_ended_without_the_federation_or_with_a_traceback_is_a_viola
     violations = check_run(out, "cwt", [])["violations"]
     assert "a: a traceback in node.log" in violations
     assert "b ended without the federation: no other site's model reached it" in violations
+    # b down most of the run (a fault hit it) may end alone, if it says so: not a violation
+    checked = check_run(out, "cwt", [Fault("kill", "b", 5.0)])
+    assert checked["alone"] == ["b"] and not any(v.startswith("b ") for v in checked["violations"])
 
 
 def mix(survivors, kept_own=False):
@@ -62,7 +65,7 @@ def mix(survivors, kept_own=False):
 def test_gossip_sites_that_mixed_every_model_must_agree_a_kept_own_last_mix_is_only_degraded(tmp_path):
     agree = write_run(tmp_path / "agree", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(0, kept_own=True)]},
                       {"a": 1.0, "b": 1.0, "c": 5.0})
-    assert check_run(agree, "gossip", []) == {"violations": [], "degraded": 1}
+    assert check_run(agree, "gossip", []) == {"violations": [], "degraded": 1, "alone": []}
     differ = write_run(tmp_path / "differ", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(2)]},
                        {"a": 1.0, "b": 1.0, "c": 1.1})
     [violation] = check_run(differ, "gossip", [])["violations"]

@@ -43,6 +43,12 @@ def deliver(sender, send):
     return message(send.type, sender, send.round, send.weights, **send.meta)
 
 
+def took_final(actions):
+    """Whether a site took the final model it was sent: it acknowledges it (and then stays
+    until the others hold it too)."""
+    return any(isinstance(a, Send) and a.type == wire.ACK and a.meta == {"of": wire.FINAL} for a in actions)
+
+
 def test_first_site_trains_the_others_wait():
     assert isinstance(ring("a", ["a", "b"]).start(0)[0], Train)
     assert ring("b", ["a", "b"]).start(0) == []
@@ -52,7 +58,8 @@ def test_a_full_cwt_run_between_three_state_machines():
     """Routes every Send between three protocols; the model visits the schedule in order."""
     schedule = ring_schedule(["a", "b", "c"], 2, "shuffle", seed=1)
     sites = {n: ring(n, schedule) for n in "abc"}
-    trace = route(sites, lambda site, step: {"w": np.full(2, step.round, np.float32)}, deliver)
+    trace = route(sites, lambda site, step: {"w": np.full(2, step.round, np.float32)}, deliver,
+                  tick_s=0.5, heartbeats=True)
     trained = [site for site, _ in trace.trained]
     finals = {site: finish.weights for site, finish in trace.finals.items()}
     assert trained == schedule
@@ -110,7 +117,8 @@ def test_last_holder_finishes_only_when_every_site_has_the_final_model():
     actions = moves(p.on_trained(4, W, 0))
     assert sorted(a.to for a in actions) == ["a", "c"] and all(a.type == wire.FINAL for a in actions)
     assert p.on_message(message(wire.ACK, "a", 5, of=wire.FINAL), 0) == []
-    [finish] = p.on_message(message(wire.ACK, "c", 5, of=wire.FINAL), 0)
+    assert p.on_message(message(wire.ACK, "c", 5, of=wire.FINAL), 0) == []  # delivered; c's word comes next
+    [finish] = p.on_peers(set(), set(), {"a": 5, "c": 5}, 1.0)  # both hold the final
     assert isinstance(finish, Finish) and finish.weights is W
 
 
@@ -141,7 +149,7 @@ def test_a_final_model_only_from_the_last_holder():
     with pytest.raises(wire.WireError, match="last holder"):
         p.on_message(message(wire.FINAL, "b", 6, W), 0)
     assert not p.finished
-    assert isinstance(p.on_message(message(wire.FINAL, "c", 6, W), 0)[1], Finish)
+    assert took_final(p.on_message(message(wire.FINAL, "c", 6, W), 0)) and p.progress == 6
 
 
 def run_ring(schedule, final):
@@ -150,7 +158,8 @@ def run_ring(schedule, final):
     for p in sites.values():
         p.__init__(p.me, schedule, ack_timeout_s=1.0, handoff_timeout_s=10.0, final=final)
     trace = route(sites, lambda site, step: {"w": np.full(2, step.round, np.float32),
-                                             "v": np.full(3, -step.round, np.float32)}, deliver)
+                                             "v": np.full(3, -step.round, np.float32)}, deliver,
+                  tick_s=0.5, heartbeats=True)
     return {site: finish.weights for site, finish in trace.finals.items()}, [send.type for _, send in trace.sent]
 
 
@@ -188,7 +197,7 @@ def test_the_last_holder_s_predecessor_cannot_just_claim_it_was_skipped():
     with pytest.raises(wire.WireError, match="last holder"):
         p.on_message(message(wire.FINAL, "m", 6, W), 0)
     p.on_peers(set(), set(), {"a": 4}, 0)  # a handed hop 4 to m: we were skipped at hop 5
-    assert isinstance(p.on_message(message(wire.FINAL, "m", 6, W), 0)[1], Finish)
+    assert took_final(p.on_message(message(wire.FINAL, "m", 6, W), 0))
 
 
 def test_a_site_back_from_a_cut_link_takes_the_final_of_the_site_that_gave_up_on_it():
@@ -203,7 +212,7 @@ def test_a_site_back_from_a_cut_link_takes_the_final_of_the_site_that_gave_up_on
             assert isinstance(c.on_message(message(wire.MODEL, "b", 5, W), 0)[-1], Train)
         with pytest.raises(wire.WireError, match="last holder"):
             c.on_message(message(wire.FINAL, "a", 6, W), 0)  # a did not hand c its hops
-        assert isinstance(c.on_message(message(wire.FINAL, "b", 6, W), 0)[1], Finish)
+        assert took_final(c.on_message(message(wire.FINAL, "b", 6, W), 0))
 
 
 def test_a_hander_cannot_end_its_successor_s_run_before_the_last_cycle():
@@ -224,5 +233,32 @@ def test_a_site_the_ring_never_reached_ends_saying_so_not_as_a_normal_finish():
     assert "a" in trace.finals and [site for site, _ in trace.trained] == ["a", "a"]
     assert "no other site's model reached it" in sites["a"].shortfall()
     together = {n: ring(n, schedule) for n in "ab"}
-    route(together, lambda site, step: {"w": np.full(2, step.round, np.float32)}, deliver)
+    route(together, lambda site, step: {"w": np.full(2, step.round, np.float32)}, deliver, tick_s=1.0, heartbeats=True)
     assert all(site.finished and site.shortfall() is None for site in together.values())
+
+
+def test_sites_holding_the_final_stay_until_every_site_does_so_one_back_from_a_crash_can_take_it():
+    """Found by the chaos harness: s0 was killed while the ring raced through its last two
+    hops (6 and 11, skipped; 6 not of the last cycle); the others got the final and left at
+    once, so when s0 came back nobody could vouch that the ring was over: it refused the
+    last holder's final and waited for nothing. Now a site holding the final stays (its
+    heartbeats say so) until every other site does, or handoff_timeout_s after it came."""
+    schedule = ["s0", "s3", "s1", "s2", "s1", "s2", "s0", "s3", "s2", "s3", "s1", "s0"]
+    s2 = ring("s2", schedule, handoff=10.0)
+    s2.on_peers({"s0"}, set(), {}, 0.0)  # s0 is down: s1 skipped it at hop 11
+    assert took_final(s2.on_message(message(wire.FINAL, "s1", 12, W), 0.0))
+    assert s2.progress == 12
+    assert moves(s2.on_peers(set(), set(), {"s1": 12, "s3": 12}, 1.0)) == []  # s0 lacks it
+    assert moves(s2.on_tick(9.0)) == []
+    [finish] = moves(s2.on_tick(10.5))  # handoff_timeout_s after it came: s0 is given up on
+    assert isinstance(finish, Finish) and np.array_equal(finish.weights["w"], W["w"])
+    # s0 as its checkpoint left it: it trained hop 0 and s3 acknowledged hop 1; then it was
+    # down for hops 6 and 11. Back, it hears a lingering site's heartbeat:
+    s0 = ring("s0", schedule)
+    s0.start(0.0)
+    s0.on_trained(0, W, 0.0)
+    s0.on_message(message(wire.ACK, "s3", 1, of=wire.MODEL), 0.0)
+    with pytest.raises(wire.WireError, match="last holder"):
+        s0.on_message(message(wire.FINAL, "s1", 12, W), 0.0)  # nobody vouches: it could be a lie
+    s0.on_peers(set(), set(), {"s2": 12}, 0.0)
+    assert took_final(s0.on_message(message(wire.FINAL, "s1", 12, W), 0.0))

@@ -133,7 +133,9 @@ class RingProtocol(Protocol):
         self._averaged = 0  # how many outputs that mean holds (skipped hops add none)
         self.finished = False
         self._pending: list[_Pending] = []
-        self._final: Weights | None = None
+        self._final: Weights | None = None  # the run's final model, once this site holds it
+        self._final_meta: dict = {}
+        self._final_at = 0.0  # when it came: we stay for the others until handoff_timeout_s after
         self._training: tuple[int, Weights | None] | None = None  # a hop accepted, not yet trained
         self._kept: _Pending | None = None  # our last hand-off, acknowledged, until a later hop is seen
         self._dead: set[str] = set()
@@ -147,7 +149,9 @@ class RingProtocol(Protocol):
     def progress(self) -> int:
         """The hop this site holds or held last, or the hop it handed the model to once that
         hand-off is acknowledged (heartbeats tell the others: its predecessor then lets go of
-        its repair copy)."""
+        its repair copy); num_hops once it holds the final model."""
+        if self._final is not None:
+            return self.num_hops
         return max(self.last_round_accepted, self._handed, 0)
 
     def start(self, now: float) -> list[Action]:
@@ -171,18 +175,20 @@ class RingProtocol(Protocol):
                     self._kept = p  # until its holder hands on: it may still die
                     self._handed = max(self._handed, p.round)
                     kept = True
-            return ([CHECKPOINT] if kept else []) + self._finish_if_delivered()
+            return ([CHECKPOINT] if kept else []) + self._finish_when_everyone_has_it(now)
         ack = Send(msg.sender, wire.ACK, msg.round, meta={"of": msg.type})
         if msg.type == wire.FINAL:
             if msg.round != self.num_hops:
                 raise wire.WireError(f"final model for round {msg.round}, expected {self.num_hops}")
             if not self._may_hand(self.num_hops, msg.sender):
                 raise wire.WireError(f"final model from {msg.sender}, who is not the ring's last holder")
-            if self.finished:
+            if self._final is not None:
                 return [ack]  # a resend: our ack was lost
-            self.finished = True
             self.received = True
-            return [ack, Finish(dict(msg.tensors), meta=dict(msg.meta))]
+            self._final, self._final_meta, self._final_at = dict(msg.tensors), dict(msg.meta), now
+            # Ours once on disk; then we stay until every site holds it (our heartbeats vouch
+            # for the end of the run to a site that comes back: see `_finish_when_everyone_has_it`).
+            return [CHECKPOINT, ack, *self._finish_when_everyone_has_it(now)]
         if msg.type in (wire.MODEL, wire.MODEL_AVERAGE):
             averaged = msg.meta.get("averaged", 0)
             if msg.type == wire.MODEL_AVERAGE and not (
@@ -235,7 +241,7 @@ class RingProtocol(Protocol):
             self._kept = None  # the holder died mid-training: hand our copy past it
             self.repaired += 1
             actions += self._skip(kept, now, repair=True)
-        return actions + self._finish_if_delivered()
+        return actions + self._finish_when_everyone_has_it(now)
 
     def on_tick(self, now: float) -> list[Action]:
         """Resends what is unacknowledged; skips successors past their deadline."""
@@ -262,7 +268,7 @@ class RingProtocol(Protocol):
             elif now - p.last_sent > self.ack_timeout_s:
                 p.last_sent = now
                 actions.append(Send(p.to, p.type, p.round, p.weights, p.meta))
-        return actions + self._finish_if_delivered()
+        return actions + self._finish_when_everyone_has_it(now)
 
     def shortfall(self) -> str | None:
         if self.hops_trained == 0:
@@ -299,21 +305,29 @@ class RingProtocol(Protocol):
         return [Send(to, msg_type, round, tensors, meta)]
 
     def _send_final(self, weights: Weights, now: float) -> list[Action]:
-        self._final = weights
+        self._final, self._final_at = weights, now
         meta = {"hops": self.num_hops, "skipped": len(self.skipped)}
+        self._final_meta = {**meta, "repaired": self.repaired}
         actions: list[Action] = []
         for site in sorted(set(self.schedule) - {self.me}):
             self._pending.append(_Pending(site, wire.FINAL, self.num_hops, weights, meta, now, now))
             actions.append(Send(site, wire.FINAL, self.num_hops, weights, meta))
-        return actions + self._finish_if_delivered()
+        return actions + self._finish_when_everyone_has_it(now)
 
-    def _finish_if_delivered(self) -> list[Action]:
-        # The last holder stays until every site has the final model (or was given up on).
+    def _finish_when_everyone_has_it(self, now: float) -> list[Action]:
+        """Finishes once this site holds the final model, its own hand-offs of it are done
+        (the last holder: acknowledged or given up), and every other site's heartbeats say
+        it holds it too, or handoff_timeout_s after it came. Staying lets a site that was
+        down at the end and skipped at its last hops take the final: our heartbeats vouch
+        that the ring is over (`_may_hand`); leaving at once left it waiting for nothing."""
         if self._final is None or self._pending or self.finished:
             return []
+        others = set(self.schedule) - {self.me}
+        if any(self._peer_progress.get(site, -1) < self.num_hops for site in others) \
+                and now < self._final_at + self.handoff_timeout_s:
+            return []
         self.finished = True
-        return [Finish(self._final, meta={"hops": self.num_hops, "skipped": len(self.skipped),
-                                          "repaired": self.repaired})]
+        return [Finish(self._final, meta=self._final_meta)]
 
     def _may_hand(self, hop: int, sender: str) -> bool:
         """Whether `sender` may hand us `hop` (num_hops: the final model): it is the site the
@@ -383,7 +397,8 @@ class RingProtocol(Protocol):
             "training_weights": self._training is not None and put("training", self._training[1]),
             "pending": [handoff(f"pending{i}", p) for i, p in enumerate(self._pending)],
             "kept": None if self._kept is None else handoff("kept", self._kept),
-            "final": put("final", self._final), "handed": self._handed, "handed_by": self._handed_by,
+            "final": put("final", self._final), "final_meta": self._final_meta,
+            "handed": self._handed, "handed_by": self._handed_by,
             "hops_trained": self.hops_trained, "received": self.received,
         }
         return state, arrays
@@ -407,6 +422,7 @@ class RingProtocol(Protocol):
         self._pending = [handoff(f"pending{i}", d) for i, d in enumerate(state["pending"])]
         self._kept = handoff("kept", state["kept"]) if state["kept"] else None
         self._final = take("final") if state["final"] else None
+        self._final_meta, self._final_at = state.get("final_meta", {}), now
 
 
 def _split_average(tensors: Weights) -> tuple[Weights, Weights | None]:
