@@ -308,3 +308,21 @@ def test_the_soft_file_descriptor_limit_is_raised_to_the_hard_one():
     raised, soft, hard = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                                  timeout=60, check=True).stdout.split())
     assert raised == soft and (soft == hard or (hard == resource.RLIM_INFINITY and soft >= 1 << 16))
+
+
+def test_a_new_progress_goes_out_at_once_not_at_the_next_heartbeat(addresses):
+    """Others wait on a site's progress (a ring site holding the final model stays until
+    every other site says it holds it too): a change is sent at once, whatever the interval."""
+    a = make_peer("a", addresses, heartbeat_interval_s=30.0, peer_timeout_s=90.0)
+    b = make_peer("b", addresses, heartbeat_interval_s=30.0, peer_timeout_s=90.0)
+    try:
+        a.pulse(3)  # the first heartbeat
+        receive_until(b, 1)
+        assert b.peer_progress == {"a": 3}
+        a.pulse(3)  # nothing new, not due for 30 s: nothing sent
+        a.pulse(7)
+        receive_until(b, 1)
+        assert b.peer_progress == {"a": 7} and a.messages_sent == 2
+    finally:
+        a.close()
+        b.close()

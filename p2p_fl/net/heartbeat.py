@@ -63,6 +63,11 @@ class Heartbeats:
                 due.append(peer)
         return due
 
+    def mark_sent(self, peers, now: float) -> None:
+        """Heartbeats went to `peers` now (outside `due`: news that could not wait)."""
+        for peer in peers:
+            self._last_sent[peer] = now
+
     def changes(self, now: float) -> tuple[set[str], set[str]]:
         """(newly dead, alive again) since the previous call."""
         dead = self.dead(now)

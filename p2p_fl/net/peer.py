@@ -434,14 +434,24 @@ class Peer:
         self.bytes_received = 0
         self.messages_received = 0  # read from the socket, valid or not
         self.health = None
+        self._pulsed_progress: int | None = None
         if heartbeat_interval_s is not None:
             self.health = Heartbeats(peers, heartbeat_interval_s, peer_timeout_s, time.monotonic())
 
     def pulse(self, progress: int) -> None:
-        """Sends the heartbeats that are due; `progress` tells the peers where we are."""
+        """Sends the heartbeats that are due; `progress` tells the peers where we are. A new
+        progress goes to every live peer at once: others wait on it (a ring's last hop, a
+        site that holds the final model and is about to leave)."""
         if self.health is None:
             return
-        for to in self.health.due(time.monotonic()):
+        now = time.monotonic()
+        due = self.health.due(now)
+        if progress != self._pulsed_progress:
+            self._pulsed_progress = progress
+            dead = self.health.dead(now)
+            due = sorted(set(due) | (self.peer_names - dead))
+            self.health.mark_sent(due, now)
+        for to in due:
             self.send(to, wire.HEARTBEAT, progress, quiet=True)
 
     @property
