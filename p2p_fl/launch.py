@@ -55,10 +55,11 @@ class Supervision:
     max_restarts: int = 5  # per node; then launch reports the node as failed
 
 
-def after_exit(returncode: int, restarts: int, supervision: Supervision) -> str:
+def after_exit(returncode: int, restarts: int, supervision: Supervision, finished: bool = False) -> str:
     """"done", "restart" or "failed" for a node process that exited with `returncode`
-    (negative: killed by that signal) after `restarts` restarts."""
-    if returncode in (0, INCOMPLETE_EXIT):  # INCOMPLETE_EXIT: the summary says why
+    (negative: killed by that signal) after `restarts` restarts; `finished`: its result.json
+    is written (it died on its way out: a restart would refuse the finished --out)."""
+    if returncode in (0, INCOMPLETE_EXIT) or finished:  # INCOMPLETE_EXIT: the summary says why
         return "done"
     if returncode in (CONFIG_ERROR_EXIT, GAVE_UP_EXIT) or not supervision.restart or restarts >= supervision.max_restarts:
         return "failed"
@@ -355,7 +356,11 @@ def _supervise(node: _NodeProcess, state: dict, supervision: Supervision, env: d
         return None
     (node.folder / "node.pid").unlink(missing_ok=True)  # it names a running process only
     how = _exit_words(returncode)
-    verdict = after_exit(returncode, node.restarts, supervision)
+    finished = (node.folder / "result.json").exists()
+    verdict = after_exit(returncode, node.restarts, supervision, finished)
+    if finished and returncode != 0:
+        node.outcome = verdict
+        return f"[yellow]{node.name} {how} after it finished; its result stands[/]"
     if verdict != "restart":
         node.outcome = verdict
     if verdict == "done":

@@ -171,9 +171,11 @@ class Site:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = out_dir / CHECKPOINT_FILE
         self.metrics_path = out_dir / "metrics.jsonl"
-        if (out_dir / "result.json").exists() and not self.checkpoint_path.exists():
+        if (out_dir / "result.json").exists():
             # A site takes part in a run once: its run keys went with the checkpoint, and the
-            # finished run's metrics, model and result stay as they are.
+            # finished run's metrics, model and result stay as they are. (result.json is
+            # written last: a checkpoint beside it is one the end did not get to delete.)
+            self.checkpoint_path.unlink(missing_ok=True)
             raise CheckpointError(f"{out_dir} holds a finished run (result.json); use another --out")
         self.started = time.monotonic()
         self.topology = topology
@@ -346,12 +348,14 @@ class Site:
             **{f"final_{k}": v for k, v in final.meta.items()},
             "shortfall": shortfall or "",  # why the run did not include the federation ("" : it did)
         })
+        # The models first, result.json last (it marks the run finished), then the checkpoint
+        # goes: a kill anywhere in between loses nothing.
+        _save_npz_atomic(self.out_dir / "final_model.npz", learner.get_weights())
+        if final.members:  # an ensemble: every member, to predict again as this site did
+            _save_npz_atomic(self.out_dir / "ensemble_models.npz",
+                             {f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})
         _write_json_atomic(self.out_dir / "result.json", result)
         self.checkpoint_path.unlink(missing_ok=True)  # the run is over: result.json and the model are its record
-        np.savez(self.out_dir / "final_model.npz", **learner.get_weights())
-        if final.members:  # an ensemble: every member, to predict again as this site did
-            np.savez(self.out_dir / "ensemble_models.npz",
-                     **{f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})
         self.emit({"event": "done", **{k: result[k] for k in ("test_auc", "test_acc", "test_loss", "bytes_sent",
                                                               "wall_s")}})
         return result
@@ -388,4 +392,11 @@ def _plain(value):
 def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _save_npz_atomic(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
     os.replace(tmp, path)

@@ -7,7 +7,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from p2p_fl.checkpoint import CheckpointWriteError
+from p2p_fl.checkpoint import CheckpointError, CheckpointWriteError
 from p2p_fl.config import parse_topology
 from p2p_fl.data import Dataset, Split, load_dataset
 from p2p_fl.driver import Driver
@@ -151,3 +151,15 @@ def test_a_site_whose_peers_are_all_gone_gives_up_after_the_window_not_the_run_t
     assert driver.abandoned(clock()) is None
     clock.now += 2.0
     assert "no peer heard for" in driver.abandoned(clock())
+
+
+def test_a_finished_run_is_refused_even_if_the_end_was_killed_before_its_checkpoint_went(tmp_path):
+    """The end writes the models, then result.json (the mark of a finished run), then
+    deletes the checkpoint; a kill between the last two must not let a restart resume."""
+    clock = VirtualClock()
+    driver, _ = site_a(tmp_path, clock)
+    driver.site.save_checkpoint()
+    (tmp_path / "a" / "result.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="holds a finished run"):
+        site_a(tmp_path, clock)
+    assert not (tmp_path / "a" / "checkpoint.npz").exists()

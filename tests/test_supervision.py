@@ -31,6 +31,13 @@ def test_which_exits_are_restarted(returncode, restarts, expected):
     assert after_exit(returncode, restarts, Supervision(max_restarts=5)) == expected
 
 
+def test_a_node_killed_after_it_wrote_its_result_is_done_not_restarted():
+    """Found by p2p-fl chaos: s3 was killed between writing result.json and exiting; launch
+    restarted it, the restart refused the finished --out (exit 2) and launch called the run
+    failed."""
+    assert after_exit(-signal.SIGKILL, 0, Supervision(), finished=True) == "done"
+
+
 def test_no_restart_turns_supervision_off():
     assert after_exit(-signal.SIGKILL, 0, Supervision(restart=False)) == "failed"
 
