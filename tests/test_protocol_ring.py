@@ -262,3 +262,13 @@ def test_sites_holding_the_final_stay_until_every_site_does_so_one_back_from_a_c
         s0.on_message(message(wire.FINAL, "s1", 12, W), 0.0)  # nobody vouches: it could be a lie
     s0.on_peers(set(), set(), {"s2": 12}, 0.0)
     assert took_final(s0.on_message(message(wire.FINAL, "s1", 12, W), 0.0))
+
+
+def test_a_site_staying_for_the_others_after_the_final_takes_no_more_hops():
+    """While it stays (its heartbeats vouch the ring is over), a hop sent to it, even by the
+    site the schedule names, would start training after the end: refused."""
+    c = ring("c", ["a", "b", "c", "a", "b", "c"])
+    c.on_peers(set(), set(), {"a": 6}, 0.0)  # a holds the final: the ring is over
+    assert took_final(c.on_message(message(wire.FINAL, "b", 6, W), 0.0))  # c was skipped at hops 2, 5
+    with pytest.raises(wire.WireError, match="after the final model"):
+        c.on_message(message(wire.MODEL, "b", 5, W), 0.0)

@@ -198,6 +198,8 @@ class RingProtocol(Protocol):
             if msg.round <= self.last_round_accepted:
                 self.duplicates += 1
                 return [ack]  # a resend of a hop we already took, or a repaired hop's twin
+            if self._final is not None:  # the run is over; we only stay for the others
+                raise wire.WireError(f"hop {msg.round} from {msg.sender} after the final model")
             if msg.round >= self.num_hops or self.schedule[msg.round] != self.me:
                 raise wire.WireError(f"hop {msg.round} is not {self.me}'s to train")
             if not self._may_hand(msg.round, msg.sender):
