@@ -3,13 +3,21 @@ against what docs/protocols.md promises.
 
 A trial launches a small federation (`p2p-fl launch`, one node process per site over
 CurveZMQ, launch restarting a node that dies) and, at random moments drawn from the seed,
-injects one to three faults into random sites:
+injects one to three faults into random sites, one after the other or (one time in three)
+two at the same moment into two sites:
 
 * `kill`: `kill -9`; launch restarts the node, which resumes from its checkpoint (read
   right after the kill: it must be readable);
 * `freeze`: SIGSTOP for 1.5 to 4 peer timeouts, then SIGCONT: the site wakes up believing
   it still holds the ring's model or an open sum, while the others went on without it;
-* `starve`: for a few seconds the site gets a tenth of a core (stopped 90% of the time).
+* `starve`: for a few seconds the site gets a tenth of a core (stopped 90% of the time);
+* `cut`: the site's network link goes down for 1.5 to 4 peer timeouts and comes back
+  (`launch --netns`, one network namespace per site; needs root): unlike a frozen site, the
+  cut-off one keeps running and sees everyone else dead;
+* `disk`: the site's disk is full for 3 to 10 s: its process cannot grow any file
+  (RLIMIT_FSIZE lowered to 0 on the running process, so every write fails with EFBIG as
+  with ENOSPC; a node restarted meanwhile gets the limit too), whether it is writing a
+  checkpoint, a metrics line or its log.
 
 The invariant checker (`check_run`) then reads the run's files and names every violation:
 every site finished (launch exit 0, a result.json without `shortfall`, no traceback, no
@@ -17,8 +25,9 @@ every site finished (launch exit 0, a result.json without `shortfall`, no traceb
 ring: every hop trained only by the site the schedule gives it, no hop of a site no fault
 hit skipped, at most one hop trained twice per fault, and one final model at every site,
 bit for bit; gossip: the sites whose last mix took in every neighbour hold the same model
-(within the secure sums' fixed-point error). A last mix that kept the site's own model is
-allowed (a group of 3 tolerates no dropout) and counted as degraded.
+(within the secure sums' fixed-point error), and a site whose last mix no neighbour's model
+reached says it ended alone. A last sum that failed with neighbours alive (the site kept its
+own model: a group of 3 tolerates no dropout) is allowed and counted as degraded.
 
     p2p-fl chaos --protocols cwt,gossip,secure-gossip --trials 10 --faults kill,freeze,starve
 """
@@ -29,10 +38,12 @@ import dataclasses
 import json
 import os
 import random
+import resource
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +54,7 @@ from p2p_fl.checkpoint import load_checkpoint
 from p2p_fl.config import load_topology
 from p2p_fl.launch import INCOMPLETE_EXIT
 
-FAULTS = ("kill", "freeze", "starve")
+FAULTS = ("kill", "freeze", "starve", "cut", "disk")
 SITES = 4
 # Fast liveness, so that a trial's faults play out in seconds; a frozen site is silent past
 # peer_timeout_s and the others go on without it.
@@ -71,16 +82,24 @@ class Fault:
 
 
 def plan_faults(rng: random.Random, kinds: tuple[str, ...], sites: list[str], peer_timeout_s: float) -> list[Fault]:
-    """One to three faults at random moments of the first half minute, one after the other
-    (a fault starts after the previous one ended)."""
-    faults, t = [], 0.0
+    """One to three faults at random moments of the first half minute. Each starts after the
+    previous one ended or, one time in three, at the same moment as the previous one, in
+    another site (two sites hit at once)."""
+    faults: list[Fault] = []
+    t = end = 0.0
     for _ in range(rng.choice([1, 1, 2, 3])):
         kind = rng.choice(kinds)
-        t += rng.uniform(4.0, 12.0)
+        together = bool(faults) and rng.random() < 1 / 3
+        if together:
+            site = rng.choice([s for s in sites if s != faults[-1].site])
+        else:
+            t = end + rng.uniform(4.0, 12.0)
+            site = rng.choice(sites)
         length = {"kill": 0.0, "freeze": rng.uniform(1.5, 4.0) * peer_timeout_s,
-                  "starve": rng.uniform(3.0, 8.0)}[kind]
-        faults.append(Fault(kind, rng.choice(sites), round(t, 2), round(length, 2)))
-        t += length
+                  "cut": rng.uniform(1.5, 4.0) * peer_timeout_s,
+                  "starve": rng.uniform(3.0, 8.0), "disk": rng.uniform(3.0, 10.0)}[kind]
+        faults.append(Fault(kind, site, round(t, 2), round(length, 2)))
+        end = max(end, t + length)
     return faults
 
 
@@ -91,49 +110,57 @@ def trial_topology(protocol: str, number: int) -> str:
 
 
 def run_trial(protocol: str, number: int, data: Path, folder: Path, faults: list[Fault]) -> dict:
-    """Launches one federation, injects `faults`, waits for the end; returns the trial's record."""
+    """Launches one federation, injects `faults` (each in a thread of its own, so that two can
+    overlap), waits for the end; returns the trial's record."""
     out = folder / f"{protocol}-{number}"
     config = folder / f"{protocol}-{number}.toml"
     config.write_text(trial_topology(protocol, number))
+    netns = ["--netns"] if any(f.kind == "cut" for f in faults) else []
     started = time.monotonic()
     with open(folder / f"{protocol}-{number}.launch.log", "wb") as log:
         launch = subprocess.Popen([sys.executable, "-m", "p2p_fl", "launch", str(config), "--data", str(data),
-                                   "--out", str(out), "--restart-delay", "1"], stdout=log, stderr=log,
+                                   "--out", str(out), "--restart-delay", "1", *netns], stdout=log, stderr=log,
                                   start_new_session=True)
-    injected, unreadable = [], []
+    injected: list[Fault] = []
+    unreadable: list[str] = []
+    lock = threading.Lock()
+
+    def inject(fault: Fault) -> None:
+        while time.monotonic() - started < fault.at_s and launch.poll() is None:
+            time.sleep(0.05)
+        if launch.poll() is not None or not _inject(fault, out, launch):
+            return  # the run is over, or that node was between processes
+        problem = _checkpoint_problem(out / fault.site / CHECKPOINT_FILE) if fault.kind == "kill" else None
+        with lock:
+            injected.append(fault)
+            if problem:
+                unreadable.append(f"{fault.site}'s checkpoint after the kill: {problem}")
+
+    threads = [threading.Thread(target=inject, args=(f,), daemon=True) for f in faults]
     try:
-        for fault in faults:
-            while time.monotonic() - started < fault.at_s and launch.poll() is None:
-                time.sleep(0.05)
-            pid = _pid(out / fault.site / "node.pid")
-            if launch.poll() is not None or pid is None:
-                continue  # that node was between processes, or the run is over
-            _inject(fault, pid)
-            injected.append(dataclasses.asdict(fault))
-            if fault.kind == "kill":
-                reason = _checkpoint_problem(out / fault.site / CHECKPOINT_FILE)
-                if reason:
-                    unreadable.append(f"{fault.site}'s checkpoint after the kill: {reason}")
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         code = launch.wait(timeout=TRIAL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(launch.pid, signal.SIGKILL)
-        launch.wait()
         code = None
     finally:
         if launch.poll() is None:
             os.killpg(launch.pid, signal.SIGKILL)
             launch.wait()
     wall_s = time.monotonic() - started
-    checked = check_run(out, protocol, [Fault(**f) for f in injected])
+    injected.sort(key=lambda f: (f.at_s, f.site))
+    checked = check_run(out, protocol, injected)
     violations = [f"launch did not end within {TRIAL_TIMEOUT_S} s"] if code is None else []
     # Exit 3: a site ended without the federation and said so; fine for a site a fault kept
     # out (check_run names any other).
     if code not in (None, 0) and not (code == INCOMPLETE_EXIT and checked["alone"]):
         violations.append(f"launch exited {code}")
     violations += unreadable
-    return {"protocol": protocol, "trial": number, "faults": injected, "wall_s": round(wall_s, 1),
-            "violations": violations + checked["violations"], "degraded": checked["degraded"],
-            "alone": checked["alone"]}
+    return {"protocol": protocol, "trial": number, "faults": [dataclasses.asdict(f) for f in injected],
+            "wall_s": round(wall_s, 1), "violations": violations + checked["violations"],
+            "degraded": checked["degraded"], "alone": checked["alone"]}
 
 
 def _pid(path: Path) -> int | None:
@@ -143,31 +170,79 @@ def _pid(path: Path) -> int | None:
         return None
 
 
-def _inject(fault: Fault, pid: int) -> None:
+def _inject(fault: Fault, out: Path, launch: subprocess.Popen) -> bool:
+    """Carries out one fault; False if the site had no process to hit."""
+    pid_file = out / fault.site / "node.pid"
+    if fault.kind == "cut":
+        from p2p_fl.netns import site_link
+
+        hosts, index = site_link(out, fault.site)
+        hosts.cut(index)
+        try:
+            _sleep_unless_over(fault.length_s, launch)
+        finally:
+            hosts.restore(index)
+        return True
+    pid = _pid(pid_file)
+    if pid is None:
+        return False
     try:
         if fault.kind == "kill":
             os.kill(pid, signal.SIGKILL)
         elif fault.kind == "freeze":
             os.kill(pid, signal.SIGSTOP)
-            time.sleep(fault.length_s)
-            os.kill(pid, signal.SIGCONT)
+            _sleep_unless_over(fault.length_s, launch)
         elif fault.kind == "starve":  # a tenth of a core: stopped 90 ms of every 100
             until = time.monotonic() + fault.length_s
-            while time.monotonic() < until:
+            while time.monotonic() < until and launch.poll() is None:
                 os.kill(pid, signal.SIGSTOP)
                 time.sleep(0.09)
                 os.kill(pid, signal.SIGCONT)
                 time.sleep(0.01)
+        elif fault.kind == "disk":
+            _fill_disk(pid, pid_file, fault.length_s, launch)
         else:
             raise ValueError(f"unknown fault {fault.kind!r}")
     except ProcessLookupError:
         pass  # it ended meanwhile
     finally:
-        if fault.kind != "kill":
+        if fault.kind in ("freeze", "starve"):
             try:
                 os.kill(pid, signal.SIGCONT)  # never leave a site stopped
             except ProcessLookupError:
                 pass
+    return True
+
+
+def _fill_disk(pid: int, pid_file: Path, length_s: float, launch: subprocess.Popen) -> None:
+    """For length_s, no process of the site can grow a file: its soft RLIMIT_FSIZE is 0 (the
+    hard limit stays, so it can be given back). A node that dies of it and is restarted
+    meanwhile finds the disk still full."""
+    limited: dict[int, tuple[int, int]] = {}
+    until = time.monotonic() + length_s
+    try:
+        while time.monotonic() < until and launch.poll() is None:
+            pid = _pid(pid_file) or pid
+            if pid not in limited:
+                try:
+                    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+                    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, hard))
+                    limited[pid] = (soft, hard)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+    finally:
+        for limited_pid, limits in limited.items():
+            try:
+                resource.prlimit(limited_pid, resource.RLIMIT_FSIZE, limits)
+            except ProcessLookupError:
+                pass
+
+
+def _sleep_unless_over(seconds: float, launch: subprocess.Popen) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until and launch.poll() is None:
+        time.sleep(0.05)
 
 
 def _checkpoint_problem(path: Path) -> str | None:
@@ -215,7 +290,8 @@ def check_run(out: Path, protocol: str, faults: list[Fault]) -> dict:
     if protocol == "cwt":
         violations += _check_ring(topology, metrics, models, faults)
         return {"violations": violations, "degraded": 0, "alone": alone}
-    return {**_check_gossip(sites, metrics, models, SAME_MODEL_TOLERANCE[protocol], violations), "alone": alone}
+    return {**_check_gossip(sites, metrics, models, results, SAME_MODEL_TOLERANCE[protocol], violations),
+            "alone": alone}
 
 
 def _check_ring(topology, metrics: dict, models: dict, faults: list[Fault]) -> list[str]:
@@ -249,15 +325,21 @@ def _check_ring(topology, metrics: dict, models: dict, faults: list[Fault]) -> l
     return violations
 
 
-def _check_gossip(sites: list[str], metrics: dict, models: dict, tolerance: float, violations: list[str]) -> dict:
+def _check_gossip(sites: list[str], metrics: dict, models: dict, results: dict, tolerance: float,
+                  violations: list[str]) -> dict:
     last = {site: next((r for r in reversed(metrics[site]) if "mixed_round" in r), None) for site in sites}
     full = [s for s in sites if last[s] and not last[s].get("kept_own") and last[s]["survivors"] == len(sites) - 1]
-    degraded = sum(1 for s in sites if last[s] is None or last[s].get("kept_own"))
     for site in full[1:]:
         difference = max(float(np.max(np.abs(models[site][k] - models[full[0]][k]))) for k in models[site])
         if difference > tolerance:
             violations.append(f"{site} and {full[0]} mixed every model of the last round but differ by "
                               f"{difference:.3g} (> {tolerance:g})")
+    for site in sites:  # a last mix no other model reached is a site that ended alone: said so?
+        if (last[site] is None or last[site]["survivors"] == 0) and not results[site].get("shortfall"):
+            violations.append(f"{site}: no neighbour's model reached its last mix, yet it ended as if it "
+                              "had taken part (no shortfall)")
+    # A sum that failed with neighbours alive (kept_own): a degraded last round, not an end alone.
+    degraded = sum(1 for s in sites if last[s] and last[s].get("kept_own") and last[s]["survivors"] > 0)
     return {"violations": violations, "degraded": degraded}
 
 
@@ -293,6 +375,11 @@ def run_chaos(protocols: list[str], trials: int, kinds: tuple[str, ...], seed: i
     return records
 
 
+def _together(faults: list[dict]) -> int:
+    """How many pairs of the trial's faults started at the same moment."""
+    return sum(a["at_s"] == b["at_s"] for a, b in zip(faults, faults[1:]))
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
     """One row per protocol: trials, faults by kind, violations, degraded last mixes, median wall."""
     rows = []
@@ -301,6 +388,7 @@ def summary_rows(records: list[dict]) -> list[dict]:
         kinds = [f["kind"] for r in mine for f in r["faults"]]
         rows.append({"protocol": protocol, "trials": len(mine),
                      **{kind: kinds.count(kind) for kind in FAULTS},
+                     "two at once": sum(_together(r["faults"]) for r in mine),
                      "violating trials": sum(bool(r["violations"]) for r in mine),
                      "sites ended alone (said so)": sum(len(r.get("alone", ())) for r in mine),
                      "degraded last mixes": sum(r["degraded"] for r in mine),

@@ -317,6 +317,14 @@ def cmd_chaos(args) -> int:
                           f"protocols: {', '.join(PROTOCOLS)}; faults: {', '.join(FAULTS)}")
     if args.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")
+    if "cut" in kinds:
+        from p2p_fl.netns import NetnsError, network_hosts
+
+        try:
+            with network_hosts(1):
+                pass
+        except NetnsError as err:
+            raise ConfigError(f"chaos: the cut fault needs network namespaces ({err}); leave it out of --faults") from None
     out = args.out or Path("runs") / f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
     records = run_chaos(protocols, args.trials, kinds, args.seed, out, report=lambda line: print(line, flush=True))
     rows = summary_rows(records)

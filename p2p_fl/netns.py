@@ -157,7 +157,7 @@ def _ip(*args: str) -> None:
         raise NetnsError(f"ip {' '.join(args)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
 
 
-def _site_link(out: Path, site: str) -> tuple[Hosts, int]:
+def site_link(out: Path, site: str) -> tuple[Hosts, int]:
     """The hosts and index of `site` in a `launch --netns` run, from OUT/netns.json."""
     try:
         layout = json.loads((out / "netns.json").read_text())
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
             require_root()
             print("\n".join(remove_stale()) or "no stale namespaces")
         elif argv[:1] in (["cut"], ["restore"]) and len(argv) == 3:
-            hosts, i = _site_link(Path(argv[1]), argv[2])
+            hosts, i = site_link(Path(argv[1]), argv[2])
             hosts.cut(i) if argv[0] == "cut" else hosts.restore(i)
         else:
             print(usage, file=sys.stderr)

@@ -64,24 +64,40 @@ def mix(survivors, kept_own=False):
 
 
 def test_gossip_sites_that_mixed_every_model_must_agree_a_kept_own_last_mix_is_only_degraded(tmp_path):
-    agree = write_run(tmp_path / "agree", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(0, kept_own=True)]},
+    agree = write_run(tmp_path / "agree", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(1, kept_own=True)]},
                       {"a": 1.0, "b": 1.0, "c": 5.0})
     assert check_run(agree, "gossip", []) == {"violations": [], "degraded": 1, "alone": []}
+    # c's last mix took in nobody (back after the others had gone): fine if it says so
+    quiet = write_run(tmp_path / "quiet", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(0)]},
+                      {"a": 1.0, "b": 1.0, "c": 5.0})
+    assert check_run(quiet, "gossip", [Fault("kill", "c", 5.0)])["violations"] == [
+        "c: no neighbour's model reached its last mix, yet it ended as if it had taken part (no shortfall)"]
+    said = write_run(tmp_path / "said", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(0)]},
+                     {"a": 1.0, "b": 1.0, "c": 5.0}, shortfall={"c": "no neighbour's model reached its last mix"})
+    assert check_run(said, "gossip", [Fault("kill", "c", 5.0)]) == {"violations": [], "degraded": 0, "alone": ["c"]}
     differ = write_run(tmp_path / "differ", GOSSIP, {"a": [mix(2)], "b": [mix(2)], "c": [mix(2)]},
                        {"a": 1.0, "b": 1.0, "c": 1.1})
     [violation] = check_run(differ, "gossip", [])["violations"]
     assert violation.startswith("c and a mixed every model of the last round but differ by 0.1")
 
 
-def test_fault_plans_are_seeded_sequential_and_of_the_kinds_asked():
+def test_fault_plans_are_seeded_of_the_kinds_asked_and_overlap_only_at_once_in_two_sites():
     import random
 
-    plans = [plan_faults(random.Random(7), ("freeze", "starve"), ["s0", "s1"], 2.0) for _ in range(2)]
-    assert plans[0] == plans[1]
-    for fault in plans[0]:
-        assert fault.kind in ("freeze", "starve") and fault.length_s > 0
-    for earlier, later in zip(plans[0], plans[0][1:]):
-        assert later.at_s >= earlier.at_s + earlier.length_s
+    assert plan_faults(random.Random(7), ("freeze", "disk"), ["s0", "s1"], 2.0) == \
+        plan_faults(random.Random(7), ("freeze", "disk"), ["s0", "s1"], 2.0)
+    rng, together = random.Random(7), 0
+    for _ in range(200):
+        plan = plan_faults(rng, ("freeze", "starve", "cut", "disk"), ["s0", "s1", "s2"], 2.0)
+        for fault in plan:
+            assert fault.kind in ("freeze", "starve", "cut", "disk") and fault.length_s > 0
+        for earlier, later in zip(plan, plan[1:]):
+            if later.at_s == earlier.at_s:  # two sites hit at the same moment
+                assert later.site != earlier.site
+                together += 1
+            else:  # or one after every fault before it ended
+                assert later.at_s >= max(f.at_s + f.length_s for f in plan[:plan.index(later)])
+    assert together > 10
 
 
 @pytest.mark.slow

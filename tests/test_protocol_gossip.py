@@ -533,3 +533,26 @@ def test_a_site_that_mixed_with_nobody_ends_saying_so_not_as_a_normal_finish():
     together = {n: gossip(n, graph, rounds=2) for n in graph}
     route(together, lambda site, step: model(1.0), over_the_wire)
     assert all(site.finished and site.shortfall() is None for site in together.values())
+
+
+def test_a_site_whose_last_mixes_no_neighbour_reached_ends_saying_so():
+    """Found by p2p-fl chaos: a site back after the others had finished mixed its first round
+    with them (their models were waiting) and trained the rest alone, then ended as if it
+    had taken part. Its final model is not the federation's: the finish says so (exit 3),
+    and the count survives a restart."""
+    a = gossip("a", complete("ab"), rounds=3, timeout=3.0)
+    a.start(0.0)
+    a.on_trained(0, model(1.0), 0.0)
+    (train,) = [x for x in a.on_message(message("b", 0, 3.0), 0.5) if isinstance(x, Train)]
+    assert train.round == 1 and train.meta["survivors"] == 1 and a.shortfall() is None
+    a.on_trained(1, model(1.0), 1.0)
+    (train,) = [x for x in a.on_tick(5.0) if isinstance(x, Train)]  # b is gone: a mixes alone
+    assert train.round == 2 and train.meta["survivors"] == 0
+    assert "last 1 of 3 rounds" in a.shortfall()
+    state, arrays = a.snapshot()
+    resumed = gossip("a", complete("ab"), rounds=3, timeout=3.0)
+    resumed.restore(state, arrays, 6.0)
+    assert "last 1 of 3 rounds" in resumed.shortfall()
+    a.on_trained(2, model(1.0), 6.0)
+    a.on_tick(10.0)
+    assert a.final is not None and "last 2 of 3 rounds' mixes" in a.shortfall()

@@ -170,6 +170,7 @@ class GossipProtocol(Protocol):
         self.rejoined = 0
         self.rounds_trained = 0
         self.rounds_mixed = 0  # rounds whose mix took in at least one neighbour's model
+        self.last_alone = 0  # the last rounds in a row whose mix no neighbour's model reached
         self.mixer: Mixer = self.plain_mixer(self) if secure is None else self.secure_mixer(self)
 
     @property
@@ -249,6 +250,7 @@ class GossipProtocol(Protocol):
         mixed = {name: mixed[name] for name in order}  # the model's order, as the wire expects
         record = {"mixed_round": self.round, **record}
         self.rounds_mixed += record.get("survivors", 0) > 0 and not record.get("kept_own", False)
+        self.last_alone = self.last_alone + 1 if record.get("survivors", 0) == 0 else 0
         self.own = None
         self.mixing = False
         self.start_model = mixed
@@ -274,6 +276,11 @@ class GossipProtocol(Protocol):
             return f"it trained none of the {self.rounds} rounds"
         if self.rounds_mixed == 0:
             return f"it mixed with no neighbour in any of the {self.rounds} rounds: its model is its own alone"
+        if self.last_alone:
+            # Back after the others had finished (or every neighbour gone): it trained on
+            # alone, and its final model is not the federation's.
+            return (f"no neighbour's model reached its last {self.last_alone} of {self.rounds} rounds' mixes "
+                    "(the others had gone): its final model is not the federation's")
         return None
 
     def end(self) -> list[Action]:
@@ -369,7 +376,8 @@ class GossipProtocol(Protocol):
         model = self.start_model or {}
         mixer_state, mixer_arrays = self.mixer.snapshot()
         state = {"round": self.round, "start_model": self.start_model is not None, "rejoined": self.rejoined,
-                 "rounds_trained": self.rounds_trained, "rounds_mixed": self.rounds_mixed, **mixer_state}
+                 "rounds_trained": self.rounds_trained, "rounds_mixed": self.rounds_mixed,
+                 "last_alone": self.last_alone, **mixer_state}
         arrays = {f"start/{n}": a for n, a in model.items()}
         arrays["run_key"] = np.frombuffer(self.run_key.private_bytes(), np.uint8)
         arrays.update(mixer_arrays)
@@ -381,6 +389,7 @@ class GossipProtocol(Protocol):
             self.start_model = {n[len("start/"):]: a for n, a in arrays.items() if n.startswith("start/")}
         self.rejoined = state["rejoined"]
         self.rounds_trained, self.rounds_mixed = state.get("rounds_trained", 0), state.get("rounds_mixed", 0)
+        self.last_alone = state.get("last_alone", 0)
         self.run_key = RunKey(as_bytes(arrays["run_key"]))
         self.mixer.restore(state, arrays)
         self._resume_until = now + self.resume_wait_s
