@@ -272,3 +272,38 @@ def test_a_site_staying_for_the_others_after_the_final_takes_no_more_hops():
     assert took_final(c.on_message(message(wire.FINAL, "b", 6, W), 0.0))  # c was skipped at hops 2, 5
     with pytest.raises(wire.WireError, match="after the final model"):
         c.on_message(message(wire.MODEL, "b", 5, W), 0.0)
+
+
+def test_a_site_cut_off_from_the_others_does_not_carry_the_ring_on_alone():
+    """Found by p2p-fl chaos with network cuts: a site whose link went down saw every other
+    site dead, skipped them all and trained its own hops to a final model, while the others
+    repaired the ring without it: two final models. A site skips or repairs past the dead
+    only while it sees most of the ring alive; alone, it keeps its hand-off and resends it."""
+    schedule = ["a", "b", "c", "d"] * 2
+    a = ring("a", schedule, ack=1.0, handoff=5.0)
+    a.start(0)
+    [send] = moves(a.on_trained(0, W, now=0))
+    assert (send.to, send.round) == ("b", 1)
+    assert moves(a.on_peers({"b", "c", "d"}, set(), {}, now=1.0)) == []  # cut off: everyone looks dead
+    resends = moves(a.on_tick(20.0))  # long past the hand-off deadline: still b's hop, resent
+    assert [(s.to, s.type, s.round) for s in resends] == [("b", wire.MODEL, 1)]
+    assert a.skipped == [] and a.progress == 0
+    # With most of the ring alive (only b dead), the same site skips b at once.
+    other = ring("a", schedule, ack=1.0, handoff=5.0)
+    other.start(0)
+    other.on_trained(0, W, now=0)
+    sends = [x for x in moves(other.on_peers({"b"}, set(), {}, now=1.0)) if isinstance(x, Send)]
+    assert [(s.to, s.round) for s in sends] == [("c", 2)] and other.skipped == ["b"]
+
+
+def test_a_predecessor_cut_off_keeps_its_repair_copy_instead_of_repairing_alone():
+    schedule = ["a", "b", "c", "d"] * 2
+    a = ring("a", schedule)
+    a.start(0)
+    a.on_trained(0, W, now=0)
+    a.on_message(message(wire.ACK, "b", 1, of=wire.MODEL), now=0.5)  # b holds hop 1; a keeps a copy
+    assert moves(a.on_peers({"b", "c", "d"}, set(), {}, now=1.0)) == []  # a alone: no repair
+    assert a.repaired == 0
+    # Back with the others, b still dead: now a repairs round b.
+    sends = [x for x in moves(a.on_peers(set(), {"c", "d"}, {}, now=2.0)) if isinstance(x, Send)]
+    assert [(s.to, s.round) for s in sends] == [("c", 2)] and a.repaired == 1

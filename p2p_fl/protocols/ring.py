@@ -5,6 +5,14 @@ hands the model to `schedule[h + 1]` and keeps its copy until that successor ack
 A successor silent past the hand-off deadline, or dead by the heartbeats, is skipped (its hop
 is lost, never the model). After the last hop the holder sends the final model to every site.
 
+Majority: a site skips or repairs past a dead site only while it sees most of the sites of
+that hop's cycle alive, itself included. A site cut off from the others sees them all dead;
+without this it carried the ring on alone while the others carried it on without it, and the
+run ended with two final models (found by `p2p-fl chaos` with network cuts). A site in a
+minority keeps its hand-off and resends it until the others are back (or it is given up at
+`run_timeout_s`); so a ring of two waits for a dead site to come back, and any ring stops
+while half its sites are down.
+
 Repair: once acknowledged, a site still keeps the copy it handed on until the site it handed
 it to reports (in its heartbeats) that it handed the model on in turn and was acknowledged.
 If that holder dies before, mid-training, the predecessor hands its copy to the next live
@@ -232,22 +240,14 @@ class RingProtocol(Protocol):
         """Liveness news from the heartbeats: who died, who is back, the hops they report."""
         self._dead = (self._dead | dead) - revived
         self._peer_progress.update(progress)
-        actions: list[Action] = []
-        for p in [p for p in self._pending if p.to in self._dead and p.type != wire.FINAL]:
-            self._pending.remove(p)  # a dead successor: skip it now, not at the hand-off deadline
-            actions += self._skip(p, now)
         kept = self._kept
         if kept is not None and self._peer_progress.get(kept.to, -1) > kept.round:
             self._kept = None  # its holder handed it on: the model moved on safely
-        elif kept is not None and kept.to in self._dead:
-            self._kept = None  # the holder died mid-training: hand our copy past it
-            self.repaired += 1
-            actions += self._skip(kept, now, repair=True)
-        return actions + self._finish_when_everyone_has_it(now)
+        return self._past_the_dead(now) + self._finish_when_everyone_has_it(now)
 
     def on_tick(self, now: float) -> list[Action]:
         """Resends what is unacknowledged; skips successors past their deadline."""
-        actions: list[Action] = []
+        actions: list[Action] = self._past_the_dead(now)
         if self._resume_until is not None and now >= self._resume_until:
             # No later hop reached us: train the checkpoint's hop. If the ring was repaired
             # round us meanwhile, the next site acknowledges our hand-off as a duplicate; we
@@ -256,7 +256,7 @@ class RingProtocol(Protocol):
             round, model = self._training
             actions.append(self._train(round, model))
         for p in list(self._pending):
-            if now - p.first_sent > self.handoff_timeout_s:
+            if now - p.first_sent > self.handoff_timeout_s and (p.type == wire.FINAL or self._majority(p.round)):
                 self._pending.remove(p)
                 if p.type == wire.FINAL:
                     self.skipped.append(p.to)
@@ -279,6 +279,28 @@ class RingProtocol(Protocol):
             return "no other site's model reached it: it trained alone"
         return None
 
+    def _past_the_dead(self, now: float) -> list[Action]:
+        """Skips a hand-off whose successor is dead (now, not at the hand-off deadline), and
+        hands our kept copy past a holder that died mid-training; both only with a majority."""
+        actions: list[Action] = []
+        for p in [p for p in self._pending if p.to in self._dead and p.type != wire.FINAL]:
+            if self._majority(p.round):
+                self._pending.remove(p)
+                actions += self._skip(p, now)
+        kept = self._kept
+        if kept is not None and kept.to in self._dead and self._majority(kept.round):
+            self._kept = None  # the holder died mid-training: hand our copy past it
+            self.repaired += 1
+            actions += self._skip(kept, now, repair=True)
+        return actions
+
+    def _majority(self, hop: int) -> bool:
+        """Whether we see most of the sites of hop's cycle alive, ourselves included: only
+        then may we decide that a site is gone and carry the ring on without it."""
+        cycle = self.cycle_of[min(hop, self.num_hops - 1)]
+        present = {site for h, site in enumerate(self.schedule) if self.cycle_of[h] == cycle} | {self.me}
+        return 2 * len(present - self._dead) > len(present)
+
     def _skip(self, handoff: _Pending, now: float, repair: bool = False) -> list[Action]:
         """Hands the model of `handoff` past its addressee, whose hop is lost."""
         self.skipped.append(handoff.to)
@@ -287,7 +309,7 @@ class RingProtocol(Protocol):
         return [CHECKPOINT, *self._hand_on(handoff.round + 1, model, now, repair=repair or handoff.repair)]
 
     def _hand_on(self, round: int, weights: Weights, now: float, repair: bool = False) -> list[Action]:
-        while round < self.num_hops and self.schedule[round] in self._dead:
+        while round < self.num_hops and self.schedule[round] in self._dead and self._majority(round):
             self.skipped.append(self.schedule[round])  # dead now: do not wait for it
             round += 1
         if round >= self.num_hops:
