@@ -122,14 +122,19 @@ def run_trial(protocol: str, number: int, data: Path, folder: Path, faults: list
                                    "--out", str(out), "--restart-delay", "1", *netns], stdout=log, stderr=log,
                                   start_new_session=True)
     injected: list[Fault] = []
-    unreadable: list[str] = []
+    unreadable: list[str] = []  # and harness failures
     lock = threading.Lock()
 
     def inject(fault: Fault) -> None:
         while time.monotonic() - started < fault.at_s and launch.poll() is None:
             time.sleep(0.05)
-        if launch.poll() is not None or not _inject(fault, out, launch):
-            return  # the run is over, or that node was between processes
+        try:
+            if launch.poll() is not None or not _inject(fault, out, launch):
+                return  # the run is over, or that node was between processes
+        except Exception as err:  # noqa: BLE001 - the harness failed, not the run: say so
+            with lock:
+                unreadable.append(f"the harness could not inject {fault.kind} into {fault.site}: {err}")
+            return
         problem = _checkpoint_problem(out / fault.site / CHECKPOINT_FILE) if fault.kind == "kill" else None
         with lock:
             injected.append(fault)
@@ -174,14 +179,19 @@ def _inject(fault: Fault, out: Path, launch: subprocess.Popen) -> bool:
     """Carries out one fault; False if the site had no process to hit."""
     pid_file = out / fault.site / "node.pid"
     if fault.kind == "cut":
-        from p2p_fl.netns import site_link
+        from p2p_fl.netns import NetnsError, site_link
 
         hosts, index = site_link(out, fault.site)
         hosts.cut(index)
         try:
             _sleep_unless_over(fault.length_s, launch)
         finally:
-            hosts.restore(index)
+            try:
+                hosts.restore(index)
+            except NetnsError:
+                if launch.poll() is None:
+                    raise
+                # the run ended during the cut and launch removed its namespaces
         return True
     pid = _pid(pid_file)
     if pid is None:

@@ -556,3 +556,40 @@ def test_a_site_whose_last_mixes_no_neighbour_reached_ends_saying_so():
     a.on_trained(2, model(1.0), 6.0)
     a.on_tick(10.0)
     assert a.final is not None and "last 2 of 3 rounds' mixes" in a.shortfall()
+
+
+def test_a_site_that_sees_its_neighbours_dead_waits_for_them_until_the_round_deadline():
+    """Found by p2p-fl chaos: with two of four sites frozen for a few seconds, the other two
+    saw too few live neighbours for a secure sum and raced through every round alone (and a
+    plain site that saw all its neighbours dead did the same). A mix that would hold no
+    neighbour's model waits for the dead until the round's deadline; one back in time is in it."""
+    graph = complete("ab")
+    a = gossip("a", graph, rounds=2, timeout=5.0)
+    a.start(0.0)
+    a.on_peers({"b"}, set(), {}, 0.5)
+    assert moves(a.on_trained(0, model(1.0), 1.0)) == []  # b dead: nobody to send to
+    assert moves(a.on_tick(3.0)) == []  # waits for b, within the round's deadline (6.0)
+    a.on_peers(set(), {"b"}, {"b": 0}, 4.0)  # b is back and sends its round-0 model
+    (train,) = [x for x in a.on_message(message("b", 0, 3.0), 4.5) if isinstance(x, Train)]
+    assert train.round == 1 and train.meta["survivors"] == 1
+    np.testing.assert_allclose(train.weights["w"], 2.0)
+    # Past the deadline it mixes alone, as before.
+    a.on_peers({"b"}, set(), {}, 5.0)
+    a.on_trained(1, model(1.0), 5.0)
+    assert moves(a.on_tick(9.0)) == []
+    (final,) = [x for x in a.on_tick(10.5) if isinstance(x, Finish)]
+    assert final.meta["survivors"] == 0
+
+
+def test_a_secure_site_with_too_few_live_neighbours_waits_for_the_dead_until_the_deadline():
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    sites = {n: gossip(n, graph, rounds=2, timeout=5.0, secure=setups) for n in graph}
+    start_all(sites)
+    a = sites["a"]
+    a.on_peers({"c", "d"}, set(), {}, 0.5)  # two of its three neighbours frozen
+    assert [x for x in moves(a.on_trained(0, random_model("a", 0), now=1.0)) if isinstance(x, Train)] == []
+    assert [x for x in a.on_tick(3.0) if isinstance(x, Train)] == []  # no sum, no lone mix yet
+    a.on_peers(set(), {"c", "d"}, {}, 4.0)  # back before the deadline (6.0)
+    groups = [x for x in moves(a.on_tick(4.0)) if isinstance(x, Send) and x.type == wire.GOSSIP_GROUP]
+    assert sorted(s.to for s in groups) == ["b", "c", "d"]  # a's sum now asks all three

@@ -184,6 +184,15 @@ class GossipProtocol(Protocol):
         """The neighbours expected in `round`: present by the plan and not dead."""
         return [n for n in self.neighbours if self.present(n, round) and n not in self.dead]
 
+    def may_wait_for_the_dead(self, now: float) -> bool:
+        """Whether a mix that would hold no neighbour's model should wait: a neighbour the
+        plan expects this round is dead, and the round's deadline has not passed. A site
+        frozen or cut off for a few seconds comes back within it; without the wait, the
+        others (and the site itself, seeing them all dead) raced through every round alone
+        (found by p2p-fl chaos: two of four sites frozen at once)."""
+        expected = [n for n in self.neighbours if self.present(n, self.round)]
+        return now < self.deadline and any(n in self.dead for n in expected)
+
     def start(self, now: float) -> list[Action]:
         resumed = self._resume_until is not None
         actions = self.mixer.start(now, resumed)

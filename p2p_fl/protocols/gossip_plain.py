@@ -51,7 +51,7 @@ class PlainMixer(Mixer):
             return []
         heard = dict(self._inbox.get(site.round, {}))
         waiting = any(n not in heard for n in site.live(site.round))
-        if waiting and now < site.deadline:
+        if (waiting and now < site.deadline) or (not heard and site.may_wait_for_the_dead(now)):
             return []
         if site.on_leave == "keep-last":  # the absent and the silent count with their last model
             heard.update({n: m for n, m in self._last_models.items() if n not in heard})

@@ -196,12 +196,15 @@ class SecureMixer(Mixer):
     def _start_sum(self, now: float, rejoin_from: int | None) -> list[Action] | None:
         """Opens our sum of this round over the live neighbours, once we hold all their run
         keys (or half the round's time went by: then over those whose keys we hold).
-        Returns None while it waits for keys; [] when too few members: keep the own model."""
+        Returns None while it waits for keys, or for dead neighbours while too few are live
+        (until the round's deadline); [] when too few members: keep the own model."""
         site = self.site
         candidates = [n for n in site.live(site.round) if n not in self._suspects]
         members = [n for n in candidates if n in self._run_shared]
         if len(members) < len(candidates) and now < site.deadline - site.round_timeout_s / 2:
             return None
+        if len(members) < 2 and site.may_wait_for_the_dead(now):
+            return None  # a neighbour down for a moment may be back before the deadline
         self._sum_to_open = _NO_SUM
         if len(members) < 2:
             self._aggregation = None
