@@ -44,6 +44,21 @@ def test_a_silent_peer_turns_suspect_then_dead_and_is_back_when_it_speaks():
     assert hb.changes(6.0) == (set(), {"b"}) and hb.progress == {"b": 7}
 
 
+def test_peers_that_fall_silent_together_are_reported_dead_together():
+    """Found by p2p-fl chaos: a node whose link was cut saw b's timeout expire while c and d
+    were only suspect, believed most of the ring alive and skipped b. A death waits while
+    another peer is suspect; a lone death is reported at once (above)."""
+    hb = Heartbeats(["b", "c", "d"], interval_s=1.0, timeout_s=5.0, now=0.0)
+    hb.heard("c", 0.3)
+    hb.heard("d", 0.6)  # then the link goes down: nothing more from anyone
+    assert hb.changes(5.2) == (set(), set())  # b dead, c and d suspect: wait
+    assert hb.state("b", 5.2) == DEAD and hb.state("c", 5.2) == SUSPECT
+    assert hb.changes(5.4) == (set(), set())
+    assert hb.changes(5.7) == ({"b", "c", "d"}, set())  # all three at once
+    hb.heard("c", 6.0)
+    assert hb.changes(6.0) == (set(), {"c"})
+
+
 def test_heartbeats_go_out_every_interval_and_to_the_dead_only_now_and_then():
     hb = Heartbeats(["b"], interval_s=1.0, timeout_s=4.0, now=0.0)
     sent = [t / 10 for t in range(0, 100) if hb.due(t / 10)]

@@ -307,3 +307,19 @@ def test_a_predecessor_cut_off_keeps_its_repair_copy_instead_of_repairing_alone(
     # Back with the others, b still dead: now a repairs round b.
     sends = [x for x in moves(a.on_peers(set(), {"c", "d"}, {}, now=2.0)) if isinstance(x, Send)]
     assert [(s.to, s.round) for s in sends] == [("c", 2)] and a.repaired == 1
+
+
+def test_a_site_back_from_a_cut_drops_its_stale_hand_off_when_the_final_comes():
+    """Found by p2p-fl chaos: s0, cut off, kept its hand-off (no majority to skip); the others
+    finished without it and sent it the final, which it took; then it waited on that
+    hand-off to a site that had left until it gave up (exit 4) instead of finishing."""
+    schedule = ["a", "b", "c", "d"] * 2
+    a = ring("a", schedule, ack=1.0, handoff=5.0)
+    a.start(0)
+    a.on_trained(0, W, now=0)  # hop 1 to b, unacknowledged: a is cut off
+    a.on_peers({"b", "c", "d"}, set(), {}, now=1.0)
+    a.on_peers(set(), {"b", "c", "d"}, {"b": 7, "c": 7, "d": 7}, now=2.0)  # back: the ring is at the end
+    took = a.on_message(message(wire.FINAL, "d", 8, W), now=2.5)
+    assert took_final(took)
+    finish = [x for x in a.on_peers(set(), set(), {"b": 8, "c": 8, "d": 8}, now=3.0) if isinstance(x, Finish)]
+    assert len(finish) == 1 and a.finished

@@ -69,8 +69,15 @@ class Heartbeats:
             self._last_sent[peer] = now
 
     def changes(self, now: float) -> tuple[set[str], set[str]]:
-        """(newly dead, alive again) since the previous call."""
+        """(newly dead, alive again) since the previous call. A death is held back while
+        another peer is suspect, so that peers lost together are reported together: a node
+        whose own link went down sees every peer fall silent at once, but their timeouts
+        expire one by one, and at the first it would still believe most of them alive (a
+        ring acted on that and carried the model on alone; found by p2p-fl chaos). The delay
+        is at most one peer timeout, and only while some other peer is silent too."""
         dead = self.dead(now)
-        died, revived = dead - self._reported_dead, self._reported_dead - dead
-        self._reported_dead = dead
+        suspects = any(self.state(p, now) == SUSPECT for p in self.last_heard)
+        revived = self._reported_dead - dead
+        died = set() if suspects else dead - self._reported_dead
+        self._reported_dead = (self._reported_dead - revived) | died
         return died, revived

@@ -194,6 +194,11 @@ class RingProtocol(Protocol):
                 return [ack]  # a resend: our ack was lost
             self.received = True
             self._final, self._final_meta, self._final_at = dict(msg.tensors), dict(msg.meta), now
+            # The run is over: a hand-off of ours still waiting (a site back from a cut, with
+            # the ring finished without it) or a repair copy has nowhere left to go. Kept, it
+            # held this site here (no majority to skip its dead addressee) until it gave up.
+            self._pending = [p for p in self._pending if p.type == wire.FINAL]
+            self._kept = None
             # Ours once on disk; then we stay until every site holds it (our heartbeats vouch
             # for the end of the run to a site that comes back: see `_finish_when_everyone_has_it`).
             return [CHECKPOINT, ack, *self._finish_when_everyone_has_it(now)]
