@@ -7,6 +7,7 @@ trace means a bug.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -192,6 +193,14 @@ def cmd_node(args) -> int:
     except CheckpointWriteError as err:  # nothing that depended on it left; a restart resumes
         print(f"p2p-fl: error: {args.name}: {err}; nothing that depends on it was sent: free the space "
               "and start the node again (it resumes from its last good checkpoint)", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        # A metrics line or a model file on a full disk (found by p2p-fl chaos): one line;
+        # what a restart needs is in the last checkpoint, written atomically before.
+        print(f"p2p-fl: error: {args.name}: cannot write in {out}: {err.strerror} ({err.filename or 'a file'}); "
+              "free the space and start the node again (it resumes from its last checkpoint)", file=sys.stderr)
         return 1
     if result["shortfall"]:
         print(f"p2p-fl: error: {args.name} ended without the federation: {result['shortfall']} "

@@ -323,3 +323,20 @@ def test_a_site_back_from_a_cut_drops_its_stale_hand_off_when_the_final_comes():
     assert took_final(took)
     finish = [x for x in a.on_peers(set(), set(), {"b": 8, "c": 8, "d": 8}, now=3.0) if isinstance(x, Finish)]
     assert len(finish) == 1 and a.finished
+
+
+def test_no_hand_off_after_the_final_whatever_finishes_or_revives_after_it():
+    """Found by p2p-fl chaos: back from a cut, a site got the hop it had been handed and the
+    final (both held in the sockets during the cut) at once; its training of that hop ended
+    after the final, and it handed the model on past the end, then waited on that hand-off
+    until it gave up. Nothing is handed on once the final is held: not a hop trained after
+    it, not a skip when a majority comes back."""
+    schedule = ["a", "b", "c", "d"] * 2
+    a = ring("a", schedule, ack=1.0, handoff=5.0)
+    a.on_peers(set(), set(), {"b": 3, "c": 3}, now=0.0)
+    a.on_message(message(wire.MODEL, "d", 4, W), now=0.0)  # a trains hop 4
+    a.on_peers({"b"}, set(), {}, now=0.5)
+    assert took_final(a.on_message(message(wire.FINAL, "d", 8, W), now=1.0))
+    after = a.on_trained(4, W, now=1.5) + a.on_peers(set(), set(), {"c": 8, "d": 8}, now=2.0) + a.on_tick(9.0)
+    assert not [x for x in after if isinstance(x, Send) and x.type in (wire.MODEL, wire.MODEL_AVERAGE)]
+    assert a.skipped == [] and a.finished

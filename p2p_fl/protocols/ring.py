@@ -239,6 +239,8 @@ class RingProtocol(Protocol):
             mean = weights if not self._averaged else weighted_average([self._average, weights], [self._averaged, 1])
             self._average = {name: mean[name] for name in weights}  # keep the model's order
             self._averaged += 1
+        if self._final is not None:  # the final came while we trained: the ring is over
+            return [CHECKPOINT, *self._finish_when_everyone_has_it(now)]
         return [CHECKPOINT, *self._hand_on(round + 1, weights, now)]
 
     def on_peers(self, dead: set[str], revived: set[str], progress: Mapping[str, int], now: float) -> list[Action]:
@@ -286,8 +288,11 @@ class RingProtocol(Protocol):
 
     def _past_the_dead(self, now: float) -> list[Action]:
         """Skips a hand-off whose successor is dead (now, not at the hand-off deadline), and
-        hands our kept copy past a holder that died mid-training; both only with a majority."""
+        hands our kept copy past a holder that died mid-training; both only with a majority,
+        and never once we hold the final (the run is over)."""
         actions: list[Action] = []
+        if self._final is not None:
+            return actions
         for p in [p for p in self._pending if p.to in self._dead and p.type != wire.FINAL]:
             if self._majority(p.round):
                 self._pending.remove(p)
