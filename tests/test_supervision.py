@@ -90,3 +90,32 @@ def test_bad_supervision_flags_are_one_line_errors(tmp_path):
     proc = p2p_fl("launch", "topologies/ring-3.toml", "--restart-delay", "-1", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--restart-delay must be >= 0" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_node_on_a_full_disk_stops_in_one_line_with_exit_1(tmp_path):
+    """Found by p2p-fl chaos: a metrics line written on a full disk ended the node with a
+    traceback. Here no file of the node's may grow (RLIMIT_FSIZE 0: writes fail with EFBIG,
+    as ENOSPC on a full disk): whatever it writes first, it stops in one line, exit 1 (launch
+    or systemd restarts it; it resumes from its last checkpoint)."""
+    import resource
+
+    from processes import small_shards, write_federation
+    from p2p_fl.launch import node_env
+
+    config = write_federation(tmp_path, "ab", 'protocol = "gossip"\n[training]\nrounds = 2\nlocal_epochs = 1\n'
+                              '[gossip]\nsecure = false\nround_timeout_s = 2.0\n[data]\ntest = ""\n'
+                              '[network]\nstart_window_s = 0\n', federation="full-disk")
+    shards = small_shards(tmp_path, "ab", train=128, val=32, test=32)
+    out = tmp_path / "a"
+    out.mkdir()
+
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", "a",
+                           "--data", str(shards["a"]), "--key", str(tmp_path / "keys" / "a.key_secret"),
+                           "--out", str(out)], cwd=ROOT, env=node_env(2), capture_output=True, text=True,
+                          timeout=300, preexec_fn=full_disk)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("p2p-fl: error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "cannot write" in errors[0] and "start the node again" in errors[0], errors
