@@ -340,3 +340,21 @@ def test_no_hand_off_after_the_final_whatever_finishes_or_revives_after_it():
     after = a.on_trained(4, W, now=1.5) + a.on_peers(set(), set(), {"c": 8, "d": 8}, now=2.0) + a.on_tick(9.0)
     assert not [x for x in after if isinstance(x, Send) and x.type in (wire.MODEL, wire.MODEL_AVERAGE)]
     assert a.skipped == [] and a.finished
+
+
+def test_a_final_that_skipped_a_site_is_believed_once_that_site_says_it_holds_it():
+    """Found by p2p-fl chaos: d skipped c's last hop while c was down for a moment; b never
+    saw c dead, refused d's final, and waited until the run timeout. b now takes it once c's
+    own heartbeats say c holds the final; a third site's word is not enough."""
+    schedule = ["a", "b", "d", "c"] * 2
+    b = ring("b", schedule)
+    b.on_peers(set(), set(), {"a": 3, "c": 3, "d": 6}, now=0.0)
+    b.last_round_accepted = 5
+    final = message(wire.FINAL, "d", 8, W)
+    with pytest.raises(wire.WireError, match="last holder"):
+        b.on_message(final, now=1.0)
+    b.on_peers(set(), set(), {"a": 8}, now=2.0)  # a third site's word: not enough
+    with pytest.raises(wire.WireError, match="last holder"):
+        b.on_message(final, now=2.0)
+    b.on_peers(set(), set(), {"c": 8}, now=3.0)  # c itself holds the final
+    assert took_final(b.on_message(final, now=3.0))

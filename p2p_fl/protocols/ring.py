@@ -391,9 +391,16 @@ class RingProtocol(Protocol):
                 continue
             if site == sender:
                 return True
-            if site not in self._dead:
+            if site not in self._dead and not (hop == self.num_hops and self._holds_final(site)):
                 return False
         return False
+
+    def _holds_final(self, site: str) -> bool:
+        """`site`'s own heartbeats say it holds the final model: it took the end of the ring
+        without its later hops, so a final that skipped them is believed on its word (a
+        receiver that never saw it dead refused the final and waited for nothing; found by
+        p2p-fl chaos). Only the skipped site's own word counts, as for a repair copy."""
+        return self._peer_progress.get(site, -1) >= self.num_hops
 
     def _vouched(self, hop: int, sender: str) -> bool:
         """A site other than `sender` (and us) reports the ring at `hop` or later."""
