@@ -110,7 +110,7 @@ def test_a_node_on_a_full_disk_stops_in_one_line_with_exit_1(tmp_path):
     out.mkdir()
 
     def full_disk():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     proc = subprocess.run([sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", "a",
                            "--data", str(shards["a"]), "--key", str(tmp_path / "keys" / "a.key_secret"),
