@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from p2p_fl.config import Topology
+from p2p_fl.config import Topology, data_options
 from p2p_fl.data import load_dataset
 from p2p_fl.site import learning_rate_at, make_learner
 
@@ -26,7 +26,7 @@ def run_centralized(topology: Topology, out: Path, *, dataset: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     if seed is not None:
         topology = dataclasses.replace(topology, seed=seed)
-    data = load_dataset(dataset or topology.data.dataset)
+    data = load_dataset(dataset or topology.data.dataset, **data_options(topology.data))
     epochs = epochs or topology.training.rounds * topology.training.local_epochs
     learner = make_learner(topology, data.num_classes, data.image_shape)
     started = time.monotonic()

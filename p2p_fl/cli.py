@@ -17,7 +17,8 @@ from pathlib import Path
 
 import tomllib
 
-from p2p_fl.config import ConfigError, PeerConfig, Topology, dump_topology, load_topology, parse_topology
+from p2p_fl.config import (ConfigError, PeerConfig, Topology, data_options, dump_topology, load_topology,
+                            parse_topology)
 from p2p_fl.checkpoint import CheckpointError, CheckpointWriteError
 from p2p_fl.data import DataError
 from p2p_fl.net import KeyFileError
@@ -155,7 +156,7 @@ def _check_model(topology: Topology, source: Path) -> None:
 
 def cmd_node(args) -> int:
     _setup_runtime()
-    from p2p_fl.data import load_dataset, partition_dataset
+    from p2p_fl.data import load_dataset, load_test_like, partition_dataset
     from p2p_fl.launch import GAVE_UP_EXIT, INCOMPLETE_EXIT
     from p2p_fl.node import RunTimeout, run_node
     from p2p_fl.site import site_curve
@@ -167,17 +168,21 @@ def cmd_node(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s",
                         handlers=[logging.StreamHandler(sys.stderr)])
+    options = data_options(topology.data)
     if args.data:
-        data = load_dataset(args.data)
+        data = load_dataset(args.data, **options)
     else:
-        shards = partition_dataset(load_dataset(topology.data.dataset), len(topology.peers),
+        index = topology.names.index(args.name)
+        logging.warning("no --data: training on shard %d of %d of %s (%s), as launch would: a site's own images "
+                        "need --data", index + 1, len(topology.peers), topology.data.dataset, topology.data.partition)
+        shards = partition_dataset(load_dataset(topology.data.dataset, **options), len(topology.peers),
                                    topology.data.partition, topology.seed)
-        data = shards[topology.names.index(args.name)]
+        data = shards[index]
+    logging.info("data %s", data.describe())
     curve = site_curve(topology, args.name, args.key or Path("keys") / f"{args.name}.key_secret", args.config)
-    common_test = None
-    if topology.data.test:
-        h, w, c = data.image_shape
-        common_test = load_dataset(topology.data.test, image_size=h, channels=c).test
+    common_test = load_test_like(topology.data.test, data) if topology.data.test else None
+    logging.info("test set: %s", f"{topology.data.test}'s test split ({len(common_test)} images) and this site's "
+                 f"own ({len(data.test)})" if common_test else f"this site's own test split ({len(data.test)} images)")
 
     def emit(event: dict) -> None:
         if args.events:

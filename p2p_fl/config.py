@@ -103,9 +103,20 @@ class EnsembleConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "builtin:pneumoniamnist"  # used by launch to make the shards
+    dataset: str = "builtin:pneumoniamnist"  # what launch partitions (a node with --data reads its own)
     partition: str = "iid"  # iid | dirichlet:ALPHA | quantity:ALPHA
-    test: str = "builtin:pneumoniamnist"  # common test set every node evaluates on ("" for none)
+    # A test set every site also reports on (the headline), e.g. the test split of `dataset`;
+    # "": each site's own test split is its headline. Never a default: a shared test set from
+    # another source than a site's data scores a model of one dataset on another.
+    test: str = ""
+    # The model's input, the same at every site: images are resized to image_size x image_size
+    # with `channels` (1 gray, 3 RGB). 0: an .npz keeps its own; an image folder gets 28 x 28, gray.
+    image_size: int = 0
+    channels: int = 0
+    # The class names in label order (label 0 first), matched case-insensitively to class
+    # folder names or CSV labels, so that `normal/` at one site and `NORMAL/` at another
+    # mean the same class. []: the sorted folder names (each site must have every class).
+    classes: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -352,10 +363,7 @@ def _check_semantics(t: Topology, fail) -> None:
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule", fail)
     _choice(t.ring.order, RING_ORDERS, "ring.order", fail)
     _choice(t.ring.final, RING_FINALS, "ring.final", fail)
-    try:
-        parse_partition(t.data.partition)
-    except ValueError as err:
-        fail(f"data.partition: {err}")
+    _check_data(t.data, fail)
     if t.protocol in RING_PROTOCOLS and len(t.peers) < 2:
         fail(f"a {t.protocol} ring needs at least 2 peers, got {len(t.peers)}")
     if t.protocol == "gossip":
@@ -380,6 +388,34 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"network.max_message_mb must be > 0 and at most {MAX_MESSAGE_MB} (MiB), got {net.max_message_mb}")
     if not net.peer_timeout_s >= 2 * net.heartbeat_interval_s:
         fail("network.peer_timeout_s must be at least 2 x network.heartbeat_interval_s")
+
+
+MAX_IMAGE_SIZE = 1024
+
+
+def data_options(d: DataConfig) -> dict:
+    """`load_dataset`'s keyword arguments for data read as [data] says (size, channels, classes)."""
+    return {"image_size": d.image_size or None, "channels": d.channels or None, "classes": d.classes or None}
+
+
+def _check_data(d: DataConfig, fail) -> None:
+    try:
+        parse_partition(d.partition)
+    except ValueError as err:
+        fail(f"data.partition: {err}")
+    if not 0 <= d.image_size <= MAX_IMAGE_SIZE:
+        fail(f"data.image_size must be 1..{MAX_IMAGE_SIZE} pixels (or 0: the data's own), got {d.image_size}")
+    if d.channels not in (0, 1, 3):
+        fail(f"data.channels must be 1 (gray) or 3 (RGB) (or 0: the data's own), got {d.channels}")
+    if d.classes:
+        if not all(isinstance(c, str) and c.strip() for c in d.classes):
+            fail("data.classes must be a list of class names (non-empty strings)")
+        folded = [c.strip().casefold() for c in d.classes]
+        repeated = sorted({c for c in d.classes if folded.count(c.strip().casefold()) > 1})
+        if repeated:
+            fail(f"data.classes names {', '.join(repeated)} twice (names match case-insensitively)")
+        if len(d.classes) < 2:
+            fail(f"data.classes must name at least 2 classes, got {d.classes}")
 
 
 def _check_privacy(p: PrivacyConfig, fail) -> None:

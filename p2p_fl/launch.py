@@ -31,8 +31,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from p2p_fl.config import PeerConfig, Topology, dump_topology, parse_topology
-from p2p_fl.data import load_dataset, partition_dataset, save_npz
+from p2p_fl.config import PeerConfig, Topology, data_options, dump_topology, parse_topology
+from p2p_fl.data import load_dataset, load_test_like, partition_dataset, save_npz
 from p2p_fl.net import generate_keypair, load_public_key
 from p2p_fl.netns import Hosts, network_hosts
 
@@ -83,6 +83,10 @@ def with_overrides(topology: Topology, *, peers: int | None = None, rounds: int 
     if training:
         t = dataclasses.replace(t, training=dataclasses.replace(t.training, **training))
     data = {k: v for k, v in (("partition", partition), ("dataset", dataset)) if v is not None}
+    if dataset is not None and t.data.test == t.data.dataset:
+        # The shared test set was the partitioned dataset's own test split: it stays so.
+        # (Scoring a model of the new data on the old data's test set measures nothing.)
+        data["test"] = dataset
     if data:
         t = dataclasses.replace(t, data=dataclasses.replace(t.data, **data))
     if seed is not None:
@@ -108,7 +112,7 @@ def prepare(topology: Topology, out: Path, console: Console,
             hosts: Hosts | None = None) -> tuple[Topology, dict[str, Path]]:
     """Writes one data shard per site and the topology (loopback, or the hosts' addresses); returns both."""
     out.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(topology.data.dataset)
+    dataset = load_dataset(topology.data.dataset, **data_options(topology.data))
     shards = partition_dataset(dataset, len(topology.peers), topology.data.partition, topology.seed)
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
@@ -190,13 +194,10 @@ def _run_inproc(topology: Topology, out: Path, console: Console, faults: tuple) 
 
     topology, shard_paths = prepare(topology, out, console)
     started = time.monotonic()
-    data = {name: load_dataset(str(path)) for name, path in shard_paths.items()}
+    data = {name: load_dataset(str(path), **data_options(topology.data)) for name, path in shard_paths.items()}
     curves = {n: site_curve(topology, n, out / "keys" / f"{n}.key_secret", out / "topology.toml")
               for n in topology.names}
-    common_test = None
-    if topology.data.test:
-        h, _, c = next(iter(data.values())).image_shape
-        common_test = load_dataset(topology.data.test, image_size=h, channels=c).test
+    common_test = load_test_like(topology.data.test, next(iter(data.values()))) if topology.data.test else None
     status = {p.name: {"state": "starting"} for p in topology.peers}
     live = Live(_status_table(topology, status, started), console=console, refresh_per_second=4) \
         if console.is_terminal else None
@@ -413,6 +414,11 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "federation": topology.federation,
         "engine": engine,
         "peers": len(topology.peers),
+        "dataset": topology.data.dataset,
+        # The headline's test set: a shared one, or each site's own test split ("own").
+        "test_set": topology.data.test or "own",
+        "image_shape": nodes[0].get("image_shape") if nodes else None,
+        "classes": nodes[0].get("classes") if nodes else None,
         "partition": topology.data.partition,
         "seed": topology.seed,
         "model": topology.training.model,

@@ -333,6 +333,10 @@ class Site:
         result.update({
             "name": self.name,
             "protocol": topology.protocol,
+            "data": self.data.name,
+            "image_shape": list(self.data.image_shape),
+            "classes": list(self.data.class_names),
+            "test_set": topology.data.test or "own",  # what test_* was measured on (local_test_*: own)
             "samples": len(self.data.train),
             **traffic,
             "wall_s": time.monotonic() - self.started,

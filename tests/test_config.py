@@ -78,6 +78,11 @@ def test_unknown_node_name_lists_the_peers(tmp_path):
     (MINIMAL + "[privacy]\nenabled = true\nnoise_multiplier = 1.0\nclip_norm = 0\n", "privacy.clip_norm"),
     (MINIMAL + "[privacy]\nenabled = true\ntarget_epsilon = 3\ndelta = 1\n", "privacy.delta must be below 1"),
     (MINIMAL + "[privacy]\nepsilon = 3\n", "unknown field privacy.epsilon"),
+    (MINIMAL + "[data]\nimage_size = 5000\n", "data.image_size must be 1..1024"),
+    (MINIMAL + "[data]\nchannels = 2\n", "data.channels must be 1"),
+    (MINIMAL + "[data]\nclasses = [\"normal\"]\n", "at least 2 classes"),
+    (MINIMAL + "[data]\nclasses = [\"NORMAL\", \"normal\"]\n", "twice"),
+    (MINIMAL + "[data]\nclasses = [\"a\", 3]\n", "data.classes must be a list of class names"),
 ])
 def test_non_iid_and_privacy_fields_are_checked(tmp_path, text, field):
     with pytest.raises(ConfigError, match=field):
@@ -116,3 +121,18 @@ def test_max_message_mb_is_a_sane_number_of_mib(tmp_path, value, message):
 @pytest.mark.parametrize("value", [1, 512, 4096])
 def test_max_message_mb_in_range_is_accepted(tmp_path, value):
     assert load_text(tmp_path, MINIMAL + f"[network]\nmax_message_mb = {value}\n").network.max_message_mb == value
+
+
+def test_a_topology_names_no_shared_test_set_unless_it_says_so(tmp_path):
+    assert load_text(tmp_path, MINIMAL).data.test == ""  # each site's own test split
+
+
+def test_launch_data_override_moves_a_shared_test_set_that_was_the_datasets_own(tmp_path):
+    from p2p_fl.launch import with_overrides
+
+    shipped = load_topology(TOPOLOGIES[0].parent / "ring-3.toml")
+    assert shipped.data.test == shipped.data.dataset == "builtin:pneumoniamnist"
+    moved = with_overrides(shipped, dataset="other.npz")
+    assert moved.data.dataset == moved.data.test == "other.npz"  # never scored on PneumoniaMNIST's test set
+    other_test = load_text(tmp_path, MINIMAL + '[data]\ndataset = "a.npz"\ntest = "b.npz"\n')
+    assert with_overrides(other_test, dataset="c.npz").data.test == "b.npz"  # named on purpose: kept

@@ -137,7 +137,7 @@ def test_corrupt_and_pixelless_files_are_skipped_counted_and_logged(tmp_path, ca
         assert sum(str(path) in message for message in warnings) == 1
     assert any(f"{empty}: skipped, no pixel data" in message for message in warnings)
     assert any(f"{corrupt}: skipped, corrupt" in message for message in warnings)
-    assert any(f"skipped {len(expected_skips)} unreadable DICOM" in message for message in warnings)
+    assert any(f"skipped {len(expected_skips)} unreadable file" in message for message in warnings)
 
 
 def test_class_with_only_skipped_files_is_an_error_naming_its_folder(tmp_path):

@@ -6,6 +6,7 @@ from PIL import Image
 
 from p2p_fl.data import DataError, Dataset, Split, load_dataset, load_image_folder, load_npz, save_npz
 
+NO_SPLIT = {"val_fraction": 0.0, "test_fraction": 0.0}
 LUMA_RED = 0.299  # gray value of pure red (ITU-R 601-2, as Pillow)
 
 
@@ -184,13 +185,57 @@ def test_folder_with_train_and_test_only_carves_val_from_train(tmp_path):
     assert np.bincount(data.val.labels).tolist() == [1, 1]
 
 
-def test_corrupt_image_error_names_the_file(tmp_path):
-    write_class_folders(tmp_path / "site", {"A": 2, "B": 2})
-    corrupt = tmp_path / "site" / "B" / "broken.png"
-    corrupt.write_bytes(np.random.default_rng(0).bytes(300))
+def test_a_corrupt_image_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    write_class_folders(tmp_path / "site", {"A": 4, "B": 4})
+    corrupt = tmp_path / "site" / "B" / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0" + np.random.default_rng(0).bytes(300))  # a JPEG header, then noise
+    data = load_image_folder(tmp_path / "site", **NO_SPLIT)
+    assert data.skipped == (corrupt,)
+    assert np.bincount(data.train.labels).tolist() == [4, 4]  # every readable image kept, labels in place
+    assert any(str(corrupt) in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_class_whose_every_image_is_corrupt_is_an_error_naming_it(tmp_path):
+    write_class_folders(tmp_path / "site", {"A": 2})
+    (tmp_path / "site" / "B").mkdir()
+    (tmp_path / "site" / "B" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError) as error:
         load_image_folder(tmp_path / "site")
-    assert str(corrupt) in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith(f"{tmp_path / 'site' / 'B'}:") and "\n" not in str(error.value)
+
+
+def test_the_topology_class_list_fixes_labels_whatever_the_folder_case(tmp_path):
+    # Site 1 writes NORMAL/ PNEUMONIA/, site 2 normal/ Pneumonia/: sorted names would give
+    # site 2 other labels (lower case sorts after upper case); the class list gives both the same.
+    write_class_folders(tmp_path / "one", {"NORMAL": 3, "PNEUMONIA": 5})
+    write_class_folders(tmp_path / "two", {"Pneumonia": 5, "normal": 3})
+    assert load_image_folder(tmp_path / "two", **NO_SPLIT).class_names == ("Pneumonia", "normal")  # the trap
+    classes = ["normal", "pneumonia"]
+    for site in ("one", "two"):
+        data = load_image_folder(tmp_path / site, classes=classes, **NO_SPLIT)
+        assert data.class_names == ("normal", "pneumonia") and data.num_classes == 2
+        assert np.bincount(data.train.labels).tolist() == [3, 5]
+
+
+def test_with_a_class_list_a_site_may_lack_a_class_but_not_have_an_unknown_one(tmp_path):
+    write_class_folders(tmp_path / "few", {"pneumonia": 4})
+    data = load_image_folder(tmp_path / "few", classes=["NORMAL", "PNEUMONIA"], **NO_SPLIT)
+    assert data.num_classes == 2 and set(data.train.labels.tolist()) == {1}
+    write_class_folders(tmp_path / "odd", {"normal": 2, "covid": 2})
+    with pytest.raises(DataError, match="covid"):
+        load_image_folder(tmp_path / "odd", classes=["NORMAL", "PNEUMONIA"])
+
+
+def test_class_names_travel_with_a_saved_shard_and_are_checked_against_the_list(tmp_path):
+    write_class_folders(tmp_path / "site", {"NORMAL": 3, "PNEUMONIA": 3})
+    data = load_image_folder(tmp_path / "site", classes=["normal", "pneumonia"], **NO_SPLIT)
+    path = save_npz(data, tmp_path / "shard.npz")
+    assert load_npz(path).class_names == ("normal", "pneumonia")
+    assert load_dataset(str(path), classes=["Normal", "Pneumonia"]).class_names == ("Normal", "Pneumonia")
+    with pytest.raises(DataError, match="not the topology's data.classes"):
+        load_dataset(str(path), classes=["pneumonia", "normal"])
+    with pytest.raises(DataError, match="classes"):
+        load_dataset("builtin:pneumoniamnist", classes=["pneumonia", "normal"])
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from p2p_fl.data.sources import (
     load_dataset,
     load_image_folder,
     load_npz,
+    load_test_like,
     save_npz,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "load_dataset",
     "load_image_folder",
     "load_npz",
+    "load_test_like",
     "parse_partition",
     "partition_dataset",
     "quantity_skew",

@@ -151,6 +151,7 @@ def partition_dataset(dataset: Dataset, num_parts: int, spec: str = "iid", seed:
             *(_subset(split, parts[i]) for split, parts in zip(splits, index_sets)),
             num_classes=dataset.num_classes,
             name=f"{dataset.name}-part{i}",
+            class_names=dataset.class_names,
         )
         for i in range(num_parts)
     ]

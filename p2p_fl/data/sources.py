@@ -8,6 +8,7 @@ line naming the file, what is wrong with it and what to do.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import tempfile
@@ -15,6 +16,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -24,6 +26,8 @@ from p2p_fl.data.dicom import UnreadableDicom, is_dicom, read_dicom
 log = logging.getLogger(__name__)
 
 BUILTIN = {"pneumoniamnist": Path(__file__).with_name("pneumoniamnist.npz")}
+# MedMNIST's label names for the builtin sets (their .npz files carry none).
+BUILTIN_CLASSES = {"pneumoniamnist": ("normal", "pneumonia")}
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -76,8 +80,10 @@ class Dataset:
         num_classes: number of classes; labels lie in [0, num_classes). A shard keeps its
             parent's value even when it lacks some classes.
         name: short human-readable name (file stem, folder name or shard name).
-        skipped: files the loader skipped (unreadable DICOMs, each logged); the number
-            skipped is len(skipped). Empty for .npz files and shards.
+        skipped: files the loader skipped (unreadable images or DICOMs, each logged); the
+            number skipped is len(skipped). Empty for .npz files and shards.
+        class_names: the name of each class id, in order (folder names, CSV labels or a
+            topology's data.classes); empty when the source names none (a bare .npz).
     """
 
     train: Split
@@ -86,14 +92,32 @@ class Dataset:
     num_classes: int
     name: str
     skipped: tuple[Path, ...] = ()
+    class_names: tuple[str, ...] = ()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of every image."""
         return tuple(self.train.images.shape[1:])
 
+    def describe(self) -> str:
+        """One line for a site's log: sizes, image shape, each class's name and train count."""
+        h, w, c = self.image_shape
+        counts = np.bincount(self.train.labels, minlength=self.num_classes)
+        names = self.class_names or tuple(str(i) for i in range(self.num_classes))
+        classes = ", ".join(f"{i} {name}: {n}" for i, (name, n) in enumerate(zip(names, counts)))
+        return (f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test images "
+                f"of {h}x{w}x{c}; train images per class: {classes}")
 
-def load_dataset(spec: str, image_size: int | None = None, channels: int | None = None) -> Dataset:
+
+def load_test_like(spec: str, like: Dataset) -> Split:
+    """The test split of `spec` as a model trained on `like` reads it: the same image shape,
+    and its class names matched to `like`'s (case-insensitively)."""
+    h, _, c = like.image_shape
+    return load_dataset(spec, image_size=h, channels=c, classes=like.class_names or None).test
+
+
+def load_dataset(spec: str, image_size: int | None = None, channels: int | None = None,
+                 classes: Sequence[str] | None = None) -> Dataset:
     """Load a dataset named by a builtin name, an .npz path or a folder path.
 
     Args:
@@ -104,6 +128,9 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int | None 
             gives 28 for a folder.
         channels: 1 (grayscale) or 3 (RGB); None keeps an .npz's channels and gives 1 for a
             folder.
+        classes: the class names in label order (a topology's data.classes), matched
+            case-insensitively to class folders or CSV labels; for an .npz they name its
+            label ids. None: the sorted folder names, or an .npz's own.
 
     Returns:
         The loaded Dataset.
@@ -115,10 +142,14 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int | None 
     if spec.startswith("builtin:") or name in BUILTIN:
         if name not in BUILTIN:
             raise DataError(f"{spec}: unknown builtin dataset; known: {', '.join(sorted(BUILTIN))}")
-        return load_npz(BUILTIN[name], image_size=image_size, channels=channels)
+        own = BUILTIN_CLASSES[name]
+        if classes and [c.strip().casefold() for c in classes] != list(own):
+            raise DataError(f"{spec}: its classes are {list(own)}, not {list(classes)}")
+        return dataclasses.replace(load_npz(BUILTIN[name], image_size=image_size, channels=channels),
+                                   class_names=tuple(c.strip() for c in classes) if classes else own)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_image_folder(path, image_size=image_size or 28, channels=channels or 1)
+        return load_image_folder(path, image_size=image_size or 28, channels=channels or 1, classes=classes)
     if not path.exists():
         raise DataError(
             f"{path}: no such file or folder; give a folder of class subfolders, an .npz file "
@@ -126,16 +157,17 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int | None 
         )
     if path.suffix.lower() != ".npz":
         raise DataError(f"{path}: not an .npz file or a folder; give a folder of class subfolders or an .npz")
-    return load_npz(path, image_size=image_size, channels=channels)
+    return load_npz(path, image_size=image_size, channels=channels, classes=classes)
 
 
 def load_npz(path: str | os.PathLike, image_size: int | None = None,
-             channels: int | None = None) -> Dataset:
+             channels: int | None = None, classes: Sequence[str] | None = None) -> Dataset:
     """Load a MedMNIST-style .npz archive.
 
     Keys: train_images, train_labels, val_images, val_labels, test_images, test_labels; images
     uint8 (N, H, W) or (N, H, W, C) with C in {1, 3}, or float in [0, 1]; labels integer (N,)
-    or (N, 1). Optional scalars `num_classes` and `name` (written by `save_npz`). Without them,
+    or (N, 1). Optional scalars `num_classes` and `name` and the array `class_names` (written
+    by `save_npz`). Without them,
     num_classes is the largest label + 1 (at least 2) and name is the file stem. An archive
     with neither val key gets a validation split carved from train: a stratified 10%, seed 0.
 
@@ -143,13 +175,15 @@ def load_npz(path: str | os.PathLike, image_size: int | None = None,
         path: the .npz file.
         image_size: resize to image_size x image_size (bilinear) if given and different.
         channels: convert to 1 (luminance) or 3 (gray repeated) channels if given and different.
+        classes: names for the label ids (label i is classes[i]); the archive's own
+            `class_names`, if any, must match them case-insensitively.
 
     Returns:
         The loaded Dataset.
 
     Raises:
-        DataError: the file is unreadable, lacks a key, or holds arrays of the wrong shape,
-            dtype or value range.
+        DataError: the file is unreadable, lacks a key, holds arrays of the wrong shape,
+            dtype or value range, or labels or class names that `classes` cannot name.
     """
     path = Path(path)
     _check_target(image_size, channels)
@@ -167,6 +201,7 @@ def load_npz(path: str | os.PathLike, image_size: int | None = None,
         }
         stored_classes = _read_scalar(archive, path, "num_classes") if "num_classes" in keys else None
         name = str(_read_scalar(archive, path, "name")) if "name" in keys else path.stem
+        stored_names = tuple(str(n) for n in _read_key(archive, path, "class_names")) if "class_names" in keys else ()
     _check_same_image_shape(splits, path)
     if "val" not in splits:
         rng = np.random.default_rng(NPZ_VAL_SEED)
@@ -174,11 +209,19 @@ def load_npz(path: str | os.PathLike, image_size: int | None = None,
         keep, held = _stratified_split(labels, [NPZ_VAL_FRACTION], rng)
         splits["train"], splits["val"] = (images[keep], labels[keep]), (images[held], labels[held])
     num_classes = _num_classes(path, [labels for _, labels in splits.values()], stored_classes)
+    class_names = stored_names
+    if classes:
+        if stored_names and [n.casefold() for n in stored_names] != [c.strip().casefold() for c in classes]:
+            raise DataError(f"{path}: its classes {list(stored_names)} are not the topology's data.classes "
+                            f"{list(classes)} in that order")
+        if num_classes > len(classes):
+            raise DataError(f"{path}: labels of {num_classes} classes, but data.classes names {len(classes)}")
+        num_classes, class_names = len(classes), tuple(c.strip() for c in classes)
     adapted = {
         split: Split(_adapt(images, image_size, channels), labels)
         for split, (images, labels) in splits.items()
     }
-    return Dataset(adapted["train"], adapted["val"], adapted["test"], num_classes, name)
+    return Dataset(adapted["train"], adapted["val"], adapted["test"], num_classes, name, class_names=class_names)
 
 
 def save_npz(dataset: Dataset, path: str | os.PathLike) -> Path:
@@ -199,6 +242,8 @@ def save_npz(dataset: Dataset, path: str | os.PathLike) -> Path:
     path = Path(path)
     label_dtype = np.uint8 if dataset.num_classes <= 256 else np.int32
     arrays = {"num_classes": np.array(dataset.num_classes), "name": np.array(dataset.name)}
+    if dataset.class_names:
+        arrays["class_names"] = np.array(dataset.class_names)
     for split_name in SPLITS:
         split = getattr(dataset, split_name)
         images = np.rint(np.clip(split.images, 0, 1) * 255).astype(np.uint8)
@@ -221,14 +266,17 @@ def save_npz(dataset: Dataset, path: str | os.PathLike) -> Path:
 
 def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: int = 1,
                       seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                      labels_csv: str | os.PathLike | None = None) -> Dataset:
+                      labels_csv: str | os.PathLike | None = None,
+                      classes: Sequence[str] | None = None) -> Dataset:
     """Load a folder of PNG/JPEG/DICOM images with one subfolder per class, or labelled by a CSV.
 
     Layouts: `path/<class>/<image>`, or `path/{train,val,test}/<class>/<image>` (the Kaggle
     chest X-ray layout; other folders beside the split folders are ignored). A missing val/ or
     test/ is carved from train/, and a folder without split folders is split three ways; both
     by a stratified seeded split with the given fractions of the carved-from images. Labels are
-    the sorted class folder names' positions (NORMAL -> 0, PNEUMONIA -> 1). Files whose names
+    the sorted class folder names' positions (NORMAL -> 0, PNEUMONIA -> 1), or with `classes`
+    the positions in that list, folder names matched case-insensitively (a site may then lack
+    a class; a folder the list does not name is an error). Files whose names
     start with "." or "__" (.DS_Store, __MACOSX) are ignored, and so are files that are neither
     .png/.jpg/.jpeg nor DICOM. Images of any mode are converted to `channels` (RGB to gray by
     luminance, alpha dropped) and resized bilinearly; 8-bit images are divided by 255 and
@@ -239,10 +287,11 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
     (no extension, .dcm, ...), and may sit beside PNG/JPEG files. Each is rescaled
     (RescaleSlope/Intercept), windowed to its first stored WindowCenter/WindowWidth (else to
     its min-max), scaled to [0, 1], MONOCHROME1 inverted, first frame only for multi-frame
-    files (see `p2p_fl.data.dicom`). A DICOM that is corrupt, has no pixel data or uses a
-    compression pydicom cannot decode here is skipped: one warning per file, one summary
-    warning, and listed in the returned Dataset's `skipped`. A class whose files are all
-    skipped is an error.
+    files (see `p2p_fl.data.dicom`). A PNG/JPEG that does not decode, or a DICOM that is
+    corrupt, has no pixel data or uses a compression pydicom cannot decode here, is skipped:
+    one warning per file, one summary warning, and listed in the returned Dataset's
+    `skipped` (a hospital's folder of thousands of files should not stop on one bad file).
+    A class whose files are all skipped is an error.
 
     With `labels_csv`, the class folders are not used: the CSV's rows are `file,label` (an
     optional header row whose first cell is file/path/filename/image), relative file paths
@@ -257,23 +306,24 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
         val_fraction: fraction held out for validation when there is no val/ folder.
         test_fraction: fraction held out for testing when there is no test/ folder.
         labels_csv: optional CSV of (file, label) rows that replaces the class folders.
+        classes: the class names in label order (a topology's data.classes), or None.
 
     Returns:
-        The loaded Dataset, named after the folder, with the skipped DICOMs in `skipped`.
+        The loaded Dataset, named after the folder, with the skipped files in `skipped`.
 
     Raises:
         DataError: no class subfolders (or only one), an empty class folder, class folders that
-            differ between splits, an unreadable PNG/JPEG, a class whose DICOMs are all
-            skipped, or a CSV row naming a missing file or giving no label.
+            differ between splits, a folder or label `classes` does not name, a class whose
+            files are all skipped, or a CSV row naming a missing file or giving no label.
     """
     folder = Path(path)
     _check_target(image_size, channels)
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(f"need fractions >= 0 with val + test < 1, got {val_fraction}, {test_fraction}")
     if labels_csv is None:
-        class_names, groups = _folder_groups(folder)
+        class_names, groups = _folder_groups(folder, classes)
     else:
-        class_names, train_groups = _csv_groups(folder, Path(labels_csv))
+        class_names, train_groups = _csv_groups(folder, Path(labels_csv), classes)
         groups = {"train": train_groups}
     splits, skipped = {}, []
     for split, split_groups in groups.items():
@@ -281,7 +331,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
         splits[split] = images, labels
         skipped += split_skipped
     if skipped:
-        log.warning("%s: skipped %d unreadable DICOM file(s)", folder, len(skipped))
+        log.warning("%s: skipped %d unreadable file(s)", folder, len(skipped))
     missing = [split for split in ("val", "test") if split not in splits]
     if missing:
         images, labels = splits["train"]
@@ -293,7 +343,7 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
             splits[split] = images[index], labels[index]
     built = {split: Split(*arrays) for split, arrays in splits.items()}
     return Dataset(built["train"], built["val"], built["test"], len(class_names),
-                   folder.resolve().name, skipped=tuple(skipped))
+                   folder.resolve().name, skipped=tuple(skipped), class_names=tuple(class_names))
 
 
 def _check_target(image_size: int | None, channels: int | None) -> None:
@@ -430,9 +480,11 @@ def _class_names(folder: Path) -> list[str]:
 ClassFiles = tuple[str, list[Path]]
 
 
-def _folder_groups(folder: Path) -> tuple[list[str], dict[str, list[ClassFiles]]]:
-    """Class names and, per split, each class folder's image files."""
+def _folder_groups(folder: Path, classes: Sequence[str] | None) -> tuple[list[str], dict[str, list[ClassFiles]]]:
+    """Class names and, per split, each class folder's image files (in class order)."""
     split_dirs = _split_dirs(folder)
+    if classes:
+        return _named_class_groups(split_dirs, classes)
     class_names = _class_names(split_dirs["train"])
     for split_dir in split_dirs.values():
         found = _class_names(split_dir)
@@ -446,6 +498,31 @@ def _folder_groups(folder: Path) -> tuple[list[str], dict[str, list[ClassFiles]]
         for split, split_dir in split_dirs.items()
     }
     return class_names, groups
+
+
+def _named_class_groups(split_dirs: dict[str, Path],
+                        classes: Sequence[str]) -> tuple[list[str], dict[str, list[ClassFiles]]]:
+    """Groups for the topology's class list: each folder matched to its class
+    case-insensitively; a class this site lacks gets no files."""
+    index = {c.strip().casefold(): i for i, c in enumerate(classes)}
+    groups = {}
+    for split, split_dir in split_dirs.items():
+        folders = [child for child in sorted(split_dir.iterdir()) if child.is_dir() and not _is_hidden(child)]
+        unknown = [child.name for child in folders if child.name.strip().casefold() not in index]
+        if unknown:
+            raise DataError(f"{split_dir}: class folder(s) {unknown} are not among the topology's data.classes "
+                            f"{list(classes)}; rename or remove them")
+        if not folders:
+            raise DataError(f"{split_dir}: no class subfolders; put the images in one subfolder per class "
+                            f"({', '.join(classes)})")
+        split_groups: list[ClassFiles] = [(f"{split_dir} (no {c}/)", []) for c in classes]
+        for child in folders:
+            i = index[child.name.strip().casefold()]
+            if split_groups[i][1]:
+                raise DataError(f"{split_dir}: two folders for class {classes[i]!r} (names match case-insensitively)")
+            split_groups[i] = (str(child), _image_files(child))
+        groups[split] = split_groups
+    return [c.strip() for c in classes], groups
 
 
 def _is_image_file(path: Path) -> bool:
@@ -467,7 +544,8 @@ def _image_files(class_dir: Path) -> list[Path]:
 _CSV_HEADER_NAMES = frozenset({"file", "path", "filename", "image"})
 
 
-def _csv_groups(folder: Path, csv_path: Path) -> tuple[list[str], list[ClassFiles]]:
+def _csv_groups(folder: Path, csv_path: Path,
+                classes: Sequence[str] | None = None) -> tuple[list[str], list[ClassFiles]]:
     """Class names and each class's files, from a CSV of (file, label) rows."""
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder; give the folder the CSV's file paths are relative to")
@@ -481,6 +559,15 @@ def _csv_groups(folder: Path, csv_path: Path) -> tuple[list[str], list[ClassFile
         if not _is_image_file(image):
             raise DataError(f"{csv_path}: line {line}: {image} is not a .png/.jpg/.jpeg or DICOM file")
         by_label.setdefault(label, []).append(image)
+    if classes:
+        index = {c.strip().casefold(): c.strip() for c in classes}
+        unknown = sorted(label for label in by_label if label.casefold() not in index)
+        if unknown:
+            raise DataError(f"{csv_path}: label(s) {unknown} are not among the topology's data.classes {list(classes)}")
+        named: dict[str, list[Path]] = {}
+        for label, files in by_label.items():
+            named.setdefault(index[label.casefold()], []).extend(files)
+        return list(index.values()), [(f"{csv_path} label '{name}'", named.get(name, [])) for name in index.values()]
     class_names = _sorted_labels(by_label)
     if len(class_names) < 2:
         raise DataError(
@@ -530,19 +617,25 @@ def _read_image_split(groups: list[ClassFiles], image_size: int,
         images = list(pool.map(lambda file: _read_file(file, image_size, channels), files))
     read = np.array([image is not None for image in images], dtype=bool)
     for label, (where, class_files) in enumerate(groups):
-        if not read[labels == label].any():
+        if class_files and not read[labels == label].any():
             raise DataError(
-                f"{where}: all {len(class_files)} file(s) were skipped as unreadable DICOM "
+                f"{where}: all {len(class_files)} file(s) were skipped as unreadable "
                 "(see the warnings); replace them or remove the class"
             )
+    if not read.any():
+        raise DataError(f"{groups[0][0]}: no readable image in this split (see the warnings)")
     skipped = [file for file, ok in zip(files, read) if not ok]
     return np.stack([image for image in images if image is not None]), labels[read], skipped
 
 
 def _read_file(path: Path, image_size: int, channels: int) -> np.ndarray | None:
-    """Decode a PNG/JPEG or DICOM file; None (logged) for a DICOM that must be skipped."""
+    """Decode a PNG/JPEG or DICOM file; None (logged) for a file that must be skipped."""
     if not is_dicom(path):
-        return _read_image(path, image_size, channels)
+        try:
+            return _read_image(path, image_size, channels)
+        except DataError as exc:
+            log.warning("%s: skipped, %s", path, str(exc).removeprefix(f"{path}: "))
+            return None
     try:
         pixels = read_dicom(path)
     except UnreadableDicom as exc:
@@ -569,7 +662,7 @@ def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
             pixels = np.divide(np.asarray(converted), 255, dtype=np.float32)
             return pixels.reshape(image_size, image_size, channels)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot read image ({_one_line(exc)}); remove or replace it") from exc
+        raise DataError(f"{path}: cannot read image ({_one_line(exc)})") from exc
 
 
 # --- shared array helpers --------------------------------------------------------------------
