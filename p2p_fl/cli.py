@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from p2p_fl import __version__
+
     parser = argparse.ArgumentParser(prog="p2p-fl", description="Serverless peer-to-peer federated learning.")
+    parser.add_argument("--version", action="version", version=f"p2p-fl {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     node = sub.add_parser("node", help="run one institution's node")
@@ -158,6 +161,7 @@ def cmd_node(args) -> int:
     _setup_runtime()
     from p2p_fl.data import load_dataset, load_test_like, partition_dataset
     from p2p_fl.launch import GAVE_UP_EXIT, INCOMPLETE_EXIT
+    from p2p_fl.driver import SetupMismatch
     from p2p_fl.node import RunTimeout, run_node
     from p2p_fl.site import site_curve
 
@@ -195,6 +199,9 @@ def cmd_node(args) -> int:
     except RunTimeout as err:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return GAVE_UP_EXIT
+    except SetupMismatch as err:
+        print(f"p2p-fl: error: {err}", file=sys.stderr)
+        return 2
     except CheckpointWriteError as err:  # nothing that depended on it left; a restart resumes
         print(f"p2p-fl: error: {args.name}: {err}; nothing that depends on it was sent: free the space "
               "and start the node again (it resumes from its last good checkpoint)", file=sys.stderr)

@@ -23,6 +23,11 @@ from p2p_fl.site import Site
 log = logging.getLogger(__name__)
 
 
+class SetupMismatch(Exception):
+    """Before round 0, a peer's messages carried another federation fingerprint: the sites
+    do not run the same federation (topology file, [data] settings or p2p-fl version)."""
+
+
 class Driver:
     """Carries out `site.protocol`'s actions over `transport` (None: a local run, nothing
     to send). Engines call `start` once, then `poll`, `next_training` and `trained` as
@@ -65,7 +70,9 @@ class Driver:
         if self._start_by is not None:
             transport.pulse(self.protocol.progress)  # the others are waiting to hear us too
             self._held += arrived
-            if self._unheard() and now() < self._start_by:
+            window_over = now() >= self._start_by
+            self._refuse_a_mismatch(window_over)
+            if self._unheard() and not window_over:
                 return
             self._open_start(now())
             arrived, self._held = self._held, []
@@ -101,6 +108,18 @@ class Driver:
         return (f"{self.site.name}: no peer heard for {now - self._alone_since + self.site.topology.network.peer_timeout_s:.0f} s "
                 f"(network.start_window_s={window:g}): the federation is over or out of reach; its checkpoint "
                 "is kept: start it again to resume")
+
+    def _refuse_a_mismatch(self, window_over: bool) -> None:
+        """Before round 0, a peer under another fingerprint stops this site (it stops too:
+        it sees ours differ), naming the fields once its heartbeat told them. Later, its
+        messages are only refused: a site that started with the others, or resumed from its
+        checkpoint, keeps going with those that agree."""
+        for peer, fields in sorted(self.transport.mismatched.items()):
+            if fields != ["(not yet known)"] or window_over:
+                raise SetupMismatch(
+                    f"{self.site.name}: {peer} runs another federation setup: {', '.join(fields)} differ(s) from "
+                    "this site's; every site must run the same topology file, [data] image_size, channels and "
+                    "classes, and p2p-fl version: fix it and start again")
 
     def _unheard(self) -> list[str]:
         """The peers whose heartbeats have not reached us yet."""

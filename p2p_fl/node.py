@@ -48,7 +48,7 @@ def run_node(
         peer = Peer(name, me.address, others, topology.federation, site.shared_spec(), curve=curve,
                     max_message_bytes=topology.network.max_message_mb * 2**20,
                     heartbeat_interval_s=topology.network.heartbeat_interval_s,
-                    peer_timeout_s=topology.network.peer_timeout_s)
+                    peer_timeout_s=topology.network.peer_timeout_s, fingerprint=site.fingerprint)
     driver = Driver(site, peer)
     # network.run_timeout_s bounds the time spent waiting, not training: each finished
     # training moves the deadline on by its length.

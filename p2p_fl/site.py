@@ -24,6 +24,7 @@ from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint,
 from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, gossip_graph
 from p2p_fl.data import Dataset, Split
 from p2p_fl.federate import shared_secrets_with
+from p2p_fl.fingerprint import federation_fingerprint
 from p2p_fl.learn import Learner
 from p2p_fl.learn.ensemble import evaluate_ensemble
 from p2p_fl.learn.privacy import BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
@@ -195,6 +196,7 @@ class Site:
         # FedBN: these tensors never leave the site; the transport knows only the shared ones.
         self.local = frozenset(self.learner.batchnorm_names()) if topology.training.fedbn else frozenset()
         self.protocol = make_protocol(topology, name, curve)
+        self.fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes)
         listed = topology.gossip.samples.get(name) if topology.protocol == "gossip" else None
         if listed is not None and listed != len(data.train):
             log.warning("%s: gossip.samples lists %d training samples, the data has %d; mixing uses the listed "

@@ -146,6 +146,19 @@ def test_a_node_of_the_previous_protocol_version_is_refused_by_name():
     import msgpack
 
     header = msgpack.unpackb(frames_of()[0])
-    frames = [msgpack.packb({**header, "v": 1}), *frames_of()[1:]]
-    with pytest.raises(wire.WireError, match="protocol version 1, expected 2"):
+    frames = [msgpack.packb({**header, "v": 2}), *frames_of()[1:]]
+    with pytest.raises(wire.WireError, match="protocol version 2, expected 3"):
         decode(frames)
+
+
+def test_a_message_under_another_fingerprint_is_refused_and_a_heartbeat_tells_its_fields():
+    model = wire.encode(wire.MODEL, federation=FED, sender="a", round=0, seq=1, tensors=WEIGHTS, fingerprint="f1")
+    assert decode(model, fingerprint="f1").type == wire.MODEL
+    with pytest.raises(wire.ConfigMismatch) as refused:
+        decode(model, fingerprint="f2")
+    assert refused.value.sender == "a" and refused.value.fields is None
+    beat = wire.encode(wire.HEARTBEAT, federation=FED, sender="a", round=0, seq=2, meta={"config": "abc123"},
+                       fingerprint="f1")
+    with pytest.raises(wire.ConfigMismatch) as refused:
+        decode(beat, fingerprint="f2")
+    assert refused.value.fields == "abc123"

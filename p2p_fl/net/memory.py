@@ -88,6 +88,8 @@ class MemoryHub:
 class MemoryTransport:
     """One site's end of a `MemoryHub` (the `Transport` interface)."""
 
+    mismatched: Mapping[str, list[str]] = {}  # one process, one topology: never any
+
     def __init__(self, hub: MemoryHub, name: str, peers: frozenset[str]):
         self.hub = hub
         self.name = name

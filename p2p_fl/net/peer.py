@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import zmq
@@ -47,6 +47,9 @@ from zmq.utils.monitor import recv_monitor_message
 from p2p_fl.net import wire
 from p2p_fl.net.drops import DropLog
 from p2p_fl.net.heartbeat import Heartbeats
+
+if TYPE_CHECKING:  # the net layer only calls it; importing it would import the config layer
+    from p2p_fl.fingerprint import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +342,9 @@ class Peer:
         heartbeat_interval_s: send every peer a heartbeat this often (`pulse`); None: none.
         peer_timeout_s: a peer silent this long is dead (`health`, `liveness_changes`).
         limits: what one peer may cost this node (see `Limits`).
+        fingerprint: the federation fingerprint (p2p_fl/fingerprint.py) every message
+            carries and every received one must match; a peer under another is in
+            `mismatched`, its messages dropped. None: not checked (tests of the wire alone).
     """
 
     def __init__(
@@ -354,8 +360,13 @@ class Peer:
         heartbeat_interval_s: float | None = None,
         peer_timeout_s: float = 10.0,
         limits: Limits = Limits(),
+        fingerprint: Fingerprint | None = None,
     ):
         self.name = name
+        self.fingerprint = fingerprint
+        # Peer -> the fields in which its setup differs from ours (as its heartbeats tell),
+        # while its messages carry another fingerprint; the driver decides what that means.
+        self.mismatched: dict[str, list[str]] = {}
         self.federation = federation
         self.tensor_spec = list(tensor_spec)
         self.peer_names = frozenset(peers)
@@ -477,9 +488,11 @@ class Peer:
     ) -> int:
         """Queues one message for peer `to` without blocking; returns its sequence number."""
         self._seq += 1
+        if type == wire.HEARTBEAT and self.fingerprint is not None:
+            meta = {**(meta or {}), "config": self.fingerprint.field_digests}
         frames = wire.encode(
             type, federation=self.federation, sender=self.name, round=round, seq=self._seq,
-            tensors=tensors, meta=meta,
+            tensors=tensors, meta=meta, fingerprint=self.fingerprint.digest if self.fingerprint else "",
         )
         try:
             self._dealers[to].send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
@@ -560,13 +573,31 @@ class Peer:
                 frames, federation=self.federation, senders=self.peer_names,
                 tensor_spec=self.tensor_spec, authenticated_sender=authenticated,
                 max_seq=wire.seq_ceiling(time.time_ns()),
+                fingerprint=self.fingerprint.digest if self.fingerprint else None,
             )
+        except wire.ConfigMismatch as err:
+            return self._mismatch(err)
         except wire.WireError as err:
             return self.drop("malformed", str(err))
         if message.seq <= self._last_seq.get(message.sender, -1):
             return self.drop("replayed-seq", f"seq {message.seq} from {message.sender} not increasing")
         self._last_seq[message.sender] = message.seq
+        if self.mismatched.pop(message.sender, None) is not None:
+            log.warning("%s: %s now runs the same federation setup", self.name, message.sender)
         return message
+
+    def _mismatch(self, err: wire.ConfigMismatch) -> None:
+        """A peer under another fingerprint: which fields differ (known once its heartbeat
+        comes), one warning per change, every message of it dropped and counted."""
+        fields = self.fingerprint.differing(err.fields) if err.fields is not None else None
+        known = self.mismatched.get(err.sender)
+        if fields is not None and fields != known:
+            self.mismatched[err.sender] = fields
+            log.warning("%s: %s runs another federation setup: %s differ; its messages are dropped until it "
+                        "runs the same topology file and p2p-fl version", self.name, err.sender, ", ".join(fields))
+        elif known is None:
+            self.mismatched[err.sender] = ["(not yet known)"]
+        return self.drop("mismatched-setup", str(err))
 
     def drop(self, reason: str, detail: str) -> None:
         """Counts a dropped message under `reason`; logs it, or only counts it in the

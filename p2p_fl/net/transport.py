@@ -18,6 +18,8 @@ class Transport(Protocol):
     messages_sent: int
     bytes_received: int
     dropped: collections.Counter
+    # Peer -> the fields in which its federation setup differs (its messages are refused).
+    mismatched: Mapping[str, list[str]]
 
     def send(self, to: str, type: str, round: int, tensors: Mapping[str, np.ndarray] | None = None,
              meta: Mapping[str, Any] | None = None) -> Any:

@@ -11,6 +11,8 @@ Frame 0 (msgpack map):
     from     sender name (str)
     round    round / hop index (int >= 0)
     seq      per-sender sequence number (int >= 0), increasing
+    fp       the federation fingerprint (str, p2p_fl/fingerprint.py): the hash of everything
+             the sites must agree on; a message whose fp differs from the receiver's is refused
     tensors  list of [name, dtype, shape] in the model's order (may be empty)
     meta     small map of scalars (str -> int/float/str/bool/None)
 Frames 1..n: the raw little-endian bytes of each tensor, C order.
@@ -26,7 +28,8 @@ import numpy as np
 
 # 2: secure sums mix per-run keys into every pair secret (gossip-hello) and no model is served
 # on demand (gossip-fetch/-current gone); a version-1 node could not take part in a sum.
-PROTOCOL_VERSION = 2
+# 3: every header carries the federation fingerprint (fp), heartbeats its fields (meta.config).
+PROTOCOL_VERSION = 3
 
 # Message types. Each protocol uses a subset; the header decoder refuses anything else.
 MODEL = "model"  # a model handed to the next site of a ring (round = hop to train)
@@ -63,6 +66,8 @@ GOSSIP_HELLO = "gossip-hello"
 RUN_KEY_BYTES = 32
 # Liveness, every `heartbeat_interval_s` to every peer (the ZeroMQ guide's pattern);
 # round: the sender's progress (the hop it holds or held last, its gossip round). No tensors.
+# meta.config: the sender's per-field fingerprint digests, so that a receiver whose
+# fingerprint differs can name the fields (`Fingerprint.differing`).
 HEARTBEAT = "heartbeat"
 # A site's final model after its local training, sent once to every other site of an
 # ensemble run (round = the run's rounds); each site predicts with the mean output of all.
@@ -94,6 +99,17 @@ class WireError(ValueError):
     """A message that must be dropped; the message says which field broke which rule."""
 
 
+class ConfigMismatch(WireError):
+    """A peer's message under another federation fingerprint: its topology, data settings or
+    p2p-fl version differ. `fields`: its heartbeat's per-field digests (meta.config), None
+    for other message types."""
+
+    def __init__(self, sender: str, fields: str | None):
+        super().__init__(f"{sender} runs another federation setup (fingerprint differs)")
+        self.sender = sender
+        self.fields = fields
+
+
 @dataclass(frozen=True)
 class Message:
     type: str
@@ -114,6 +130,7 @@ def encode(
     seq: int,
     tensors: Mapping[str, np.ndarray] | None = None,
     meta: Mapping[str, Any] | None = None,
+    fingerprint: str = "",
 ) -> list:
     """Builds the frames of one message; tensor frames are views, not copies.
 
@@ -132,6 +149,7 @@ def encode(
         "from": sender,
         "round": int(round),
         "seq": int(seq),
+        "fp": fingerprint,
         "tensors": [[n, str(a.dtype), list(a.shape)] for n, a in zip(tensors, arrays)],
         "meta": dict(meta or {}),
     }
@@ -146,6 +164,7 @@ def decode(
     tensor_spec: TensorSpec,
     authenticated_sender: str | None = None,
     max_seq: int | None = None,
+    fingerprint: str | None = None,
 ) -> Message:
     """Checks every field of a received message, then returns it.
 
@@ -158,6 +177,8 @@ def decode(
         authenticated_sender: the peer name the transport authenticated (CURVE User-Id);
             when given, the header's sender must equal it.
         max_seq: the largest seq accepted (`seq_ceiling()`); None: no upper bound.
+        fingerprint: the receiver's federation fingerprint; a message from a peer under
+            another raises ConfigMismatch (after its sender is checked). None: not checked.
 
     Raises:
         WireError: with a one-line reason; the caller drops the message and counts it.
@@ -192,6 +213,10 @@ def decode(
         raise WireError(f"seq {seq} is more than {MAX_SEQ_AHEAD_US // 86_400_000_000} days ahead of this clock")
     meta = _field(header, "meta", dict)
     _check_meta(meta)
+    fp = _field(header, "fp", str)
+    if fingerprint is not None and fp != fingerprint:
+        config = meta.get("config") if msg_type == HEARTBEAT else None
+        raise ConfigMismatch(sender, config if isinstance(config, str) else None)
     listed = _field(header, "tensors", list)
     tensors = _decode_tensors(listed, frames[1:], expected_spec(msg_type, tensor_spec, meta))
     return Message(msg_type, fed, sender, round_, seq, tensors, meta)

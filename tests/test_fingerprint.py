@@ -1,0 +1,125 @@
+"""The federation fingerprint: sites that do not run the same federation find out before
+round 0, every one of them, with the field named; afterwards such a peer is only refused.
+
+The end-to-end test is the issue's own case: one hospital's copy of the topology says 3
+rounds where the others say 2 (before, one site ended in a traceback mid-run while the
+others "finished normally")."""
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from processes import p2p_fl, small_shards, write_federation
+
+from p2p_fl.config import load_topology
+from p2p_fl.fingerprint import FIELD_HEX, federation_fingerprint
+from p2p_fl.launch import free_ports
+from p2p_fl.net import Curve, Peer, wire
+
+TOPOLOGY = ('protocol = "cwt"\n[training]\nrounds = 2\nlocal_epochs = 1\nbatch_size = 32\n'
+            '[network]\nheartbeat_interval_s = 0.3\npeer_timeout_s = 3.0\nstart_window_s = 60\n')
+
+
+def fingerprint_of(topology, shape=(28, 28, 1), classes=2):
+    return federation_fingerprint(topology, shape, classes)
+
+
+def test_a_changed_setting_is_named_and_a_sites_own_choices_are_not(tmp_path):
+    t = load_topology(write_federation(tmp_path, "abc", TOPOLOGY, federation="fp"))
+    mine = fingerprint_of(t)
+    assert fingerprint_of(t) == mine and len(mine.digest) == 16
+
+    def differing(changed, **kwargs):
+        return mine.differing(fingerprint_of(changed, **kwargs).field_digests)
+
+    assert differing(dataclasses.replace(t, training=dataclasses.replace(t.training, rounds=3))) == ["training.rounds"]
+    assert differing(dataclasses.replace(t, privacy=dataclasses.replace(t.privacy, clip_norm=2.0))) == \
+        ["privacy.clip_norm"]
+    assert differing(dataclasses.replace(t, data=dataclasses.replace(t.data, classes=["b", "a"]))) == ["data.classes"]
+    assert differing(t, shape=(64, 64, 1)) == ["model input"]
+    moved = dataclasses.replace(t.peers[1], address="tcp://127.0.0.1:1")
+    assert differing(dataclasses.replace(t, peers=(t.peers[0], moved, t.peers[2]))) == ["peers"]
+    # Where a site's data comes from and how long it waits are its own.
+    own = dataclasses.replace(t, data=dataclasses.replace(t.data, dataset="mine.npz", test="x.npz", partition="dirichlet:0.5"),
+                              network=dataclasses.replace(t.network, run_timeout_s=99.0, start_window_s=5.0))
+    assert fingerprint_of(own) == mine
+    # Another p2p-fl version may list other fields: the version is what is named.
+    assert mine.differing("00" * FIELD_HEX) == ["version"] and mine.differing(None) == ["version"]
+
+
+def test_sites_whose_topology_copies_differ_all_stop_before_round_0_naming_the_field(tmp_path):
+    config = write_federation(tmp_path, "abc", TOPOLOGY, federation="fp-e2e")
+    other = config.with_name("topology-c.toml")  # c's copy, edited by hand: 3 rounds
+    other.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))
+    shards = small_shards(tmp_path, "abc", train=192, val=48, test=48)
+    import subprocess
+    import sys
+
+    from processes import ROOT
+
+    procs = {}
+    for n in "abc":
+        procs[n] = subprocess.Popen(
+            [sys.executable, "-m", "p2p_fl", "node", "--config", str(other if n == "c" else config), "--name", n,
+             "--data", str(shards[n]), "--key", str(tmp_path / "keys" / f"{n}.key_secret"),
+             "--out", str(tmp_path / n)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = {}
+    try:
+        for n, proc in procs.items():
+            outputs[n] = proc.communicate(timeout=240)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for n, proc in procs.items():
+        stderr = outputs[n][1]
+        assert proc.returncode == 2, (n, stderr[-3000:])
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("p2p-fl: error: ") and "training.rounds" in last, (n, last)
+        assert "Traceback" not in stderr
+        assert not (tmp_path / n / "metrics.jsonl").read_text()  # nothing was trained
+    # a and b agree: each names c; c names the others.
+    assert "c runs another federation setup" in outputs["a"][1]
+    assert "runs another federation setup: training.rounds" in outputs["c"][1]
+
+
+def test_after_the_start_a_peer_under_another_fingerprint_is_only_refused(tmp_path):
+    """A node that already runs (or resumed) keeps going: every message of the odd peer,
+    protocol-valid and CURVE-authenticated, is dropped and counted, the fields named."""
+    t = load_topology(write_federation(tmp_path, "ab", TOPOLOGY, federation="fp-peer"))
+    ours = fingerprint_of(t)
+    theirs = fingerprint_of(dataclasses.replace(t, training=dataclasses.replace(t.training, local_epochs=5)))
+    keys = {n: tuple(k.decode() for k in zmq.curve_keypair()) for n in "ab"}
+    addresses = {n: f"tcp://127.0.0.1:{p}" for n, p in zip("ab", free_ports(2))}
+    spec = [("w", "float32", (4,))]
+
+    def peer(me, other, fingerprint):
+        curve = Curve(keys[me][0], keys[me][1], {other: keys[other][0]})
+        return Peer(me, addresses[me], {other: addresses[other]}, "fp-peer", spec, curve=curve,
+                    heartbeat_interval_s=0.2, peer_timeout_s=2.0, fingerprint=fingerprint)
+
+    a, b = peer("a", "b", ours), peer("b", "a", theirs)
+    try:
+        deadline = time.monotonic() + 10
+        while "b" not in a.mismatched or a.mismatched["b"] == ["(not yet known)"]:
+            assert time.monotonic() < deadline, a.dropped
+            b.pulse(0)
+            b.send("a", wire.MODEL, 0, {"w": np.ones(4, np.float32)})
+            assert a.receive(0.1) == []  # nothing of b's gets through
+        assert a.mismatched["b"] == ["training.local_epochs"]
+        assert a.dropped["mismatched-setup"] >= 2 and "b" not in a.peer_progress  # not even as alive
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("flag", ["--version"])
+def test_the_version_is_one_line(flag):
+    from p2p_fl import __version__
+
+    done = p2p_fl(flag, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"p2p-fl {__version__}"
