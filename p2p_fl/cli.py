@@ -17,6 +17,8 @@ from pathlib import Path
 
 import tomllib
 
+import zmq
+
 from p2p_fl.config import (ConfigError, PeerConfig, Topology, data_options, dump_topology, load_topology,
                             parse_topology)
 from p2p_fl.checkpoint import CheckpointError, CheckpointWriteError
@@ -170,6 +172,7 @@ def cmd_node(args) -> int:
     topology.peer(args.name)  # refuse an unknown name before loading anything
     out = args.out or Path("runs") / args.name
     out.mkdir(parents=True, exist_ok=True)
+    _hold_out_folder(out, args.name)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s",
                         handlers=[logging.StreamHandler(sys.stderr)])
     options = data_options(topology.data)
@@ -199,6 +202,15 @@ def cmd_node(args) -> int:
     except RunTimeout as err:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return GAVE_UP_EXIT
+    except zmq.ZMQError as err:
+        if err.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENODEV):
+            raise
+        address = topology.peer(args.name).address
+        print(f"p2p-fl: error: {args.name}: cannot listen on {address} ({err.strerror}): "
+              + ("another program holds that port; stop it or give this site another port in the topology"
+                 if err.errno == errno.EADDRINUSE else "that address is not one of this machine's; fix "
+                 f"[[peers]].address of {args.name} (or listen on tcp://0.0.0.0:PORT)"), file=sys.stderr)
+        return 2
     except SetupMismatch as err:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return 2
@@ -219,6 +231,28 @@ def cmd_node(args) -> int:
               f"(result.json in {out})", file=sys.stderr)
         return INCOMPLETE_EXIT
     return 0
+
+
+def _hold_out_folder(out: Path, name: str) -> None:
+    """Locks OUT for this process's lifetime: the same node started twice would otherwise
+    overwrite the first one's metrics and checkpoint before failing on the port."""
+    import fcntl
+
+    lock = open(out / ".node.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise ConfigError(f"{out}: node {name} already runs here (pid {lock.read().strip() or '?'}); "
+                          "one node per --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _held_locks.append(lock)  # open until the process ends, when the OS releases it
+
+
+_held_locks: list = []
 
 
 def cmd_keygen(args) -> int:
@@ -260,6 +294,8 @@ def cmd_launch(args) -> int:
     topology = parse_topology(tomllib.loads(dump_topology(topology)), source=f"{args.topology} (with overrides)")
     _check_model(topology, args.topology)
     out = args.out or Path("runs") / f"{topology.federation}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "summary.json").exists():  # its models, metrics and keys would be overwritten
+        raise ConfigError(f"{out} holds a finished run (summary.json); use another --out or move it away")
     try:
         summary = run_launch(topology, out, netns=args.netns, supervision=supervision, engine=args.engine,
                              faults=faults)

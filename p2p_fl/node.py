@@ -10,7 +10,7 @@ import concurrent.futures
 import time
 from pathlib import Path
 
-from p2p_fl.config import Topology
+from p2p_fl.config import ConfigError, Topology
 from p2p_fl.data import Dataset, Split
 from p2p_fl.driver import Driver
 from p2p_fl.net import Curve, Peer
@@ -44,7 +44,8 @@ def run_node(
         others = {p.name: p.address for p in topology.peers if p.name != name}
         missing = [n for n, a in others.items() if not a] + ([name] if not me.address else [])
         if missing:
-            raise ValueError(f"peers {', '.join(missing)} have no address in the topology; use launch or fill in [[peers]].address")
+            raise ConfigError(f"peers {', '.join(missing)} have no address in the topology; use launch or fill in "
+                              "[[peers]].address")
         peer = Peer(name, me.address, others, topology.federation, site.shared_spec(), curve=curve,
                     max_message_bytes=topology.network.max_message_mb * 2**20,
                     heartbeat_interval_s=topology.network.heartbeat_interval_s,

@@ -79,14 +79,15 @@ def load_secret_key(path: str | Path) -> tuple[str, str]:
     path = Path(path)
     if not path.is_file():
         raise KeyFileError(f"{path}: no such key file; create one with `p2p-fl keygen`")
-    if path.stat().st_mode & 0o077:
-        raise KeyFileError(f"{path}: secret key is readable by group or others; run chmod 600 {path}")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (ValueError, OSError) as err:
         raise KeyFileError(f"{path}: not a CURVE certificate ({err})") from None
-    if not secret:
-        raise KeyFileError(f"{path}: holds no secret key (is it the .key public file?)")
+    if not secret:  # before the mode: a public .key file is 0644 on purpose
+        raise KeyFileError(f"{path}: holds no secret key: it is a public key; give the secret one "
+                           f"`p2p-fl keygen` wrote beside it ({path.with_suffix('.key_secret').name})")
+    if path.stat().st_mode & 0o077:
+        raise KeyFileError(f"{path}: secret key is readable by group or others; run chmod 600 {path}")
     return public.decode("ascii"), secret.decode("ascii")
 
 

@@ -1,0 +1,95 @@
+"""`p2p-fl node` as a hospital's engineer meets it: mistakes a person makes at a site are one
+line and exit 2 (no traceback, so a service manager that stops on 2 does not restart a
+misconfigured node in a loop), and nothing a running node wrote is touched by a second one."""
+
+import socket
+import subprocess
+import sys
+import time
+
+from processes import ROOT, p2p_fl, small_shards, write_federation
+
+SETTINGS = ('protocol = "cwt"\n[training]\nrounds = 1\nlocal_epochs = 1\nbatch_size = 32\n'
+            '[network]\nheartbeat_interval_s = 0.3\npeer_timeout_s = 3.0\nstart_window_s = 120\n')
+
+
+def node_args(config, name, out, *extra):
+    return ("node", "--config", str(config), "--name", name, "--out", str(out),
+            "--key", str(config.parent / "keys" / f"{name}.key_secret"), *extra)
+
+
+def assert_one_line_exit_2(done, *words):
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and lines[-1].startswith("p2p-fl: error: "), done.stderr[-3000:]
+    for word in words:
+        assert word in lines[-1], lines[-1]
+
+
+def test_a_port_another_program_holds_is_one_line(tmp_path):
+    config = write_federation(tmp_path, "ab", SETTINGS, federation="port")
+    address = next(line for line in config.read_text().splitlines() if "address" in line and "127.0.0.1" in line)
+    port = int(address.rsplit(":", 1)[1].strip('"'))
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    try:
+        shards = small_shards(tmp_path, "ab", train=64, val=16, test=16)
+        done = p2p_fl(*node_args(config, "a", tmp_path / "a", "--data", str(shards["a"])), timeout=300)
+    finally:
+        holder.close()
+    assert_one_line_exit_2(done, "cannot listen on", "another program holds that port")
+
+
+def test_a_public_key_given_as_the_secret_key_is_named_as_such(tmp_path):
+    config = write_federation(tmp_path, "ab", SETTINGS, federation="pubkey")
+    done = p2p_fl("node", "--config", str(config), "--name", "a", "--out", str(tmp_path / "a"),
+                  "--key", str(tmp_path / "keys" / "a.key"), timeout=300)
+    assert_one_line_exit_2(done, "it is a public key", "a.key_secret")
+    assert "chmod" not in done.stderr
+
+
+def test_a_peer_without_an_address_is_one_line(tmp_path):
+    config = write_federation(tmp_path, "ab", SETTINGS, federation="noaddr")
+    text = config.read_text()
+    b_address = [line for line in text.splitlines() if line.startswith("address")][1]
+    config.write_text(text.replace(b_address + "\n", ""))
+    shards = small_shards(tmp_path, "ab", train=64, val=16, test=16)
+    done = p2p_fl(*node_args(config, "a", tmp_path / "a", "--data", str(shards["a"])), timeout=300)
+    assert_one_line_exit_2(done, "b have no address")
+
+
+def test_the_same_node_started_twice_is_refused_and_the_first_keeps_its_files(tmp_path):
+    """The first runs without --data (it says so: the topology's demo shard), waiting for b."""
+    config = write_federation(tmp_path, "ab", SETTINGS, federation="twice")
+    out = tmp_path / "a"
+    out.mkdir()
+    first = subprocess.Popen([sys.executable, "-m", "p2p_fl", *node_args(config, "a", out)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"))
+    try:
+        deadline = time.monotonic() + 240
+        while "waiting up to 120 s for b" not in (tmp_path / "first.log").read_text():
+            assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "first.log").read_text()
+            time.sleep(0.2)
+        log = (tmp_path / "first.log").read_text()
+        assert "no --data: training on shard 1 of 2 of builtin:pneumoniamnist" in log
+        assert "test set: this site's own test split" in log  # no shared one is named
+        (out / "metrics.jsonl").write_text("kept\n")  # stands for what the first wrote
+        second = p2p_fl(*node_args(config, "a", out), timeout=300)
+        assert_one_line_exit_2(second, "node a already runs here", f"pid {first.pid}")
+        assert (out / "metrics.jsonl").read_text() == "kept\n"
+        assert first.poll() is None  # the first goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_launch_into_a_finished_run_is_refused_and_leaves_it_as_it_was(tmp_path):
+    (tmp_path / "summary.json").write_text('{"finished": true}')
+    (tmp_path / "site-1").mkdir()
+    (tmp_path / "site-1" / "metrics.jsonl").write_text("kept\n")
+    done = p2p_fl("launch", "topologies/ring-3.toml", "--out", str(tmp_path), timeout=300)
+    assert_one_line_exit_2(done, "holds a finished run", "another --out")
+    assert (tmp_path / "summary.json").read_text() == '{"finished": true}'
+    assert (tmp_path / "site-1" / "metrics.jsonl").read_text() == "kept\n"
+    assert not (tmp_path / "keys").exists() and not (tmp_path / "shards").exists()
