@@ -85,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
                              "checkpoint BACK rounds later")
     launch.set_defaults(func=cmd_launch)
 
+    check = sub.add_parser("check", help="preflight at one site: topology, key, data, model, port, and a "
+                           "CURVE handshake with every peer (no training)")
+    check.add_argument("--config", required=True, type=Path, help="topology file (TOML)")
+    check.add_argument("--name", required=True, help="this site's name in the topology")
+    check.add_argument("--data", help="this site's data, as for `node` (default: the topology's demo shard)")
+    check.add_argument("--key", type=Path, help="this site's secret key file (default: keys/<name>.key_secret)")
+    check.add_argument("--wait", type=float, default=30.0, metavar="S",
+                       help="how long to wait for the peers to answer (default: 30)")
+    check.set_defaults(func=cmd_check)
+
     keygen = sub.add_parser("keygen", help="create this institution's CURVE key pair")
     keygen.add_argument("--name", required=True, help="the institution's peer name")
     keygen.add_argument("--out", type=Path, default=Path("keys"), help="folder for the key files (default: keys/)")
@@ -159,22 +169,11 @@ def _check_model(topology: Topology, source: Path) -> None:
         raise ConfigError(f"{source}: training.fedbn needs a model with BatchNorm; {model} has none")
 
 
-def cmd_node(args) -> int:
-    _setup_runtime()
+def _site_inputs(args, topology: Topology):
+    """A site's data, keys and shared test set, as `node` and `check` read them (logged)."""
     from p2p_fl.data import load_dataset, load_test_like, partition_dataset
-    from p2p_fl.launch import GAVE_UP_EXIT, INCOMPLETE_EXIT
-    from p2p_fl.driver import SetupMismatch
-    from p2p_fl.node import RunTimeout, run_node
     from p2p_fl.site import site_curve
 
-    topology = load_topology(args.config)
-    _check_model(topology, args.config)
-    topology.peer(args.name)  # refuse an unknown name before loading anything
-    out = args.out or Path("runs") / args.name
-    out.mkdir(parents=True, exist_ok=True)
-    _hold_out_folder(out, args.name)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s",
-                        handlers=[logging.StreamHandler(sys.stderr)])
     options = data_options(topology.data)
     if args.data:
         data = load_dataset(args.data, **options)
@@ -190,6 +189,43 @@ def cmd_node(args) -> int:
     common_test = load_test_like(topology.data.test, data) if topology.data.test else None
     logging.info("test set: %s", f"{topology.data.test}'s test split ({len(common_test)} images) and this site's "
                  f"own ({len(data.test)})" if common_test else f"this site's own test split ({len(data.test)} images)")
+    return data, curve, common_test
+
+
+def _site_topology(args) -> Topology:
+    topology = load_topology(args.config)
+    _check_model(topology, args.config)
+    topology.peer(args.name)  # refuse an unknown name before loading anything
+    return topology
+
+
+def _log_to_stderr(name: str) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stderr)])
+
+
+def _listen_error(topology: Topology, name: str, err: zmq.ZMQError) -> str | None:
+    """One line for an address this site cannot listen on; None for another ZeroMQ error."""
+    if err.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENODEV):
+        return None
+    return (f"{name}: cannot listen on {topology.peer(name).address} ({err.strerror}): "
+            + ("another program holds that port; stop it or give this site another port in the topology"
+               if err.errno == errno.EADDRINUSE else "that address is not one of this machine's; fix "
+               f"[[peers]].address of {name} (or listen on tcp://0.0.0.0:PORT)"))
+
+
+def cmd_node(args) -> int:
+    _setup_runtime()
+    from p2p_fl.driver import SetupMismatch
+    from p2p_fl.launch import GAVE_UP_EXIT, INCOMPLETE_EXIT
+    from p2p_fl.node import RunTimeout, run_node
+
+    topology = _site_topology(args)
+    out = args.out or Path("runs") / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    _hold_out_folder(out, args.name)
+    _log_to_stderr(args.name)
+    data, curve, common_test = _site_inputs(args, topology)
 
     def emit(event: dict) -> None:
         if args.events:
@@ -203,13 +239,10 @@ def cmd_node(args) -> int:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return GAVE_UP_EXIT
     except zmq.ZMQError as err:
-        if err.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENODEV):
+        line = _listen_error(topology, args.name, err)
+        if line is None:
             raise
-        address = topology.peer(args.name).address
-        print(f"p2p-fl: error: {args.name}: cannot listen on {address} ({err.strerror}): "
-              + ("another program holds that port; stop it or give this site another port in the topology"
-                 if err.errno == errno.EADDRINUSE else "that address is not one of this machine's; fix "
-                 f"[[peers]].address of {args.name} (or listen on tcp://0.0.0.0:PORT)"), file=sys.stderr)
+        print(f"p2p-fl: error: {line}", file=sys.stderr)
         return 2
     except SetupMismatch as err:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
@@ -230,6 +263,51 @@ def cmd_node(args) -> int:
         print(f"p2p-fl: error: {args.name} ended without the federation: {result['shortfall']} "
               f"(result.json in {out})", file=sys.stderr)
         return INCOMPLETE_EXIT
+    return 0
+
+
+def cmd_check(args) -> int:
+    """Preflight: what `node` would refuse, then a CURVE heartbeat exchange with every peer."""
+    _setup_runtime()
+    from p2p_fl.fingerprint import federation_fingerprint
+    from p2p_fl.preflight import check_peers
+    from p2p_fl.site import make_learner
+
+    topology = _site_topology(args)
+    _log_to_stderr(args.name)
+    data, curve, _ = _site_inputs(args, topology)
+    print(f"config: {args.config}: {topology.federation}, {topology.protocol}, {len(topology.peers)} sites; "
+          f"this site: {args.name} at {topology.peer(args.name).address or '(no address)'}")
+    print(f"keys: {'CURVE, the secret key matches the public key the topology lists' if curve else 'NONE (insecure)'}")
+    print(f"data: {data.describe()}")
+    learner = make_learner(topology, data.num_classes, data.image_shape)
+    print(f"model: {topology.training.model} for {'x'.join(map(str, data.image_shape))} inputs, "
+          f"{data.num_classes} classes: builds")
+    if topology.protocol == "local" or len(topology.peers) < 2:
+        return 0
+    fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes)
+    print(f"setup fingerprint: {fingerprint.digest}; listening and waiting up to {args.wait:g} s for the peers "
+          "(their node or their check)", flush=True)
+    try:
+        checks = check_peers(topology, args.name, fingerprint, curve, wait_s=args.wait,
+                             tensor_spec=learner.weight_spec(),
+                             on_ready=lambda c: print(f"  {c.name}: {c.state}", flush=True))
+    except zmq.ZMQError as err:
+        line = _listen_error(topology, args.name, err)
+        if line is None:
+            raise
+        raise ConfigError(line) from None
+    for c in checks:
+        print(f"peer {c.name} ({c.address}): {c.state}: {c.detail}")
+    if any(c.state == "other setup" for c in checks):
+        print("p2p-fl: error: a peer runs another federation setup (above); every site must use the same topology "
+              "file and p2p-fl version", file=sys.stderr)
+        return 2
+    if any(c.state != "ready" for c in checks):
+        print("p2p-fl: error: not every peer answered (above); each site's check shows whether its peers reach it",
+              file=sys.stderr)
+        return 1
+    print("ready: every peer answered with the same setup")
     return 0
 
 

@@ -103,8 +103,8 @@ class Dataset:
         """One line for a site's log: sizes, image shape, each class's name and train count."""
         h, w, c = self.image_shape
         counts = np.bincount(self.train.labels, minlength=self.num_classes)
-        names = self.class_names or tuple(str(i) for i in range(self.num_classes))
-        classes = ", ".join(f"{i} {name}: {n}" for i, (name, n) in enumerate(zip(names, counts)))
+        names = self.class_names or ("",) * self.num_classes
+        classes = ", ".join(f"{i} {name}: {n}".replace(" :", ":") for i, (name, n) in enumerate(zip(names, counts)))
         return (f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test images "
                 f"of {h}x{w}x{c}; train images per class: {classes}")
 

@@ -345,6 +345,8 @@ class Peer:
         fingerprint: the federation fingerprint (p2p_fl/fingerprint.py) every message
             carries and every received one must match; a peer under another is in
             `mismatched`, its messages dropped. None: not checked (tests of the wire alone).
+        preflight: `p2p-fl check`: its heartbeats say so, and peers answer them without
+            counting the site as started (a check must not open anyone's start window).
     """
 
     def __init__(
@@ -361,9 +363,11 @@ class Peer:
         peer_timeout_s: float = 10.0,
         limits: Limits = Limits(),
         fingerprint: Fingerprint | None = None,
+        preflight: bool = False,
     ):
         self.name = name
         self.fingerprint = fingerprint
+        self.preflight = preflight
         # Peer -> the fields in which its setup differs from ours (as its heartbeats tell),
         # while its messages carry another fingerprint; the driver decides what that means.
         self.mismatched: dict[str, list[str]] = {}
@@ -490,6 +494,8 @@ class Peer:
         self._seq += 1
         if type == wire.HEARTBEAT and self.fingerprint is not None:
             meta = {**(meta or {}), "config": self.fingerprint.field_digests}
+        if type == wire.HEARTBEAT and self.preflight:
+            meta = {**(meta or {}), "preflight": True}
         frames = wire.encode(
             type, federation=self.federation, sender=self.name, round=round, seq=self._seq,
             tensors=tensors, meta=meta, fingerprint=self.fingerprint.digest if self.fingerprint else "",
@@ -524,6 +530,8 @@ class Peer:
                     break
                 message = self._check(frames[1:])  # frames[0] is the ROUTER's routing id
                 if message is not None:
+                    if message.type == wire.HEARTBEAT and message.meta.get("preflight") is True and not self.preflight:
+                        continue  # a site's `p2p-fl check`, not its node: not alive in the run
                     if self.health is not None:
                         progress = message.round if message.type == wire.HEARTBEAT else None
                         self.health.heard(message.sender, time.monotonic(), progress)
