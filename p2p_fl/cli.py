@@ -95,6 +95,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="how long to wait for the peers to answer (default: 30)")
     check.set_defaults(func=cmd_check)
 
+    predict = sub.add_parser("predict", help="a finished site's model on new images: a CSV of probabilities and "
+                             "the decision at the site's threshold")
+    predict.add_argument("run", type=Path, help="the site's --out folder (result.json, final_model.npz)")
+    predict.add_argument("images", type=Path, nargs="+", help="image files or folders (PNG, JPEG, DICOM)")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV file (default: predictions.csv)")
+    predict.set_defaults(func=cmd_predict)
+
     keygen = sub.add_parser("keygen", help="create this institution's CURVE key pair")
     keygen.add_argument("--name", required=True, help="the institution's peer name")
     keygen.add_argument("--out", type=Path, default=Path("keys"), help="folder for the key files (default: keys/)")
@@ -308,6 +315,26 @@ def cmd_check(args) -> int:
               file=sys.stderr)
         return 1
     print("ready: every peer answered with the same setup")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    _setup_runtime()
+    import collections
+
+    from p2p_fl.predict import PredictError, predict_files, write_csv
+
+    try:
+        rows, skipped = predict_files(args.run, args.images)
+    except PredictError as err:
+        raise ConfigError(str(err)) from None
+    if not rows:
+        raise ConfigError(f"none of the {len(skipped)} image file(s) could be read (see the warnings)")
+    write_csv(rows, args.out)
+    counts = collections.Counter(row["predicted"] for row in rows)
+    where = f" at threshold {rows[0]['threshold']:.4g} (chosen on the site's validation data)" if "threshold" in rows[0] else ""
+    print(f"{len(rows)} image(s){where}: " + ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+          + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else "") + f"; wrote {args.out}")
     return 0
 
 

@@ -336,6 +336,8 @@ class Site:
             "name": self.name,
             "protocol": topology.protocol,
             "data": self.data.name,
+            "model": topology.training.model,  # with image_shape and classes: what `p2p-fl predict` rebuilds
+            "num_classes": self.data.num_classes,
             "image_shape": list(self.data.image_shape),
             "classes": list(self.data.class_names),
             "test_set": topology.data.test or "own",  # what test_* was measured on (local_test_*: own)

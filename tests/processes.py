@@ -26,7 +26,8 @@ def small_shards(folder: Path, sites, *, train: int, val: int, test: int) -> dic
     """IID shards of the first images of the embedded data, one .npz per site (fast to train)."""
     full = load_dataset("builtin:pneumoniamnist")
     take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
-    small = Dataset(take(full.train, train), take(full.val, val), take(full.test, test), 2, "small")
+    small = Dataset(take(full.train, train), take(full.val, val), take(full.test, test), 2, "small",
+                    class_names=full.class_names)
     parts = partition_dataset(small, len(sites), "iid", seed=0)
     return {site: save_npz(shard, folder / f"{site}.npz") for site, shard in zip(sites, parts)}
 
@@ -35,7 +36,8 @@ def small_dataset(path: Path, *, train: int, val: int, test: int) -> Path:
     """The first images of the embedded data as one .npz, for `launch --data` (fast to train)."""
     full = load_dataset("builtin:pneumoniamnist")
     take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
-    return save_npz(Dataset(take(full.train, train), take(full.val, val), take(full.test, test), 2, "small"), path)
+    return save_npz(Dataset(take(full.train, train), take(full.val, val), take(full.test, test), 2, "small",
+                    class_names=full.class_names), path)
 
 
 def write_federation(folder: Path, sites, settings: str, *, federation: str) -> Path:

@@ -609,13 +609,12 @@ def _sorted_labels(labels) -> list[str]:
 
 def _read_image_split(groups: list[ClassFiles], image_size: int,
                       channels: int) -> tuple[np.ndarray, np.ndarray, list[Path]]:
-    """Images, labels (position in `groups`) and the skipped DICOM files of one split."""
+    """Images, labels (position in `groups`) and the skipped files of one split."""
     files = [file for _, class_files in groups for file in class_files]
     labels = np.repeat(np.arange(len(groups), dtype=np.int32), [len(f) for _, f in groups])
-    # Pillow releases the GIL while decoding, so threads speed up large folders.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(lambda file: _read_file(file, image_size, channels), files))
-    read = np.array([image is not None for image in images], dtype=bool)
+    images, _, skipped = read_images(files, image_size, channels)
+    unread = set(skipped)
+    read = np.array([file not in unread for file in files], dtype=bool)
     for label, (where, class_files) in enumerate(groups):
         if class_files and not read[labels == label].any():
             raise DataError(
@@ -624,8 +623,29 @@ def _read_image_split(groups: list[ClassFiles], image_size: int,
             )
     if not read.any():
         raise DataError(f"{groups[0][0]}: no readable image in this split (see the warnings)")
-    skipped = [file for file, ok in zip(files, read) if not ok]
-    return np.stack([image for image in images if image is not None]), labels[read], skipped
+    return images, labels[read], skipped
+
+
+def read_images(paths: Sequence[Path], image_size: int, channels: int) -> tuple[np.ndarray, list[Path], list[Path]]:
+    """Decodes image files (PNG/JPEG/DICOM) as a folder's are read: (images (N, H, W, C), the
+    files read, the files skipped as unreadable, each logged)."""
+    # Pillow releases the GIL while decoding, so threads speed up large folders.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(lambda file: _read_file(file, image_size, channels), paths))
+    read = [p for p, image in zip(paths, images) if image is not None]
+    skipped = [p for p, image in zip(paths, images) if image is None]
+    stacked = np.stack([image for image in images if image is not None]) if read else \
+        np.zeros((0, image_size, image_size, channels), np.float32)
+    return stacked, read, skipped
+
+
+def image_files_under(path: Path) -> list[Path]:
+    """Every image file (PNG/JPEG by suffix, DICOM by signature) in a folder and its
+    subfolders, sorted, hidden files left out; a file path is itself."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith((".", "__")) for part in
+                  p.relative_to(path).parts) and _is_image_file(p))
 
 
 def _read_file(path: Path, image_size: int, channels: int) -> np.ndarray | None:

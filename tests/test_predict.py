@@ -1,0 +1,51 @@
+"""`p2p-fl predict` on a finished site: the embedded test images written out as PNG files,
+read back as training reads them, scored by the site's own final model."""
+
+import csv
+import json
+
+import numpy as np
+from PIL import Image
+
+from processes import p2p_fl, small_dataset
+
+from p2p_fl.data import load_dataset
+
+
+def test_predict_scores_png_files_as_the_site_scored_its_test_set(tmp_path):
+    data_path = small_dataset(tmp_path / "small.npz", train=192, val=64, test=40)
+    run = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
+                 "--data", str(data_path), "--out", str(tmp_path / "run"), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    site = sorted(p.parent for p in (tmp_path / "run").glob("*/result.json"))[0]
+    result = json.loads((site / "result.json").read_text())
+    test = load_dataset(str(data_path)).test
+    folder = tmp_path / "new-images"
+    for label in (0, 1):
+        (folder / f"class{label}").mkdir(parents=True)
+    for i, (image, label) in enumerate(zip(test.images, test.labels)):
+        pixels = np.rint(image[..., 0] * 255).astype(np.uint8)  # exact: the npz holds uint8 pixels
+        Image.fromarray(pixels).save(folder / f"class{label}" / f"x{i:03d}.png")
+    (folder / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    done = p2p_fl("predict", str(site), str(folder), "--out", str(tmp_path / "p.csv"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "40 image(s) at threshold" in done.stdout and "1 unreadable file(s) skipped" in done.stdout
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 40 and set(rows[0]) == {"file", "p_pneumonia", "predicted", "threshold"}
+    # The same model on the same pixels as the site's own evaluation: its test AUC again (launch
+    # --data made the shared test set that file's test split: these 40 images).
+    assert result["test_set"] == str(data_path)
+    from p2p_fl.learn.metrics import roc_auc
+
+    probs = np.array([float(r["p_pneumonia"]) for r in rows])
+    labels = np.array([int("class1" in r["file"]) for r in rows])
+    assert abs(roc_auc(labels, probs) - result["test_auc"]) < 1e-6
+    threshold = result["test_threshold"]
+    assert all(r["predicted"] == ("pneumonia" if float(r["p_pneumonia"]) >= threshold else "normal") for r in rows)
+
+
+def test_predict_on_a_folder_without_a_finished_run_is_one_line(tmp_path):
+    done = p2p_fl("predict", str(tmp_path), str(tmp_path), timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("p2p-fl: error: ")
+    assert "no finished site run here" in done.stderr and "Traceback" not in done.stderr
