@@ -93,3 +93,37 @@ def test_launch_into_a_finished_run_is_refused_and_leaves_it_as_it_was(tmp_path)
     assert (tmp_path / "summary.json").read_text() == '{"finished": true}'
     assert (tmp_path / "site-1" / "metrics.jsonl").read_text() == "kept\n"
     assert not (tmp_path / "keys").exists() and not (tmp_path / "shards").exists()
+
+
+def test_the_service_script_finds_p2p_fl_without_a_path_and_passes_the_key(tmp_path):
+    """A service's PATH holds no virtualenv (as shipped before, `p2p-fl: not found`): the
+    script finds the checkout's p2p-fl and gives it --key (here a public key: p2p-fl's own
+    one-line refusal shows the node ran with it)."""
+    import os
+    import shutil
+
+    if shutil.which("p2p-fl") and not (ROOT / ".venv" / "bin" / "p2p-fl").exists():
+        env = {"PATH": "/usr/bin:/bin", "P2P_FL": shutil.which("p2p-fl")}
+    else:
+        env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    config = write_federation(tmp_path, "ab", SETTINGS, federation="service")
+    shards = small_shards(tmp_path, "ab", train=64, val=16, test=16)
+    done = subprocess.run([str(ROOT / "launch" / "hospital-node.sh"), str(config), "a", str(shards["a"]),
+                           str(tmp_path / "keys" / "a.key"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert_one_line_exit_2(done, "it is a public key")
+
+
+def test_the_systemd_unit_verifies(tmp_path):
+    import shutil
+
+    import pytest
+
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("no systemd-analyze here")
+    unit = tmp_path / "p2p-fl-node@hospital-a.service"
+    unit.write_text((ROOT / "launch" / "p2p-fl-node@.service").read_text().replace("/opt/p2p_fl", str(ROOT)))
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "p2p-fl-node" not in done.stderr, done.stderr
+    text = unit.read_text()
+    assert "RestartPreventExitStatus=2 3 4" in text and "LimitNOFILE=" in text and "--key" not in text
