@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV file (default: predictions.csv)")
     predict.set_defaults(func=cmd_predict)
 
+    export = sub.add_parser("export", help="a finished site's model as safetensors weights and a jax.export "
+                            "inference function, for tools without p2p_fl")
+    export.add_argument("run", type=Path, help="the site's --out folder (result.json, final_model.npz)")
+    export.add_argument("--out", type=Path, help="folder for model.safetensors, model.jaxexport, model.json "
+                        "(default: RUN/export)")
+    export.set_defaults(func=cmd_export)
+
     keygen = sub.add_parser("keygen", help="create this institution's CURVE key pair")
     keygen.add_argument("--name", required=True, help="the institution's peer name")
     keygen.add_argument("--out", type=Path, default=Path("keys"), help="folder for the key files (default: keys/)")
@@ -335,6 +342,21 @@ def cmd_predict(args) -> int:
     where = f" at threshold {rows[0]['threshold']:.4g} (chosen on the site's validation data)" if "threshold" in rows[0] else ""
     print(f"{len(rows)} image(s){where}: " + ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
           + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else "") + f"; wrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    _setup_runtime()
+    from p2p_fl.export import FILES, export_site_model
+    from p2p_fl.predict import PredictError
+
+    out = args.out or args.run / "export"
+    try:
+        described = export_site_model(args.run, out)
+    except PredictError as err:
+        raise ConfigError(str(err)) from None
+    print(f"{described['model']} of {described['site']}, input {described['input']['shape']}, classes "
+          f"{described['classes']}: {', '.join(str(out / f) for f in FILES)}")
     return 0
 
 

@@ -49,3 +49,42 @@ def test_predict_on_a_folder_without_a_finished_run_is_one_line(tmp_path):
     done = p2p_fl("predict", str(tmp_path), str(tmp_path), timeout=300)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("p2p-fl: error: ")
     assert "no finished site run here" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_export_gives_weights_and_a_function_that_predict_agrees_with_without_p2p_fl(tmp_path):
+    data_path = small_dataset(tmp_path / "small.npz", train=128, val=32, test=24)
+    run = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
+                 "--data", str(data_path), "--out", str(tmp_path / "run"), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    site = sorted(p.parent for p in (tmp_path / "run").glob("*/result.json"))[0]
+    done = p2p_fl("export", str(site), "--out", str(tmp_path / "x"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Read back with safetensors and jax alone (no p2p_fl import): the same weights, the
+    # same probabilities as the site's model gives.
+    script = f"""
+import json, numpy as np, jax
+from safetensors import safe_open
+from safetensors.numpy import load_file
+weights = load_file("{tmp_path}/x/model.safetensors")
+saved = dict(np.load("{site}/final_model.npz"))
+assert set(weights) == set(saved) and all(np.array_equal(weights[k], saved[k]) for k in saved)
+with safe_open("{tmp_path}/x/model.safetensors", "np") as f:
+    meta = f.metadata()
+assert json.loads(meta["classes"]) == ["normal", "pneumonia"] and json.loads(meta["model"]) == "small-cnn"
+images = np.load("{data_path}")["test_images"][..., None].astype(np.float32) / 255
+fn = jax.export.deserialize(open("{tmp_path}/x/model.jaxexport", "rb").read())
+np.save("{tmp_path}/probs.npy", np.asarray(fn.call(images)))
+"""
+    import subprocess
+    import sys
+
+    checked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "p2p_fl" not in checked.stderr
+    from p2p_fl.predict import load_site_model
+
+    learner, _ = load_site_model(site)
+    expected = learner.predict_proba(load_dataset(str(data_path)).test.images)
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), expected, atol=1e-6)
+    description = json.loads((tmp_path / "x" / "model.json").read_text())
+    assert description["input"]["shape"] == ["N", 28, 28, 1] and description["threshold"] is not None

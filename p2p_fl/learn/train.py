@@ -691,6 +691,12 @@ class Learner:
                  for batch in batches]
         return np.asarray(jnp.concatenate(probs))[:count]
 
+    def inference_function(self):
+        """images (N, H, W, C) float32 in [0, 1] -> probabilities, as ``predict_proba`` gives
+        them, with this model's weights fixed in (for ``jax.export``)."""
+        params, batch_stats, graphdef = self._state.params, self._state.batch_stats, self._graphdef
+        return lambda images: predict_step(params, batch_stats, images, graphdef=graphdef)
+
     def evaluate(self, test_images: np.ndarray, test_labels: np.ndarray,
                  val_images: np.ndarray | None = None,
                  val_labels: np.ndarray | None = None) -> dict[str, float]:
