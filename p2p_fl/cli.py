@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: RUN/export)")
     export.set_defaults(func=cmd_export)
 
+    status = sub.add_parser("status", help="what a site's node is doing: state, round, trainings, each peer as "
+                            "its heartbeats show it (read from OUT, no network)")
+    status.add_argument("out", type=Path, help="the node's --out folder")
+    status.set_defaults(func=cmd_status)
+
     keygen = sub.add_parser("keygen", help="create this institution's CURVE key pair")
     keygen.add_argument("--name", required=True, help="the institution's peer name")
     keygen.add_argument("--out", type=Path, default=Path("keys"), help="folder for the key files (default: keys/)")
@@ -358,6 +363,43 @@ def cmd_export(args) -> int:
     print(f"{described['model']} of {described['site']}, input {described['input']['shape']}, classes "
           f"{described['classes']}: {', '.join(str(out / f) for f in FILES)}")
     return 0
+
+
+def cmd_status(args) -> int:
+    """Exit 0: the node runs (or finished with the federation); 1: it is not running; 3: it
+    finished without the federation."""
+    from p2p_fl.launch import INCOMPLETE_EXIT
+    from p2p_fl.node import STATUS_FILE
+
+    result_path, status_path = args.out / "result.json", args.out / STATUS_FILE
+    if result_path.exists():
+        r = json.loads(result_path.read_text())
+        print(f"{r['name']}: finished ({r['protocol']}); test AUC {r.get('test_auc')} on {r.get('test_set', '?')}; "
+              f"{r.get('resumes', 0)} restart(s); " + (f"WITHOUT the federation: {r['shortfall']}" if r.get("shortfall")
+                                                       else "with the federation"))
+        return INCOMPLETE_EXIT if r.get("shortfall") else 0
+    if not status_path.exists():
+        raise ConfigError(f"{args.out}: no node status here (status.json); give a node's --out folder")
+    s = json.loads(status_path.read_text())
+    try:
+        os.kill(s["pid"], 0)
+        running = True
+    except ProcessLookupError:
+        running = False
+    except PermissionError:  # another user's process: it exists
+        running = True
+    age = time.time() - s["updated"]
+    print(f"{s['name']} ({s['federation']}, {s['protocol']}): " + (f"running, pid {s['pid']}" if running else
+          f"NOT RUNNING (pid {s['pid']} gone)") + f"; as of {age:.0f} s ago")
+    print(f"  state: {s['state']}" + (f", round {s['round']} of {s['rounds']}" if s["round"] is not None else "")
+          + f"; trained: {', '.join(map(str, s['trained'])) or 'nothing yet'}"
+          + (f"; last val AUC {s['last_val_auc']:.4f}" if s.get("last_val_auc") is not None else ""))
+    for name, p in s["peers"].items():
+        seen = f", heard {p['silent_s']:.1f} s ago" if p["silent_s"] is not None else ""
+        progress = f", at {p['progress']}" if p["progress"] is not None else ""
+        differs = f": {', '.join(p['differs'])} differ" if p.get("differs") else ""
+        print(f"  peer {name}: {p['state']}{seen}{progress}{differs}")
+    return 0 if running else 1
 
 
 def _hold_out_folder(out: Path, name: str) -> None:

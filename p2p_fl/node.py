@@ -7,6 +7,8 @@ heartbeats keep going while JAX computes; the driver carries out what the protoc
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +19,52 @@ from p2p_fl.net import Curve, Peer
 from p2p_fl.site import Emit, Site
 
 POLL_S = 0.05
+STATUS_EVERY_S = 2.0
+STATUS_FILE = "status.json"
+
+
+class StatusFile:
+    """OUT/status.json, rewritten atomically every STATUS_EVERY_S while the node runs: its
+    state, round, what it trained, and each peer as its heartbeats show it; what
+    `p2p-fl status OUT` prints. Only this site's own view: nothing is asked of the peers."""
+
+    def __init__(self, path: Path, name: str, topology: Topology):
+        self.path = path
+        self.status = {"name": name, "pid": os.getpid(), "federation": topology.federation,
+                       "protocol": topology.protocol, "rounds": topology.training.rounds, "state": "starting",
+                       "round": None, "trained": [], "last_val_auc": None, "peers": {}}
+        self._written = float("-inf")
+
+    def event(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "state":
+            self.status["state"] = event["state"]
+            if "round" in event:
+                self.status["round"] = event["round"]
+        elif kind == "trained":
+            self.status["trained"].append(event["round"])
+            self.status["last_val_auc"] = event.get("val_auc")
+
+    def write(self, peer: Peer | None, now: float, *, force: bool = False) -> None:
+        if not force and now - self._written < STATUS_EVERY_S:
+            return
+        self._written = now
+        if peer is not None and peer.health is not None:
+            health = peer.health
+            self.status["peers"] = {
+                other: {"state": "other setup" if other in peer.mismatched else
+                        health.state(other, now) if other in health.progress else "not heard",
+                        "silent_s": round(now - health.last_heard[other], 1) if other in health.progress else None,
+                        "progress": health.progress.get(other),
+                        "differs": peer.mismatched.get(other)}
+                for other in sorted(health.last_heard)}
+        self.status["updated"] = time.time()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.status, indent=2))
+            os.replace(tmp, self.path)
+        except OSError:  # a full disk: the status is a view, never a reason to stop
+            tmp.unlink(missing_ok=True)
 
 
 class RunTimeout(Exception):
@@ -37,7 +85,13 @@ def run_node(
     """Runs one site (the arguments are `site.Site`'s) in this process over its ZeroMQ peer
     until its protocol finishes; returns the result also written to out_dir/result.json."""
     me = topology.peer(name)
-    site = Site(topology, name, data, out_dir, curve=curve, common_test=common_test, emit=emit,
+    status = StatusFile(out_dir / STATUS_FILE, name, topology)
+
+    def emit_and_note(event: dict) -> None:
+        status.event(event)
+        emit(event)
+
+    site = Site(topology, name, data, out_dir, curve=curve, common_test=common_test, emit=emit_and_note,
                 now=time.monotonic())
     peer = None
     if topology.protocol != "local":
@@ -81,6 +135,9 @@ def run_node(
                 driver.poll(time.monotonic, POLL_S if running is None else POLL_S / 5)
             elif running is not None:
                 time.sleep(POLL_S / 5)
+            status.write(peer, time.monotonic())
+        status.event({"event": "state", "state": "finishing"})
+        status.write(peer, time.monotonic(), force=True)
     finally:
         executor.shutdown(wait=True)
         if peer is not None:

@@ -127,3 +127,26 @@ def test_the_systemd_unit_verifies(tmp_path):
     assert done.returncode == 0 and "p2p-fl-node" not in done.stderr, done.stderr
     text = unit.read_text()
     assert "RestartPreventExitStatus=2 3 4" in text and "LimitNOFILE=" in text and "--key" not in text
+
+
+def test_status_shows_a_waiting_node_its_peers_and_then_that_it_is_gone(tmp_path):
+    config = write_federation(tmp_path, "ab", SETTINGS, federation="status")
+    shards = small_shards(tmp_path, "ab", train=64, val=16, test=16)
+    out = tmp_path / "a"
+    out.mkdir()
+    node = subprocess.Popen([sys.executable, "-m", "p2p_fl", *node_args(config, "a", out, "--data", str(shards["a"]))],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "status.json").exists():
+            assert time.monotonic() < deadline and node.poll() is None
+            time.sleep(0.2)
+        shown = p2p_fl("status", str(out), timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        assert f"running, pid {node.pid}" in shown.stdout and "state: waiting for peers" in shown.stdout
+        assert "peer b: not heard" in shown.stdout
+    finally:
+        node.kill()
+        node.wait()
+    gone = p2p_fl("status", str(out), timeout=120)
+    assert gone.returncode == 1 and "NOT RUNNING" in gone.stdout

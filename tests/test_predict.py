@@ -88,3 +88,13 @@ np.save("{tmp_path}/probs.npy", np.asarray(fn.call(images)))
     np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), expected, atol=1e-6)
     description = json.loads((tmp_path / "x" / "model.json").read_text())
     assert description["input"]["shape"] == ["N", 28, 28, 1] and description["threshold"] is not None
+
+
+def test_status_of_a_finished_site_says_so(tmp_path):
+    data_path = small_dataset(tmp_path / "small.npz", train=96, val=32, test=16)
+    run = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
+                 "--data", str(data_path), "--out", str(tmp_path / "run"), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    site = sorted(p.parent for p in (tmp_path / "run").glob("*/result.json"))[0]
+    shown = p2p_fl("status", str(site), timeout=120)
+    assert shown.returncode == 0 and "finished (local)" in shown.stdout and "with the federation" in shown.stdout
