@@ -5,6 +5,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from processes import p2p_fl, small_dataset
@@ -12,12 +13,19 @@ from processes import p2p_fl, small_dataset
 from p2p_fl.data import load_dataset
 
 
-def test_predict_scores_png_files_as_the_site_scored_its_test_set(tmp_path):
-    data_path = small_dataset(tmp_path / "small.npz", train=192, val=64, test=40)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """(site folder, its data file) of one finished 2-site local run, for every test here."""
+    tmp = tmp_path_factory.mktemp("finished")
+    data_path = small_dataset(tmp / "small.npz", train=192, val=64, test=40)
     run = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
-                 "--data", str(data_path), "--out", str(tmp_path / "run"), timeout=600)
+                 "--data", str(data_path), "--out", str(tmp / "run"), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    site = sorted(p.parent for p in (tmp_path / "run").glob("*/result.json"))[0]
+    return sorted(p.parent for p in (tmp / "run").glob("*/result.json"))[0], data_path
+
+
+def test_predict_scores_png_files_as_the_site_scored_its_test_set(tmp_path, finished):
+    site, data_path = finished
     result = json.loads((site / "result.json").read_text())
     test = load_dataset(str(data_path)).test
     folder = tmp_path / "new-images"
@@ -51,12 +59,8 @@ def test_predict_on_a_folder_without_a_finished_run_is_one_line(tmp_path):
     assert "no finished site run here" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_export_gives_weights_and_a_function_that_predict_agrees_with_without_p2p_fl(tmp_path):
-    data_path = small_dataset(tmp_path / "small.npz", train=128, val=32, test=24)
-    run = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
-                 "--data", str(data_path), "--out", str(tmp_path / "run"), timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    site = sorted(p.parent for p in (tmp_path / "run").glob("*/result.json"))[0]
+def test_export_gives_weights_and_a_function_that_predict_agrees_with_without_p2p_fl(tmp_path, finished):
+    site, data_path = finished
     done = p2p_fl("export", str(site), "--out", str(tmp_path / "x"), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     # Read back with safetensors and jax alone (no p2p_fl import): the same weights, the
@@ -90,11 +94,7 @@ np.save("{tmp_path}/probs.npy", np.asarray(fn.call(images)))
     assert description["input"]["shape"] == ["N", 28, 28, 1] and description["threshold"] is not None
 
 
-def test_status_of_a_finished_site_says_so(tmp_path):
-    data_path = small_dataset(tmp_path / "small.npz", train=96, val=32, test=16)
-    run = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
-                 "--data", str(data_path), "--out", str(tmp_path / "run"), timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    site = sorted(p.parent for p in (tmp_path / "run").glob("*/result.json"))[0]
+def test_status_of_a_finished_site_says_so(finished):
+    site, _ = finished
     shown = p2p_fl("status", str(site), timeout=120)
     assert shown.returncode == 0 and "finished (local)" in shown.stdout and "with the federation" in shown.stdout
