@@ -178,6 +178,10 @@ class PeerConfig:
     name: str
     address: str = ""  # "" in templates: launch fills in a loopback address
     public_key: str = ""  # Z85 CURVE key from `p2p-fl keygen`; launch makes fresh ones
+    # false: the site accepts no inbound connections (a hospital firewall that allows only
+    # outbound): it has no address, connects out to every peer, and they answer on those
+    # connections. Two such sites cannot reach each other without a relay: at most one.
+    inbound: bool = True
 
 
 @dataclass(frozen=True)
@@ -292,9 +296,15 @@ def _parse_peers(raw_peers, fail) -> tuple[PeerConfig, ...]:
             fail(f"peers[{i}].name {peer.name!r} must be 1-63 letters, digits, '_', '.', '-'")
         if peer.address and not _ADDRESS.match(peer.address):
             fail(f"peers[{i}].address {peer.address!r} is not like tcp://HOST:PORT")
+        if not peer.inbound and peer.address:
+            fail(f"peers[{i}] ({peer.name}) accepts no inbound connections (inbound = false): leave its address out")
         if peer.public_key and not is_public_key(peer.public_key):
             fail(f"peers[{i}].public_key does not parse as a 40-character Z85 CURVE key")
         peers.append(peer)
+    outbound_only = [p.name for p in peers if not p.inbound]
+    if len(outbound_only) > 1:
+        fail(f"peers {', '.join(outbound_only)} all accept no inbound connections (inbound = false): two such "
+             "sites cannot reach each other without a relay; at most one site may be outbound-only")
     names = [p.name for p in peers]
     for name in names:
         if names.count(name) > 1:

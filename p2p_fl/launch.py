@@ -137,7 +137,7 @@ def prepare(topology: Topology, out: Path, console: Console,
         for p in topology.peers:
             public_path, _ = generate_keypair(keys, p.name)
             public_keys[p.name] = load_public_key(public_path)
-    peers = tuple(PeerConfig(p.name, address, public_keys[p.name])
+    peers = tuple(PeerConfig(p.name, address if p.inbound else "", public_keys[p.name], p.inbound)
                   for p, address in zip(topology.peers, addresses))
     topology = dataclasses.replace(topology, peers=peers)
     if topology.protocol == "gossip":  # FedAvg weights: the shards' sizes, fixed in the file

@@ -96,7 +96,7 @@ def run_node(
     peer = None
     if topology.protocol != "local":
         others = {p.name: p.address for p in topology.peers if p.name != name}
-        missing = [n for n, a in others.items() if not a] + ([name] if not me.address else [])
+        missing = [p.name for p in topology.peers if p.inbound and not p.address]
         if missing:
             raise ConfigError(f"peers {', '.join(missing)} have no address in the topology; use launch or fill in "
                               "[[peers]].address")

@@ -422,11 +422,15 @@ class Peer:
             idle = limits.idle_connections
             if idle is None:
                 idle = min(4096, max(64, fd_limit // 4))
-            self._watch = _ConnectionWatch(self._router.get_monitor_socket(_MONITOR_EVENTS), self._drops, inflight, idle)
-            self._watch.start()
-            self._router.bind(address)
-            self._watch.port = _port_of(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
+            if address:  # a site without one accepts no connections: its peers answer on its own
+                self._watch = _ConnectionWatch(self._router.get_monitor_socket(_MONITOR_EVENTS), self._drops,
+                                               inflight, idle)
+                self._watch.start()
+                self._router.bind(address)
+                self._watch.port = _port_of(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
             for peer, peer_address in peers.items():
+                if not peer_address:
+                    continue  # it accepts no connections: it reaches us, we answer on that connection
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, LINGER_MS)
                 sock.setsockopt(zmq.SNDHWM, SEND_HWM)
@@ -439,8 +443,16 @@ class Peer:
         except BaseException:
             self.close()
             raise
+        # Outbound-only sites: a peer without an address is answered through the connection it
+        # made to our ROUTER (its routing id there, recorded from messages CURVE authenticated
+        # as that peer); a site without an address reads its answers on its own DEALERs.
+        self._answered_via_router = frozenset(p for p, a in peers.items() if not a)
+        self._routes: dict[str, bytes] = {}
+        self._dealer_peer: dict[zmq.Socket, str] = {} if address else {s: p for p, s in self._dealers.items()}
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
+        for sock in self._dealer_peer:
+            self._poller.register(sock, zmq.POLLIN)
         # Sequence numbers start from the clock so a restarted node keeps increasing them.
         self._seq = time.time_ns() // 1000
         self._last_seq: dict[str, int] = {}
@@ -501,7 +513,12 @@ class Peer:
             tensors=tensors, meta=meta, fingerprint=self.fingerprint.digest if self.fingerprint else "",
         )
         try:
-            self._dealers[to].send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            if to in self._dealers:
+                self._dealers[to].send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            elif to in self._routes:  # an outbound-only peer, on the connection it made to us
+                self._router.send_multipart([self._routes[to], *frames], copy=False, flags=zmq.NOBLOCK)
+            else:
+                return self._seq  # it has not reached us yet; the protocol's retries cover it
         except zmq.Again:
             # The peer's queue is full (it is down or far behind); the protocol's
             # retry/deadline logic decides what happens next.
@@ -521,28 +538,39 @@ class Peer:
         its heartbeats.
         """
         messages = []
-        if self._poller.poll(int(timeout_s * 1000)):
-            deadline = time.monotonic() + self.limits.receive_budget_s
-            for _ in range(self.limits.per_receive):
+        ready = [sock for sock, _ in self._poller.poll(int(timeout_s * 1000))]
+        deadline = time.monotonic() + self.limits.receive_budget_s
+        budget = self.limits.per_receive
+        for sock in ready:
+            via = self._dealer_peer.get(sock)  # None: our ROUTER
+            while budget > 0 and time.monotonic() < deadline:
                 try:
-                    frames = self._router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                    frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                message = self._check(frames[1:])  # frames[0] is the ROUTER's routing id
-                if message is not None:
-                    if message.type == wire.HEARTBEAT and message.meta.get("preflight") is True and not self.preflight:
-                        continue  # a site's `p2p-fl check`, not its node: not alive in the run
-                    if self.health is not None:
-                        progress = message.round if message.type == wire.HEARTBEAT else None
-                        self.health.heard(message.sender, time.monotonic(), progress)
-                    if message.type != wire.HEARTBEAT:
-                        messages.append(message)
-                if time.monotonic() >= deadline:
-                    break
+                budget -= 1
+                routing_id = None
+                if via is None:
+                    routing_id, frames = frames[0], frames[1:]  # frames[0] is the ROUTER's routing id
+                message = self._check(frames, via=via)
+                if message is None:
+                    continue
+                if routing_id is not None and message.sender in self._answered_via_router and self._auth is not None:
+                    self._routes[message.sender] = routing_id.bytes
+                if message.type == wire.HEARTBEAT and message.meta.get("preflight") is True and not self.preflight:
+                    continue  # a site's `p2p-fl check`, not its node: not alive in the run
+                if self.health is not None:
+                    progress = message.round if message.type == wire.HEARTBEAT else None
+                    self.health.heard(message.sender, time.monotonic(), progress)
+                if message.type != wire.HEARTBEAT:
+                    messages.append(message)
         self._drops.tick()
         return messages
 
-    def _check(self, frames) -> wire.Message | None:
+    def _check(self, frames, via: str | None = None) -> wire.Message | None:
+        """The message in `frames` if it passes every check, else None (dropped, counted).
+        `via`: the peer whose DEALER it came on (the CURVE server key we connected with
+        authenticates it); None: our ROUTER, where ZAP set its User-Id."""
         nbytes = wire.message_bytes(frames)
         self.bytes_received += nbytes
         self.messages_received += 1
@@ -552,7 +580,9 @@ class Peer:
             delivered[fd] = delivered.get(fd, 0) + nbytes + FRAME_OVERHEAD * len(frames)
         # With CURVE the ZAP handler set User-Id to the authenticated peer's name; the
         # header's sender must be that peer, or a site could speak for another.
-        authenticated = frames[0].get("User-Id") if self._auth is not None and frames else None
+        authenticated = frames[0].get("User-Id") if self._auth is not None and frames and via is None else None
+        if via is not None and self._auth is not None:
+            authenticated = via
         if self._auth is not None and not authenticated:
             return self.drop("unauthenticated", "message without an authenticated User-Id")
         now = time.monotonic()
