@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from p2p_fl.config import PeerConfig, Topology, data_options, dump_topology, parse_topology
+from p2p_fl.config import RING_PROTOCOLS, PeerConfig, Topology, data_options, dump_topology, parse_topology
 from p2p_fl.data import load_dataset, load_test_like, partition_dataset, save_npz
 from p2p_fl.net import generate_keypair, load_public_key
 from p2p_fl.netns import Hosts, network_hosts
@@ -514,15 +514,41 @@ def _apply_event(state: dict, event: dict) -> None:
             state.update(group=f"{event['survivors']}/{event['members']}" + (" kept own" if event.get("kept_own") else ""),
                          dropped=event.get("dropped") or "")
     elif kind == "trained":
-        state.update(val_auc=event["val_auc"], bytes_sent=event["bytes_sent"], loss=event["train_loss"])
+        state.update(val_auc=event["val_auc"], bytes_sent=event["bytes_sent"], loss=event["train_loss"],
+                     trained=state.get("trained", 0) + 1)
     elif kind == "done":
         state.update(state="done", test_auc=event["test_auc"], bytes_sent=event["bytes_sent"])
     elif kind == "resumed":
         state.update(state=f"resumed from checkpoint ({event['resumes']})")
 
 
+def total_trainings(topology: Topology) -> int:
+    """How many trainings the whole federation runs: a ring's hops, else rounds at every site."""
+    from p2p_fl.protocols.ring import ring_cycles
+
+    if topology.protocol in RING_PROTOCOLS:
+        cycles = ring_cycles(topology.names, topology.training.rounds, topology.ring.order, topology.seed,
+                             topology.absences())
+        return sum(len(c) for c in cycles)
+    return topology.training.rounds * len(topology.peers)
+
+
+def progress_line(topology: Topology, status: dict, elapsed_s: float) -> str:
+    """'12/30 trainings, about 40 s left': the estimate assumes the trainings still to come
+    take as long as those done took (waiting included)."""
+    total = total_trainings(topology)
+    done = min(total, sum(s.get("trained", 0) for s in status.values()))
+    if done == 0:
+        return f"0/{total} trainings"
+    return f"{done}/{total} trainings, about {elapsed_s * (total - done) / done:.0f} s left"
+
+
 def _status_table(topology: Topology, status: dict, started: float) -> Table:
-    table = Table(title=f"{topology.federation} · {topology.protocol} · {time.monotonic() - started:.0f} s")
+    elapsed = time.monotonic() - started
+    table = Table(title=f"{topology.federation} · {topology.protocol} · {elapsed:.0f} s · "
+                        f"{progress_line(topology, status, elapsed)}")
+    # Rounds count 1..N; a ring's "round" is its hop, out of every hop of every cycle.
+    rounds = total_trainings(topology) if topology.protocol in RING_PROTOCOLS else topology.training.rounds
     gossip = topology.protocol == "gossip"
     columns = ["node", "state", "round", "epoch", "loss", "val AUC", "test AUC", "MB sent", "restarts"]
     columns[2:2] = ["sum (heard/members)", "dropped"] if gossip else ["cycle"]
@@ -531,7 +557,9 @@ def _status_table(topology: Topology, status: dict, started: float) -> Table:
     for name, s in status.items():
         mb = s.get("bytes_sent")
         where = [s.get("group", ""), s.get("dropped", "")] if gossip else [_opt(s.get("cycle"))]
-        table.add_row(name, s.get("state", ""), *where, _opt(s.get("round")), s.get("epoch", ""),
+        at = s.get("round")
+        shown = "" if at is None else f"{at + 1}/{rounds}"
+        table.add_row(name, s.get("state", ""), *where, shown, s.get("epoch", ""),
                       _f(s.get("loss")), _f(s.get("val_auc")), _f(s.get("test_auc")),
                       "-" if mb is None else f"{mb / 1e6:.2f}", _opt(s.get("restarts")))
     return table
