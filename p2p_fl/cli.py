@@ -139,8 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                             help="how each federation runs, as `launch --engine` (default: process)")
     experiment.set_defaults(func=cmd_experiment)
 
-    report = sub.add_parser("report", help="write DIR/report.html with plots, for a run or an experiment folder")
-    report.add_argument("folder", type=Path, help="a `launch` output folder or an `experiment` output folder")
+    report = sub.add_parser("report", help="write DIR/report.html with plots, for a run, an experiment or one "
+                            "site's folder")
+    report.add_argument("folder", type=Path, help="a `launch` or `experiment` output folder, or a node's --out")
     report.add_argument("--centralized", type=Path, help="a `p2p-fl centralized` output folder for the reference ROC "
                         "(default: ../centralized-seed<S> beside the run, as `experiment` makes)")
     report.set_defaults(func=cmd_report)

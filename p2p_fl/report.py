@@ -13,6 +13,13 @@ models alone and says so.
 
 For an experiment folder (what `experiment` writes): the results table, a plot of test AUC
 per configuration with its spread over seeds, and links to the runs' folders.
+
+For one site's folder (a deployed node's --out, or a launch run's site folder), and for each
+site of a run: which data and test set, the classes with their training counts, AUC with a
+95% bootstrap interval, the confusion matrix at the site's operating point (the threshold it
+chose on its validation data), calibration (reliability plot and expected calibration
+error), and which rounds the site trained and, in gossip, with how many neighbours it mixed;
+all from the site's result.json, metrics.jsonl and test_predictions.npz.
 """
 
 from __future__ import annotations
@@ -58,8 +65,12 @@ def write_report(folder: Path, *, centralized: Path | None = None) -> Path:
         body = _run_report(folder, centralized)
     elif (folder / "results.csv").exists():
         body = _experiment_report(folder)
+    elif (folder / "result.json").exists():
+        result = json.loads((folder / "result.json").read_text())
+        body = f"<h1>{html.escape(str(result.get('name', folder.name)))}</h1>\n" + site_section(folder, result, folder, "")
     else:
-        raise ReportError(f"{folder}: neither a run (summary.json, topology.toml) nor an experiment (results.csv)")
+        raise ReportError(f"{folder}: neither a run (summary.json, topology.toml), an experiment (results.csv) "
+                          "nor a site's finished run (result.json)")
     page = folder / "report.html"
     page.write_text("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
                     f"{html.escape(folder.name)}</title>{STYLE}</head><body>\n{body}\n{IMAGE_CHECK}\n</body></html>\n")
@@ -99,6 +110,11 @@ def _run_report(folder: Path, centralized: Path | None) -> str:
         parts.append('<img src="roc.png" alt="ROC curves of the final models">')
     parts.append(f'<p class="note">{html.escape(note)}</p>')
 
+    parts.append("<h2>Each site</h2>")
+    for node in summary.get("nodes", []):
+        parts.append(f"<h3>{html.escape(node['name'])}</h3>")
+        parts.append(site_section(folder / node["name"], node, folder, f"{node['name']}_"))
+
     parts.append("<h2>Communication</h2>")
     nodes = summary.get("nodes", [])
     if nodes:
@@ -107,6 +123,66 @@ def _run_report(folder: Path, centralized: Path | None) -> str:
         parts.append('<img src="communication.png" alt="megabytes sent and received per node">')
     parts.append("<h2>Configuration (topology.toml as run)</h2>")
     parts.append(f"<pre>{html.escape(topology_text, quote=False)}</pre>")
+    return "\n".join(parts)
+
+
+def site_section(site: Path, result: dict, page_dir: Path, prefix: str) -> str:
+    """One site's part of a report (see the module doc); its plots go to page_dir/prefix*.png."""
+    from p2p_fl.learn.metrics import (bootstrap_auc_interval, calibration_bins, confusion_matrix,
+                                      expected_calibration_error)
+
+    classes = result.get("classes") or [str(i) for i in range(result.get("num_classes", 2))]
+    counts = result.get("class_counts") or []
+    shape = "x".join(map(str, result.get("image_shape") or [])) or "?"
+    test_set = result.get("test_set", "?")
+    parts = [f"<p>Data: {html.escape(str(result.get('data', '?')))}, {result.get('samples')} training images of "
+             f"{shape} ({', '.join(f'{html.escape(str(c))}: {n}' for c, n in zip(classes, counts)) or 'class counts not recorded'}); "
+             f"model {html.escape(str(result.get('model', '?')))}; test set: "
+             f"{'its own test split' if test_set == 'own' else html.escape(str(test_set))}.</p>"]
+    predictions = site / "test_predictions.npz"
+    if predictions.exists():
+        with np.load(predictions) as saved:
+            labels, probs = saved["labels"], saved["probs"]
+        binary = probs.ndim == 1
+        threshold = result.get("test_threshold") if binary else None
+        if binary:
+            low, high = bootstrap_auc_interval(labels, probs)
+            predicted = (probs >= (0.5 if threshold is None else threshold)).astype(int)
+        else:
+            low = high = float("nan")
+            predicted = probs.argmax(axis=1)
+        parts.append(f"<p>AUC {_html_cell(result.get('test_auc'))} (95% bootstrap interval {_html_cell(low)} to "
+                     f"{_html_cell(high)}, {len(labels)} test images); sensitivity "
+                     f"{_html_cell(result.get('test_sens_at_val_threshold'))}, specificity "
+                     f"{_html_cell(result.get('test_spec_at_val_threshold'))}, accuracy "
+                     f"{_html_cell(result.get('test_acc_at_val_threshold'))} at the operating point "
+                     f"{_html_cell(threshold)} (chosen on the site's validation data).</p>"
+                     if binary else f"<p>{len(labels)} test images; accuracy {_html_cell(result.get('test_acc'))}.</p>")
+        matrix = confusion_matrix(labels, predicted, len(classes))
+        parts.append(html_table(["true \\ predicted", *classes],
+                                [[c, *row.tolist()] for c, row in zip(classes, matrix)]))
+        if binary:
+            from p2p_fl.learn.metrics import roc_auc, roc_curve
+
+            fpr, tpr, _ = roc_curve(labels, probs)
+            plot_roc([(str(result.get("name", "site")), fpr, tpr, roc_auc(labels, probs))],
+                     page_dir / f"{prefix}roc.png", title="ROC on this site's test set")
+            bins = calibration_bins(labels, probs)
+            plot_calibration(bins, page_dir / f"{prefix}calibration.png", classes[1])
+            parts.append(f'<img src="{prefix}roc.png" alt="ROC of this site\'s final model" width="420">'
+                         f'<img src="{prefix}calibration.png" alt="calibration of the predicted probabilities">'
+                         f'<p class="note">Expected calibration error {expected_calibration_error(labels, probs):.3f} '
+                         "(10 bins): how far predicted probabilities are from observed rates.</p>")
+    else:
+        parts.append('<p class="note">No test_predictions.npz: no confusion matrix, calibration or interval '
+                     "(an ensemble, or a run of an older p2p-fl).</p>")
+    records = read_metrics(site / "metrics.jsonl")
+    trained = [r["round"] for r in records if r.get("train_loss") is not None]
+    mixed = [f"{r['mixed_round']}: {r.get('survivors')}" for r in records if "mixed_round" in r]
+    parts.append(f"<p>Trained rounds (hops for a ring): {', '.join(map(str, trained)) or 'none'}."
+                 + (f" Neighbours in each mix (round: how many): {', '.join(mixed)}." if mixed else "")
+                 + (f" <b>Ended without the federation: {html.escape(result['shortfall'])}</b>"
+                    if result.get("shortfall") else "") + "</p>")
     return "\n".join(parts)
 
 
@@ -219,7 +295,7 @@ def plot_learning_curves(metrics: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_roc(curves: list, path: Path) -> None:
+def plot_roc(curves: list, path: Path, title: str = "ROC on the common test set") -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
     for label, fpr, tpr, auc in curves:
@@ -227,9 +303,25 @@ def plot_roc(curves: list, path: Path) -> None:
         ax.plot(fpr, tpr, label=f"{label}: AUC {auc:.3f}", **style)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title="ROC on the common test set")
+           title=title)
     ax.grid(alpha=0.3)
     _legend(ax, len(curves), loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_calibration(bins: list[dict], path: Path, positive: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.plot([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], "o-")
+    for b in bins:
+        ax.annotate(str(b["count"]), (b["mean_predicted"], b["observed"]), fontsize=7, xytext=(3, -9),
+                    textcoords="offset points")
+    ax.set(xlabel=f"predicted probability of {positive}", ylabel=f"observed rate of {positive}", xlim=(0, 1),
+           ylim=(0, 1), title="calibration (images per bin)")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

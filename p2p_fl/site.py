@@ -340,6 +340,7 @@ class Site:
             "num_classes": self.data.num_classes,
             "image_shape": list(self.data.image_shape),
             "classes": list(self.data.class_names),
+            "class_counts": np.bincount(self.data.train.labels, minlength=self.data.num_classes).tolist(),
             "test_set": topology.data.test or "own",  # what test_* was measured on (local_test_*: own)
             "samples": len(self.data.train),
             **traffic,
@@ -359,6 +360,12 @@ class Site:
         # The models first, result.json last (it marks the run finished), then the checkpoint
         # goes: a kill anywhere in between loses nothing.
         _save_npz_atomic(self.out_dir / "final_model.npz", learner.get_weights())
+        headline = self.common_test if self.common_test is not None else self.data.test
+        if not final.members and len(headline):
+            # What the report's confusion matrix, calibration and AUC interval are computed
+            # from: the site's own file (0600), never sent.
+            _save_npz_atomic(self.out_dir / "test_predictions.npz",
+                             {"labels": headline.labels, "probs": learner.predict_proba(headline.images)})
         if final.members:  # an ensemble: every member, to predict again as this site did
             _save_npz_atomic(self.out_dir / "ensemble_models.npz",
                              {f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})

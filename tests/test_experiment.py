@@ -8,9 +8,8 @@ import csv
 import json
 
 import pytest
-from processes import ROOT, p2p_fl
+from processes import ROOT, p2p_fl, small_dataset
 
-from p2p_fl.data import Dataset, Split, load_dataset, save_npz
 from p2p_fl.config import ConfigError
 from p2p_fl.experiment import aggregate, load_sweep
 
@@ -19,9 +18,7 @@ RING = ROOT / "topologies" / "ring-3.toml"
 
 def tiny_dataset(path, *, train=256, val=128, test=128):
     """The first images of the embedded data as one small .npz (a run trains in seconds)."""
-    full = load_dataset("builtin:pneumoniamnist")
-    take = lambda split, n: Split(split.images[:n], split.labels[:n])  # noqa: E731
-    return save_npz(Dataset(take(full.train, train), take(full.val, val), take(full.test, test), 2, "tiny"), path)
+    return small_dataset(path, train=train, val=val, test=test)
 
 
 def write(tmp_path, text):

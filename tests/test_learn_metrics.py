@@ -134,3 +134,24 @@ def test_evaluation_report_keys():
     assert set(multiclass) == {"loss", "acc", "auc", "sens", "spec"}
     with pytest.raises(ValueError, match="both"):
         evaluation_report(np.array([0, 1]), np.array([0.2, 0.7]), 2, np.array([0, 1]))
+
+
+def test_report_statistics_on_known_cases():
+    from p2p_fl.learn.metrics import (bootstrap_auc_interval, calibration_bins, confusion_matrix,
+                                      expected_calibration_error)
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    scores = labels * 0.6 + rng.random(400) * 0.8  # good but not perfect
+    low, high = bootstrap_auc_interval(labels, scores)
+    auc = roc_auc(labels, scores)
+    assert low < auc < high and 0.02 < high - low < 0.2
+    assert bootstrap_auc_interval(labels, scores) == (low, high)  # seeded
+    assert all(np.isnan(bootstrap_auc_interval(np.ones(5), np.arange(5.0))))
+    assert confusion_matrix([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], 2).tolist() == [[1, 1], [1, 2]]
+    # Perfectly calibrated by construction: each image's label drawn with its own probability.
+    probs = rng.random(20000)
+    drawn = (rng.random(20000) < probs).astype(int)
+    assert expected_calibration_error(drawn, probs) < 0.02
+    assert expected_calibration_error(drawn, probs * 0.5) > 0.2  # under-confident by half
+    assert sum(r["count"] for r in calibration_bins(drawn, probs)) == 20000

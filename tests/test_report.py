@@ -78,6 +78,31 @@ def test_a_run_report_has_every_section_and_its_plots(run_report):
     assert "hospital-a" in text and "hospital-b" in text and "messages sent" in text
     assert "Centralized reference:" in text  # found beside the run, as experiment lays it out
     assert 'protocol = "cwt"' in text
+    assert "Each site" in text and text.count("95% bootstrap interval") == 2
+
+
+def test_a_sites_own_folder_gets_the_report_a_clinician_reads(experiment):
+    """A deployed node's --out (here a run's site folder) on its own: data and test set,
+    AUC with its interval, the confusion matrix at the operating point, ROC, calibration,
+    the rounds it trained; the numbers are the site's result.json's and its predictions'."""
+    import json
+
+    from p2p_fl.learn.metrics import confusion_matrix
+
+    site = experiment / "CWT-2-iid-seed0" / "hospital-a"
+    proc = p2p_fl("report", str(site), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (site / "report.html").read_text()
+    result = json.loads((site / "result.json").read_text())
+    assert f"AUC {result['test_auc']:.3f} (95% bootstrap interval" in text
+    assert "normal: " in text and "pneumonia: " in text  # the classes with their training counts
+    saved = np.load(site / "test_predictions.npz")
+    matrix = confusion_matrix(saved["labels"], saved["probs"] >= result["test_threshold"], 2)
+    cells = re.findall(r"<td>(\d+)</td>", text.split("true \\ predicted")[1])[:4]
+    assert [int(c) for c in cells] == matrix.ravel().tolist()
+    for image in ("roc.png", "calibration.png"):
+        assert f'src="{image}"' in text and (site / image).stat().st_size > 1000
+    assert "Expected calibration error" in text and "Trained rounds (hops for a ring): " in text
 
 
 @needs_browser

@@ -188,3 +188,50 @@ def evaluation_report(test_labels: np.ndarray, test_probs: np.ndarray, num_class
         for key in ("acc", "sens", "spec"):
             report[f"{key}_at_val_threshold"] = at_threshold[key]
     return report
+
+
+def bootstrap_auc_interval(labels: np.ndarray, scores: np.ndarray, *, resamples: int = 1000,
+                           level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval of the AUC: test images resampled with replacement,
+    `resamples` times (seeded: the same report twice gives the same interval).
+
+    Returns:
+      (low, high); (nan, nan) when a class is absent.
+    """
+    labels, scores = _as_labels(labels), np.asarray(scores, dtype=np.float64)
+    if labels.size == 0 or labels.min() == labels.max():
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(labels), size=(resamples, len(labels)))
+    aucs = np.array([roc_auc(labels[d], scores[d]) for d in draws])
+    aucs = aucs[np.isfinite(aucs)]  # a resample without one class has no AUC
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (_as_labels(labels), np.asarray(predicted, dtype=np.int64)), 1)
+    return matrix
+
+
+def calibration_bins(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> list[dict]:
+    """Reliability of binary probabilities: per equal-width bin of predicted probability, the
+    images in it, their mean prediction and the observed rate of class 1 (empty bins left out)."""
+    labels, probs = _as_labels(labels), np.asarray(probs, dtype=np.float64)
+    index = np.minimum((probs * bins).astype(np.int64), bins - 1)
+    rows = []
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            rows.append({"low": b / bins, "high": (b + 1) / bins, "count": int(inside.sum()),
+                         "mean_predicted": float(probs[inside].mean()), "observed": float(labels[inside].mean())})
+    return rows
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """Sum over bins of (bin share of images) x |observed rate - mean prediction|."""
+    rows = calibration_bins(labels, probs, bins)
+    total = sum(r["count"] for r in rows)
+    return float(sum(r["count"] / total * abs(r["observed"] - r["mean_predicted"]) for r in rows)) if total else float("nan")
