@@ -117,6 +117,10 @@ class DataConfig:
     # folder names or CSV labels, so that `normal/` at one site and `NORMAL/` at another
     # mean the same class. []: the sorted folder names (each site must have every class).
     classes: list = field(default_factory=list)
+    # A regular expression whose first group, searched in an image file's name, is its
+    # patient (e.g. "^(person\\d+)_"): the val and test splits a site's folder lacks are then
+    # carved by patient, so that no patient is in both train and test. "": by image.
+    patient_pattern: str = ""
 
 
 @dataclass(frozen=True)
@@ -405,7 +409,8 @@ MAX_IMAGE_SIZE = 1024
 
 def data_options(d: DataConfig) -> dict:
     """`load_dataset`'s keyword arguments for data read as [data] says (size, channels, classes)."""
-    return {"image_size": d.image_size or None, "channels": d.channels or None, "classes": d.classes or None}
+    return {"image_size": d.image_size or None, "channels": d.channels or None, "classes": d.classes or None,
+            "patient_pattern": d.patient_pattern or None}
 
 
 def _check_data(d: DataConfig, fail) -> None:
@@ -417,6 +422,12 @@ def _check_data(d: DataConfig, fail) -> None:
         fail(f"data.image_size must be 1..{MAX_IMAGE_SIZE} pixels (or 0: the data's own), got {d.image_size}")
     if d.channels not in (0, 1, 3):
         fail(f"data.channels must be 1 (gray) or 3 (RGB) (or 0: the data's own), got {d.channels}")
+    if d.patient_pattern:
+        try:
+            if re.compile(d.patient_pattern).groups < 1:
+                fail(f"data.patient_pattern {d.patient_pattern!r} needs a group for the patient, e.g. \"^(person\\\\d+)_\"")
+        except re.error as err:
+            fail(f"data.patient_pattern {d.patient_pattern!r} is not a regular expression ({err})")
     if d.classes:
         if not all(isinstance(c, str) and c.strip() for c in d.classes):
             fail("data.classes must be a list of class names (non-empty strings)")

@@ -12,7 +12,8 @@ their addresses and keys; every [training], [ring], [gossip], [ensemble] and [pr
 setting; the network settings every site's timing depends on; [data] image size,
 channels and classes, and the model input each site actually built (image shape, number
 of classes); the [[events]]. What may differ: where a site's data comes from
-(data.dataset, data.partition, data.test: each site's own) and how long it waits before
+(data.dataset, data.partition, data.test, and how its file names say the patient:
+data.patient_pattern) and how long it waits before
 giving up (network.run_timeout_s, network.start_window_s: its own patience).
 """
 
@@ -30,8 +31,8 @@ from p2p_fl.config import Topology
 # two settings collide (1 in 16M per field); the whole-set hash in the header has 64 bits.
 FIELD_HEX = 6
 HEADER_HEX = 16
-SITE_LOCAL = frozenset({"data.dataset", "data.partition", "data.test", "network.run_timeout_s",
-                        "network.start_window_s"})
+SITE_LOCAL = frozenset({"data.dataset", "data.partition", "data.test", "data.patient_pattern",
+                        "network.run_timeout_s", "network.start_window_s"})
 
 
 @dataclass(frozen=True)

@@ -259,3 +259,27 @@ def test_class_folders_differing_between_splits_is_an_error(tmp_path):
     write_class_folders(tmp_path / "site" / "test", {"NORMAL": 2, "COVID": 2})
     with pytest.raises(DataError, match="differ"):
         load_image_folder(tmp_path / "site")
+
+
+def test_a_patient_pattern_keeps_each_patients_images_in_one_split(tmp_path):
+    """Kaggle-style names (person12_bacteria_3.png): 40 patients of 1-6 images. By image,
+    a patient's X-rays land in train and test alike (the model is tested on patients it
+    trained on); by patient, never."""
+    rng = np.random.default_rng(3)
+    for p in range(40):
+        label = "PNEUMONIA" if p % 3 else "NORMAL"
+        for i in range(int(rng.integers(1, 7))):
+            write_image(tmp_path / "site" / label / f"person{p}_virus_{i}.png", "L", 40 + p)
+
+    def patients(data, split):
+        return {int(round(float(image[0, 0, 0]) * 255)) - 40 for image in getattr(data, split).images}
+
+    by_image = load_image_folder(tmp_path / "site", image_size=4)
+    assert patients(by_image, "train") & (patients(by_image, "test") | patients(by_image, "val"))  # the leak
+    data = load_image_folder(tmp_path / "site", image_size=4, patient_pattern=r"^(person\d+)_")
+    train, val, test = (patients(data, s) for s in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test) and val and test
+    total = len(data.train) + len(data.val) + len(data.test)
+    assert 0.1 < len(data.test) / total < 0.3 and set(data.test.labels.tolist()) == {0, 1}  # still stratified
+    with pytest.raises(DataError, match="finds no patient"):
+        load_image_folder(tmp_path / "site", image_size=4, patient_pattern=r"^(patient\d+)_")

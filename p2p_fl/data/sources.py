@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import re
 import os
 import tempfile
 import zipfile
@@ -117,7 +118,7 @@ def load_test_like(spec: str, like: Dataset) -> Split:
 
 
 def load_dataset(spec: str, image_size: int | None = None, channels: int | None = None,
-                 classes: Sequence[str] | None = None) -> Dataset:
+                 classes: Sequence[str] | None = None, patient_pattern: str | None = None) -> Dataset:
     """Load a dataset named by a builtin name, an .npz path or a folder path.
 
     Args:
@@ -131,6 +132,7 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int | None 
         classes: the class names in label order (a topology's data.classes), matched
             case-insensitively to class folders or CSV labels; for an .npz they name its
             label ids. None: the sorted folder names, or an .npz's own.
+        patient_pattern: for a folder, see `load_image_folder` (an .npz has no file names).
 
     Returns:
         The loaded Dataset.
@@ -149,7 +151,8 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int | None 
                                    class_names=tuple(c.strip() for c in classes) if classes else own)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_image_folder(path, image_size=image_size or 28, channels=channels or 1, classes=classes)
+        return load_image_folder(path, image_size=image_size or 28, channels=channels or 1, classes=classes,
+                                 patient_pattern=patient_pattern)
     if not path.exists():
         raise DataError(
             f"{path}: no such file or folder; give a folder of class subfolders, an .npz file "
@@ -267,7 +270,7 @@ def save_npz(dataset: Dataset, path: str | os.PathLike) -> Path:
 def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: int = 1,
                       seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
                       labels_csv: str | os.PathLike | None = None,
-                      classes: Sequence[str] | None = None) -> Dataset:
+                      classes: Sequence[str] | None = None, patient_pattern: str | None = None) -> Dataset:
     """Load a folder of PNG/JPEG/DICOM images with one subfolder per class, or labelled by a CSV.
 
     Layouts: `path/<class>/<image>`, or `path/{train,val,test}/<class>/<image>` (the Kaggle
@@ -307,6 +310,10 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
         test_fraction: fraction held out for testing when there is no test/ folder.
         labels_csv: optional CSV of (file, label) rows that replaces the class folders.
         classes: the class names in label order (a topology's data.classes), or None.
+        patient_pattern: a regular expression whose first group, searched in a file's name,
+            is its patient (e.g. `^(person\\d+)_` for the Kaggle chest X-rays): the carved
+            splits then keep each patient's images together (grouped by patient, stratified
+            by each patient's majority class), so no patient is in both train and test.
 
     Returns:
         The loaded Dataset, named after the folder, with the skipped files in `skipped`.
@@ -325,9 +332,9 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
     else:
         class_names, train_groups = _csv_groups(folder, Path(labels_csv), classes)
         groups = {"train": train_groups}
-    splits, skipped = {}, []
+    splits, skipped, files = {}, [], {}
     for split, split_groups in groups.items():
-        images, labels, split_skipped = _read_image_split(split_groups, image_size, channels)
+        images, labels, files[split], split_skipped = _read_image_split(split_groups, image_size, channels)
         splits[split] = images, labels
         skipped += split_skipped
     if skipped:
@@ -337,7 +344,13 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
         images, labels = splits["train"]
         fractions = {"val": val_fraction, "test": test_fraction}
         rng = np.random.default_rng(seed)
-        keep, *held = _stratified_split(labels, [fractions[split] for split in missing], rng)
+        if patient_pattern:
+            patients = _patients(files["train"], patient_pattern)
+            keep, *held = _grouped_split(labels, patients, [fractions[split] for split in missing], rng)
+            log.info("%s: %s carved by patient (%d patients in train/)", folder, " and ".join(missing),
+                     len(set(patients)))
+        else:
+            keep, *held = _stratified_split(labels, [fractions[split] for split in missing], rng)
         splits["train"] = images[keep], labels[keep]
         for split, index in zip(missing, held):
             splits[split] = images[index], labels[index]
@@ -608,11 +621,12 @@ def _sorted_labels(labels) -> list[str]:
 
 
 def _read_image_split(groups: list[ClassFiles], image_size: int,
-                      channels: int) -> tuple[np.ndarray, np.ndarray, list[Path]]:
-    """Images, labels (position in `groups`) and the skipped files of one split."""
+                      channels: int) -> tuple[np.ndarray, np.ndarray, list[Path], list[Path]]:
+    """Images, labels (position in `groups`), the files read (in image order) and the
+    skipped files of one split."""
     files = [file for _, class_files in groups for file in class_files]
     labels = np.repeat(np.arange(len(groups), dtype=np.int32), [len(f) for _, f in groups])
-    images, _, skipped = read_images(files, image_size, channels)
+    images, read_files, skipped = read_images(files, image_size, channels)
     unread = set(skipped)
     read = np.array([file not in unread for file in files], dtype=bool)
     for label, (where, class_files) in enumerate(groups):
@@ -623,7 +637,25 @@ def _read_image_split(groups: list[ClassFiles], image_size: int,
             )
     if not read.any():
         raise DataError(f"{groups[0][0]}: no readable image in this split (see the warnings)")
-    return images, labels[read], skipped
+    return images, labels[read], read_files, skipped
+
+
+def _patients(files: list[Path], pattern: str) -> list[str]:
+    """Each file's patient: the first group of `pattern` searched in its name."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise DataError(f"data.patient_pattern {pattern!r} is not a regular expression ({exc})") from None
+    if regex.groups < 1:
+        raise DataError(f"data.patient_pattern {pattern!r} needs a group, e.g. ^(person\\d+)_, for the patient")
+    patients = []
+    for file in files:
+        match = regex.search(file.name)
+        if match is None or not match.group(1):
+            raise DataError(f"{file}: data.patient_pattern {pattern!r} finds no patient in this name; fix the "
+                            "pattern or the name")
+        patients.append(match.group(1))
+    return patients
 
 
 def read_images(paths: Sequence[Path], image_size: int, channels: int) -> tuple[np.ndarray, list[Path], list[Path]]:
@@ -686,6 +718,30 @@ def _read_image(path: Path, image_size: int, channels: int) -> np.ndarray:
 
 
 # --- shared array helpers --------------------------------------------------------------------
+
+
+def _grouped_split(labels: np.ndarray, groups: list[str], fractions: list[float],
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """As `_stratified_split`, but each group (a patient) lies wholly in one part: the groups
+    of each majority class, in random order, fill the held-out parts up to their fraction of
+    that class's images; the rest stay."""
+    names, group_of = np.unique(np.asarray(groups), return_inverse=True)
+    sizes = np.bincount(group_of, minlength=len(names))
+    majority = np.array([np.bincount(labels[group_of == g]).argmax() for g in range(len(names))])
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for label in np.unique(majority):
+        members = rng.permutation(np.flatnonzero(majority == label))
+        total = int(sizes[members].sum())
+        targets = [int(total * f + 0.5) for f in fractions]
+        filled = [0] * len(fractions)
+        for g in members:
+            k = next((i for i, (have, want) in enumerate(zip(filled, targets)) if have < want), None)
+            if k is None:
+                parts[0].append(g)
+            else:
+                parts[k + 1].append(g)
+                filled[k] += int(sizes[g])
+    return [np.flatnonzero(np.isin(group_of, part)) for part in parts]
 
 
 def _stratified_split(labels: np.ndarray, fractions: list[float],
