@@ -180,11 +180,12 @@ def _setup_runtime() -> None:
 
 
 def _check_model(topology: Topology, source: Path) -> None:
-    from p2p_fl.learn.models import MODELS, has_batchnorm
+    from p2p_fl.learn.models import available_models, has_batchnorm
 
-    model = topology.training.model
-    if model not in MODELS:
-        raise ConfigError(f"{source}: training.model {model!r} is not one of {', '.join(MODELS)}")
+    model, models = topology.training.model, available_models()
+    if model not in models:
+        raise ConfigError(f"{source}: training.model {model!r} is not one of {', '.join(models)} (a model of "
+                          "your own: install its package at every site, docs/deploying.md)")
     if topology.training.fedbn and not has_batchnorm(model):
         raise ConfigError(f"{source}: training.fedbn needs a model with BatchNorm; {model} has none")
 
@@ -290,6 +291,7 @@ def cmd_check(args) -> int:
     """Preflight: what `node` would refuse, then a CURVE heartbeat exchange with every peer."""
     _setup_runtime()
     from p2p_fl.fingerprint import federation_fingerprint
+    from p2p_fl.learn.models import model_code
     from p2p_fl.preflight import check_peers
     from p2p_fl.site import make_learner
 
@@ -305,7 +307,8 @@ def cmd_check(args) -> int:
           f"{data.num_classes} classes: builds")
     if topology.protocol == "local" or len(topology.peers) < 2:
         return 0
-    fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes)
+    fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes, learner.weight_spec(),
+                                         model_code(topology.training.model))
     print(f"setup fingerprint: {fingerprint.digest}; listening and waiting up to {args.wait:g} s for the peers "
           "(their node or their check)", flush=True)
     try:

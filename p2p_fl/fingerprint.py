@@ -10,8 +10,9 @@ whose hash differs from the receiver's.
 What must agree: the p2p-fl version; the federation, protocol and seed; the peers with
 their addresses and keys; every [training], [ring], [gossip], [ensemble] and [privacy]
 setting; the network settings every site's timing depends on; [data] image size,
-channels and classes, and the model input each site actually built (image shape, number
-of classes); the [[events]]. What may differ: where a site's data comes from
+channels and classes, and the model each site actually built (input shape, number of
+classes, the names and shapes of its weights, and the package version of a model a site
+installed); the [[events]]. What may differ: where a site's data comes from
 (data.dataset, data.partition, data.test, and how its file names say the patient:
 data.patient_pattern) and how long it waits before
 giving up (network.run_timeout_s, network.start_window_s: its own patience).
@@ -60,9 +61,11 @@ class Fingerprint:
                 if theirs[i * FIELD_HEX:(i + 1) * FIELD_HEX] != mine]
 
 
-def federation_fingerprint(topology: Topology, image_shape: tuple[int, ...], num_classes: int) -> Fingerprint:
+def federation_fingerprint(topology: Topology, image_shape: tuple[int, ...], num_classes: int,
+                           weight_spec=(), model_code: str = "p2p_fl") -> Fingerprint:
     """The fingerprint of `topology` for a site whose model takes `image_shape` images of
-    `num_classes` classes."""
+    `num_classes` classes, has the weights `weight_spec` ((name, dtype, shape), as built
+    at this site) and comes from `model_code` (p2p_fl, or an installed package's version)."""
     values: list[tuple[str, object]] = [
         ("version", __version__),
         ("federation", topology.federation),
@@ -70,6 +73,8 @@ def federation_fingerprint(topology: Topology, image_shape: tuple[int, ...], num
         ("seed", topology.seed),
         ("peers", [dataclasses.asdict(p) for p in topology.peers]),
         ("model input", {"image_shape": list(image_shape), "num_classes": num_classes}),
+        ("model code", model_code),
+        ("model weights", [[n, str(d), list(s)] for n, d, s in weight_spec]),
         ("events", [dataclasses.asdict(e) for e in topology.events]),
     ]
     for section in ("training", "ring", "gossip", "ensemble", "privacy", "network", "data"):

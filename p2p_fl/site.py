@@ -27,6 +27,7 @@ from p2p_fl.federate import shared_secrets_with
 from p2p_fl.fingerprint import federation_fingerprint
 from p2p_fl.learn import Learner
 from p2p_fl.learn.ensemble import evaluate_ensemble
+from p2p_fl.learn.models import model_code
 from p2p_fl.learn.privacy import BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
 from p2p_fl.net import Curve, load_secret_key
 from p2p_fl.protocols import EnsembleProtocol, Finish, GossipProtocol, LocalProtocol, RingProtocol, Train, Weights
@@ -196,7 +197,8 @@ class Site:
         # FedBN: these tensors never leave the site; the transport knows only the shared ones.
         self.local = frozenset(self.learner.batchnorm_names()) if topology.training.fedbn else frozenset()
         self.protocol = make_protocol(topology, name, curve)
-        self.fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes)
+        self.fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes,
+                                                  self.learner.weight_spec(), model_code(topology.training.model))
         listed = topology.gossip.samples.get(name) if topology.protocol == "gossip" else None
         if listed is not None and listed != len(data.train):
             log.warning("%s: gossip.samples lists %d training samples, the data has %d; mixing uses the listed "

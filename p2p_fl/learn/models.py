@@ -216,12 +216,39 @@ MODELS: dict[str, type[nnx.Module]] = {
 }
 
 
+# Models a site installs: a package lists its Flax NNX model classes under this entry-point
+# group (pyproject: [project.entry-points."p2p_fl.models"] my-cnn = "mypkg.models:MyCNN").
+# A topology names the model; nothing a topology says is imported as code.
+MODEL_ENTRY_POINTS = "p2p_fl.models"
+
+
+def available_models() -> dict[str, object]:
+    """Model name -> class (builtin) or entry point (installed, loaded when built)."""
+    import importlib.metadata
+
+    installed = {ep.name: ep for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINTS)}
+    return {**installed, **MODELS}  # a builtin name cannot be taken over
+
+
+def model_code(name: str) -> str:
+    """What code builds model `name`: "p2p_fl" for a builtin, "DIST VERSION" for an
+    installed one (every site must run the same: the federation fingerprint holds it)."""
+    entry = available_models().get(name)
+    if entry is None or name in MODELS:
+        return "p2p_fl"
+    return f"{entry.dist.name} {entry.dist.version}" if entry.dist is not None else entry.value
+
+
 def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
                 seed: int) -> nnx.Module:
     """Builds a freshly initialised model.
 
     Args:
-      name: a key of ``MODELS``.
+      name: a key of ``MODELS``, or a model an installed package registers under the
+        ``p2p_fl.models`` entry points: a class built as
+        ``Class(num_classes=, in_channels=, image_size=, rngs=)`` and called as
+        ``model(x, train=..., rngs=...)`` on NHWC float32 in [0, 1], giving logits (one
+        logit for two classes, see ``head_width``).
       num_classes: number of classes (2 gives a single-logit binary head).
       in_channels: image channels (1 for grey-scale X-rays).
       image_size: side of the square input images in pixels.
@@ -233,10 +260,11 @@ def build_model(name: str, *, num_classes: int, in_channels: int, image_size: in
     Raises:
       ValueError: unknown name or unusable sizes.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels,
-                        image_size=image_size, rngs=nnx.Rngs(params=seed))
+    models = available_models()
+    if name not in models:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(models))}")
+    cls = models[name] if name in MODELS else models[name].load()
+    return cls(num_classes=num_classes, in_channels=in_channels, image_size=image_size, rngs=nnx.Rngs(params=seed))
 
 
 def has_batchnorm(name: str) -> bool:
