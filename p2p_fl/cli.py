@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                       "(default: keys/<name>.key_secret)")
     node.add_argument("--out", type=Path, help="output folder (default: runs/<name>)")
     node.add_argument("--events", action="store_true", help="print progress as JSON lines on stdout (for launch)")
+    node.add_argument("--overwrite", action="store_true", help="replace the finished run in --out (it is refused "
+                      "otherwise: a site takes part in a run once)")
     node.set_defaults(func=cmd_node)
 
     launch = sub.add_parser("launch", help="run a whole federation on this machine, one process per site")
@@ -76,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--max-restarts", type=int, default=5, metavar="N",
                         help="restarts per node before launch reports it failed (default: 5)")
     launch.add_argument("--no-restart", action="store_true", help="do not restart node processes that die")
+    launch.add_argument("--overwrite", action="store_true", help="replace the finished run in --out (refused otherwise)")
     launch.add_argument("--engine", choices=("process", "inproc"), default="process",
                         help="process: one node process per site over CurveZMQ (default); inproc: every site in "
                              "this process, sites training together, virtual time (for studies)")
@@ -246,6 +249,10 @@ def cmd_node(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _hold_out_folder(out, args.name)
     _log_to_stderr(args.name)
+    if args.overwrite and (out / "result.json").exists():
+        from p2p_fl.site import clear_finished_run
+
+        logging.warning("--overwrite: deleted the finished run's %s in %s", ", ".join(clear_finished_run(out)), out)
     data, curve, common_test = _site_inputs(args, topology)
 
     def emit(event: dict) -> None:
@@ -468,7 +475,15 @@ def cmd_launch(args) -> int:
     _check_model(topology, args.topology)
     out = args.out or Path("runs") / f"{topology.federation}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "summary.json").exists():  # its models, metrics and keys would be overwritten
-        raise ConfigError(f"{out} holds a finished run (summary.json); use another --out or move it away")
+        if not args.overwrite:
+            raise ConfigError(f"{out} holds a finished run (summary.json); use another --out, or --overwrite to "
+                              "replace it")
+        if not (out / "topology.toml").exists():
+            raise ConfigError(f"{out} holds a summary.json but no topology.toml: not a launch folder; not deleting it")
+        import shutil
+
+        shutil.rmtree(out)
+        print(f"--overwrite: deleted the finished run in {out}")
     try:
         summary = run_launch(topology, out, netns=args.netns, supervision=supervision, engine=args.engine,
                              faults=faults)

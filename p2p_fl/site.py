@@ -145,6 +145,20 @@ def site_curve(topology: Topology, name: str, key_path: Path, source: Path) -> C
     return Curve(public, secret, {p.name: p.public_key for p in topology.peers if p.name != name})
 
 
+# What a site's run leaves in its folder (the node adds status.json): `clear_finished_run`.
+RUN_FILES = ("result.json", "final_model.npz", "ensemble_models.npz", "test_predictions.npz", "metrics.jsonl",
+             CHECKPOINT_FILE, "status.json", "report.html", "roc.png", "calibration.png")
+
+
+def clear_finished_run(out_dir: Path) -> list[str]:
+    """Deletes a finished run's files from `out_dir` (the user asked to overwrite it: result.json
+    last, so a crash midway leaves a folder still refused as finished); returns their names."""
+    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    for name in sorted(present, key=lambda n: n == "result.json"):
+        (out_dir / name).unlink()
+    return present
+
+
 class Site:
     """One site's data, learner, protocol and files; resumed from its checkpoint if it has one.
 
@@ -178,7 +192,8 @@ class Site:
             # finished run's metrics, model and result stay as they are. (result.json is
             # written last: a checkpoint beside it is one the end did not get to delete.)
             self.checkpoint_path.unlink(missing_ok=True)
-            raise CheckpointError(f"{out_dir} holds a finished run (result.json); use another --out")
+            raise CheckpointError(f"{out_dir} holds a finished run (result.json); use another --out, or --overwrite "
+                                  "to replace it")
         self.started = time.monotonic()
         self.topology = topology
         self.name = name

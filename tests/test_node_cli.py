@@ -93,6 +93,14 @@ def test_launch_into_a_finished_run_is_refused_and_leaves_it_as_it_was(tmp_path)
     assert (tmp_path / "summary.json").read_text() == '{"finished": true}'
     assert (tmp_path / "site-1" / "metrics.jsonl").read_text() == "kept\n"
     assert not (tmp_path / "keys").exists() and not (tmp_path / "shards").exists()
+    (tmp_path / "topology.toml").write_text("")  # a launch folder: --overwrite replaces it
+    from processes import small_dataset
+
+    data = small_dataset(tmp_path.parent / "small-overwrite.npz", train=64, val=16, test=16)
+    again = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
+                   "--data", str(data), "--out", str(tmp_path), "--overwrite", timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished" not in (tmp_path / "summary.json").read_text() and not (tmp_path / "site-1").exists()
 
 
 def test_the_service_script_finds_p2p_fl_without_a_path_and_passes_the_key(tmp_path):
@@ -150,3 +158,21 @@ def test_status_shows_a_waiting_node_its_peers_and_then_that_it_is_gone(tmp_path
         node.wait()
     gone = p2p_fl("status", str(out), timeout=120)
     assert gone.returncode == 1 and "NOT RUNNING" in gone.stdout
+
+
+def test_a_finished_site_folder_is_replaced_only_when_told(tmp_path):
+    """Refused without --overwrite (one line, files kept); with it, the run's files go and the
+    new run writes its own."""
+    from p2p_fl.site import clear_finished_run
+
+    out = tmp_path / "a"
+    out.mkdir()
+    for name in ("result.json", "final_model.npz", "metrics.jsonl", "notes.txt"):
+        (out / name).write_text("old")
+    config = write_federation(tmp_path, "ab", SETTINGS, federation="overwrite")
+    shards = small_shards(tmp_path, "ab", train=64, val=16, test=16)
+    done = p2p_fl(*node_args(config, "a", out, "--data", str(shards["a"])), timeout=300)
+    assert_one_line_exit_2(done, "holds a finished run", "--overwrite")
+    assert (out / "final_model.npz").read_text() == "old"
+    assert sorted(clear_finished_run(out)) == ["final_model.npz", "metrics.jsonl", "result.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["notes.txt"]  # only the run's
