@@ -385,7 +385,8 @@ def cmd_status(args) -> int:
     result_path, status_path = args.out / "result.json", args.out / STATUS_FILE
     if result_path.exists():
         r = json.loads(result_path.read_text())
-        print(f"{r['name']}: finished ({r['protocol']}); test AUC {r.get('test_auc')} on {r.get('test_set', '?')}; "
+        auc = "-" if r.get("test_auc") is None else f"{r['test_auc']:.4f}"
+        print(f"{r['name']}: finished ({r['protocol']}); test AUC {auc} on {r.get('test_set', '?')} test set; "
               f"{r.get('resumes', 0)} restart(s); " + (f"WITHOUT the federation: {r['shortfall']}" if r.get("shortfall")
                                                        else "with the federation"))
         return INCOMPLETE_EXIT if r.get("shortfall") else 0

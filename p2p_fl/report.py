@@ -67,7 +67,12 @@ def write_report(folder: Path, *, centralized: Path | None = None) -> Path:
         body = _experiment_report(folder)
     elif (folder / "result.json").exists():
         result = json.loads((folder / "result.json").read_text())
-        body = f"<h1>{html.escape(str(result.get('name', folder.name)))}</h1>\n" + site_section(folder, result, folder, "")
+        name = str(result.get("name", folder.name))
+        body = f"<h1>{html.escape(name)}</h1>\n" + site_section(folder, result, folder, "")
+        records = read_metrics(folder / "metrics.jsonl")
+        if records:
+            plot_learning_curves({name: records}, folder / "learning_curves.png")
+            body += '\n<h2>Learning curves</h2><img src="learning_curves.png" alt="training loss and validation AUC">'
     else:
         raise ReportError(f"{folder}: neither a run (summary.json, topology.toml), an experiment (results.csv) "
                           "nor a site's finished run (result.json)")

@@ -147,7 +147,7 @@ def site_curve(topology: Topology, name: str, key_path: Path, source: Path) -> C
 
 # What a site's run leaves in its folder (the node adds status.json): `clear_finished_run`.
 RUN_FILES = ("result.json", "final_model.npz", "ensemble_models.npz", "test_predictions.npz", "metrics.jsonl",
-             CHECKPOINT_FILE, "status.json", "report.html", "roc.png", "calibration.png")
+             CHECKPOINT_FILE, "status.json", "report.html", "roc.png", "calibration.png", "learning_curves.png")
 
 
 def clear_finished_run(out_dir: Path) -> list[str]:

@@ -103,6 +103,7 @@ def test_a_sites_own_folder_gets_the_report_a_clinician_reads(experiment):
     for image in ("roc.png", "calibration.png"):
         assert f'src="{image}"' in text and (site / image).stat().st_size > 1000
     assert "Expected calibration error" in text and "Trained rounds (hops for a ring): " in text
+    assert (site / "learning_curves.png").stat().st_size > 1000
 
 
 @needs_browser
