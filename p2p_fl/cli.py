@@ -426,6 +426,10 @@ def _hold_out_folder(out: Path, name: str) -> None:
         lock.seek(0)
         raise ConfigError(f"{out}: node {name} already runs here (pid {lock.read().strip() or '?'}); "
                           "one node per --out") from None
+    except OSError as err:  # a file system without locks (some network mounts): go on unguarded
+        print(f"p2p-fl: warning: {out}: cannot lock it ({err.strerror}); do not start this node twice",
+              file=sys.stderr)
+        return
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))
