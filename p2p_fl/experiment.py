@@ -115,7 +115,7 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
             fail(f"centralized.epochs must be >= 1, got {epochs}")
         epochs = epochs or topology.training.rounds * topology.training.local_epochs
         if dataset:
-            topology = dataclasses.replace(topology, data=dataclasses.replace(topology.data, dataset=dataset))
+            topology = with_overrides(topology, dataset=dataset)
         for seed in seeds:
             runs.append(Run(f"centralized-seed{seed}", "centralized", 1, "pooled", seed,
                             dataclasses.replace(topology, seed=seed), epochs))
