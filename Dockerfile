@@ -9,6 +9,7 @@
 #     p2p-fl node --config /etc/p2p_fl/federation.toml --name hospital-a \
 #       --key /etc/p2p_fl/keys/hospital-a.key_secret --data /data --out /var/lib/p2p_fl/hospital-a
 # (--restart on-failure restarts exit 2, 3 and 4 too: the systemd unit in launch/ does not.)
+# A demo federation inside it: docker run --rm p2p-fl launch topologies/ring-3.toml --out /var/lib/p2p_fl/demo
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 ARG EXTRAS=""
@@ -17,6 +18,8 @@ WORKDIR /opt/p2p_fl
 COPY requirements.lock pyproject.toml README.md ./
 RUN pip install --no-cache-dir -r requirements.lock
 COPY p2p_fl ./p2p_fl
+COPY topologies ./topologies
+COPY launch ./launch
 RUN pip install --no-cache-dir --no-deps . && if [ -n "$EXTRAS" ]; then pip install --no-cache-dir ".[$EXTRAS]"; fi
 USER p2pfl
 ENV P2P_FL_XLA_CACHE=/var/lib/p2p_fl/xla-cache
