@@ -66,6 +66,6 @@ def _verdict(peer: Peer, other: str, address: str) -> PeerCheck:
     if other in peer.mismatched:
         return PeerCheck(other, address, "other setup", f"{', '.join(peer.mismatched[other])} differ(s) from this site's")
     if other in peer.peer_progress:
-        return PeerCheck(other, address, "ready", "reached, authenticated by its key, same federation setup")
+        return PeerCheck(other, address, "ready", "its heartbeats reach this site, authenticated by its key, under the same federation setup")
     return PeerCheck(other, address, "no answer", "not started, unreachable from here (address, firewall), or it "
                      "does not hold the key the topology lists for it")
