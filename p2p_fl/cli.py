@@ -430,10 +430,13 @@ def _hold_out_folder(out: Path, name: str) -> None:
         print(f"p2p-fl: warning: {out}: cannot lock it ({err.strerror}); do not start this node twice",
               file=sys.stderr)
         return
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
+    try:  # the pid, for the refusal above; a full disk must not stop the node here
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+    except OSError:
+        pass
     _held_locks.append(lock)  # open until the process ends, when the OS releases it
 
 

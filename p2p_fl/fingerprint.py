@@ -7,8 +7,8 @@ can name the fields that differ without anyone sending their settings in the cle
 hash of all of them travels in every message's header (`wire`), which refuses a message
 whose hash differs from the receiver's.
 
-What must agree: the p2p-fl version; the federation, protocol and seed; the peers with
-their addresses and keys; every [training], [ring], [gossip], [ensemble] and [privacy]
+What must agree: the p2p-fl version; the federation, protocol and seed; the peers (names
+and keys; not their addresses, which may differ from site to site); every [training], [ring], [gossip], [ensemble] and [privacy]
 setting; the network settings every site's timing depends on; [data] image size,
 channels and classes, and the model each site actually built (input shape, number of
 classes, the names and shapes of its weights, and the package version of a model a site
@@ -71,7 +71,9 @@ def federation_fingerprint(topology: Topology, image_shape: tuple[int, ...], num
         ("federation", topology.federation),
         ("protocol", topology.protocol),
         ("seed", topology.seed),
-        ("peers", [dataclasses.asdict(p) for p in topology.peers]),
+        # Who the peers are (names and keys), not where each site reaches them: a site may
+        # reach another by another address (a VPN, a relay, NAT) or bind 0.0.0.0 itself.
+        ("peers", [[p.name, p.public_key] for p in topology.peers]),
         ("model input", {"image_shape": list(image_shape), "num_classes": num_classes}),
         ("model code", model_code),
         ("model weights", [[n, str(d), list(s)] for n, d, s in weight_spec]),

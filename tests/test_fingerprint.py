@@ -40,8 +40,11 @@ def test_a_changed_setting_is_named_and_a_sites_own_choices_are_not(tmp_path):
         ["privacy.clip_norm"]
     assert differing(dataclasses.replace(t, data=dataclasses.replace(t.data, classes=["b", "a"]))) == ["data.classes"]
     assert differing(t, shape=(64, 64, 1)) == ["model input"]
-    moved = dataclasses.replace(t.peers[1], address="tcp://127.0.0.1:1")
-    assert differing(dataclasses.replace(t, peers=(t.peers[0], moved, t.peers[2]))) == ["peers"]
+    rekeyed = dataclasses.replace(t.peers[1], public_key=t.peers[0].public_key[::-1])
+    assert differing(dataclasses.replace(t, peers=(t.peers[0], rekeyed, t.peers[2]))) == ["peers"]
+    # Each site may reach another by its own route (a VPN, a relay): addresses are its own.
+    moved = dataclasses.replace(t.peers[1], address="tcp://10.0.0.7:1")
+    assert fingerprint_of(dataclasses.replace(t, peers=(t.peers[0], moved, t.peers[2]))) == mine
     # Where a site's data comes from and how long it waits are its own.
     own = dataclasses.replace(t, data=dataclasses.replace(t.data, dataset="mine.npz", test="x.npz", partition="dirichlet:0.5"),
                               network=dataclasses.replace(t.network, run_timeout_s=99.0, start_window_s=5.0))

@@ -38,8 +38,12 @@ t = load_topology(config)
 me = t.peer("m")
 curve = site_curve(t, "m", Path(keys) / "m.key_secret", Path(config))
 others = {p.name: p.address for p in t.peers if p.name != "m"}
-# Heartbeats like any node's, so the honest sites keep it among the living.
-peer = Peer("m", me.address, others, t.federation, Learner("small-cnn").weight_spec(), curve=curve,
+# Heartbeats like any node's, so the honest sites keep it among the living; under the
+# federation's fingerprint, which an insider computes from the topology like any site.
+from p2p_fl.fingerprint import federation_fingerprint
+spec = Learner("small-cnn").weight_spec()
+fingerprint = federation_fingerprint(t, (28, 28, 1), 2, spec, "p2p_fl")
+peer = Peer("m", me.address, others, t.federation, spec, curve=curve, fingerprint=fingerprint,
             heartbeat_interval_s=t.network.heartbeat_interval_s, peer_timeout_s=t.network.peer_timeout_s)
 attacked = set()
 end = time.monotonic() + until

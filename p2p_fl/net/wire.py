@@ -215,8 +215,10 @@ def decode(
     _check_meta(meta)
     fp = _field(header, "fp", str)
     if fingerprint is not None and fp != fingerprint:
-        config = meta.get("config") if msg_type == HEARTBEAT else None
-        raise ConfigMismatch(sender, config if isinstance(config, str) else None)
+        # A heartbeat without per-field digests comes from code that does not send them:
+        # "" makes the receiver name the version.
+        config = (meta.get("config") if isinstance(meta.get("config"), str) else "") if msg_type == HEARTBEAT else None
+        raise ConfigMismatch(sender, config)
     listed = _field(header, "tensors", list)
     tensors = _decode_tensors(listed, frames[1:], expected_spec(msg_type, tensor_spec, meta))
     return Message(msg_type, fed, sender, round_, seq, tensors, meta)
