@@ -593,3 +593,56 @@ def test_a_secure_site_with_too_few_live_neighbours_waits_for_the_dead_until_the
     a.on_peers(set(), {"c", "d"}, {}, 4.0)  # back before the deadline (6.0)
     groups = [x for x in moves(a.on_tick(4.0)) if isinstance(x, Send) and x.type == wire.GOSSIP_GROUP]
     assert sorted(s.to for s in groups) == ["b", "c", "d"]  # a's sum now asks all three
+
+
+def test_a_secure_sum_waits_once_more_for_a_live_member_still_a_round_behind():
+    """Found in test_fault_tolerance on a busy machine: c did not wait for a dead site in
+    round 6 while the others did, so c reached the last round a round-timeout ahead, its sum
+    got no reply before its deadline and it ended alone. A member whose heartbeats say it is
+    a round behind answers when it gets here: the aggregator waits one more round time for
+    it (once), and the sum takes it in."""
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    sites = {n: gossip(n, graph, rounds=2, timeout=5.0, secure=setups) for n in graph}
+    first = start_all(sites)  # every site's Train for round 0
+    held = {}  # site -> its round-1 Train
+
+    def deliver(actions, now):
+        queue = list(actions)
+        while queue:
+            n, action = queue.pop(0)
+            if isinstance(action, Send):
+                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
+            elif isinstance(action, Train) and action.round == 0:
+                queue += [(n, x) for x in sites[n].on_trained(0, random_model(n, 0), now)]
+            elif isinstance(action, Train):
+                held[n] = action
+
+    deliver(first, 0.0)
+    assert sorted(held) == list("abcd")  # round 0 mixed everywhere
+    a = sites["a"]
+    a.on_peers(set(), set(), {"b": 1, "c": 1, "d": 0}, 10.0)  # d's heartbeat: still at round 0
+    deliver([("a", x) for x in a.on_trained(1, random_model("a", 1), 10.0)], 10.0)  # a asks b, c, d
+    for n in "bc":
+        deliver([(n, x) for x in sites[n].on_trained(1, random_model(n, 1), 10.0)], 10.0)
+    assert [x for x in a.on_tick(15.5) if isinstance(x, (Finish, Train))] == []  # past the deadline: waits on
+    deliver([("d", x) for x in sites["d"].on_trained(1, random_model("d", 1), 17.0)], 17.0)  # d gets there
+    deliver([("a", x) for x in a.on_tick(17.5)], 17.5)
+    assert a.final is not None and a.final.meta["survivors"] == 3 and a.final.meta["kept_own"] is False
+    assert sites["a"].mixer._aggregation is None
+
+
+def test_a_secure_sum_does_not_wait_longer_for_a_member_that_is_not_behind():
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    sites = {n: gossip(n, graph, rounds=2, timeout=5.0, secure=setups) for n in graph}
+    start_all(sites)
+    a = sites["a"]
+    a.on_peers(set(), set(), {"d": 0}, 0.0)  # at our round, silent: not catching up
+    sends = moves(a.on_trained(0, random_model("a", 0), now=0.0))
+    for n in "bc":
+        sites[n].on_trained(0, random_model(n, 0), now=0.0)
+        (reply,) = moves(sites[n].on_message(over_the_wire("a", next(s for s in sends if s.to == n)), 0.0))
+        a.on_message(over_the_wire(n, reply), 1.0)
+    (train,) = [x for x in moves(a.on_tick(5.0)) if isinstance(x, Train)]  # at the deadline, as before
+    assert train.round == 1 and train.meta["dropped"] == "d"

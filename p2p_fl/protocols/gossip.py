@@ -184,6 +184,10 @@ class GossipProtocol(Protocol):
         """The neighbours expected in `round`: present by the plan and not dead."""
         return [n for n in self.neighbours if self.present(n, round) and n not in self.dead]
 
+    def catching_up(self, members) -> bool:
+        """Whether a live one of `members` reports (in its heartbeats) a round behind ours."""
+        return any(m not in self.dead and self._peer_rounds.get(m, self.round) < self.round for m in members)
+
     def may_wait_for_the_dead(self, now: float) -> bool:
         """Whether a mix that would hold no neighbour's model should wait: a neighbour the
         plan expects this round is dead, and the round's deadline has not passed. A site

@@ -56,6 +56,7 @@ class _Aggregation:
     announced: bool = False
     releases: dict[str, Release] = field(default_factory=dict)
     rejoin_from: int | None = None  # the round we were at when this sum was opened to rejoin
+    extended: bool = False  # the reply deadline was moved on once for members still catching up
 
 
 class SecureMixer(Mixer):
@@ -255,6 +256,13 @@ class SecureMixer(Mixer):
         if not agg.announced:
             outstanding = set(session.request.members) - set(session.replies) - site.dead
             if outstanding and now < agg.deadline:
+                return []
+            if outstanding and not agg.extended and site.catching_up(outstanding):
+                # A live member a round behind (it waited for a site we did not) answers when
+                # it gets here: once, the sum waits one more round time for it rather than
+                # leave us a round ahead and, at the last round, alone.
+                agg.extended = True
+                agg.deadline = now + site.round_timeout_s
                 return []
             agg.announced = True
             agg.deadline = now + site.round_timeout_s
