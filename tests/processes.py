@@ -85,6 +85,22 @@ def run_nodes(config: Path, shards: dict[str, Path], out: Path, *, timeout=300) 
     return {n: (out / n / "node.log").read_text()[-2000:] for n, proc in procs.items() if proc.returncode != 0}
 
 
+def finish_all(procs: dict[str, subprocess.Popen], timeout=300) -> dict[str, tuple[int, str, str]]:
+    """Waits for every process (reading its pipes, so none fills up); kills what is left on
+    the way out, whatever happens. Returns name -> (exit code, stdout, stderr)."""
+    done = {}
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=timeout)
+            done[name] = (proc.returncode, stdout, stderr)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 def wait_listening(port: int, procs: list[subprocess.Popen], timeout_s: float = 120) -> None:
     """Returns once something accepts TCP connections on the loopback `port`; AssertionError
     if one of `procs` exits first or nothing listens within timeout_s."""

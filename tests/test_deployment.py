@@ -11,7 +11,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from processes import ROOT, p2p_fl
+from processes import ROOT, finish_all, p2p_fl
 
 from p2p_fl.data import load_dataset
 from p2p_fl.launch import free_ports
@@ -61,24 +61,16 @@ def test_three_hospitals_follow_the_deployment_guide(tmp_path):
     # Preflight at every site at once.
     checks = {s: subprocess.Popen([sys.executable, "-m", "p2p_fl", "check", *site_args(s), "--wait", "60"], cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in SITES}
-    for site, proc in checks.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, (site, stdout, stderr[-2000:])
+    for site, (code, stdout, stderr) in finish_all(checks).items():
+        assert code == 0, (site, stdout, stderr[-2000:])
         assert stdout.count(": ready:") == 2 and "32x32x1" in stdout
     # The federation.
     nodes = {s: subprocess.Popen([sys.executable, "-m", "p2p_fl", "node", *site_args(s), "--out", str(tmp_path / s / "run")],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in SITES}
-    logs = {}
-    try:
-        for site, proc in nodes.items():
-            logs[site] = proc.communicate(timeout=600)[1]
-    finally:
-        for proc in nodes.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for site, proc in nodes.items():
-        assert proc.returncode == 0, (site, logs[site][-3000:])
+    ended = finish_all(nodes, timeout=600)
+    logs = {site: stderr for site, (_, _, stderr) in ended.items()}
+    for site, (code, _, _) in ended.items():
+        assert code == 0, (site, logs[site][-3000:])
         assert "train images per class: 0 normal:" in logs[site]  # the class list, whatever the folder case
         result = json.loads((tmp_path / site / "run" / "result.json").read_text())
         assert result["classes"] == ["normal", "pneumonia"] and result["image_shape"] == [32, 32, 1]

@@ -6,13 +6,15 @@ rounds where the others say 2 (before, one site ended in a traceback mid-run whi
 others "finished normally")."""
 
 import dataclasses
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import zmq
 
-from processes import p2p_fl, small_shards, write_federation
+from processes import ROOT, finish_all, p2p_fl, small_shards, write_federation
 
 from p2p_fl.config import load_topology
 from p2p_fl.fingerprint import FIELD_HEX, federation_fingerprint
@@ -58,36 +60,23 @@ def test_sites_whose_topology_copies_differ_all_stop_before_round_0_naming_the_f
     other = config.with_name("topology-c.toml")  # c's copy, edited by hand: 3 rounds
     other.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))
     shards = small_shards(tmp_path, "abc", train=192, val=48, test=48)
-    import subprocess
-    import sys
-
-    from processes import ROOT
-
     procs = {}
     for n in "abc":
         procs[n] = subprocess.Popen(
             [sys.executable, "-m", "p2p_fl", "node", "--config", str(other if n == "c" else config), "--name", n,
              "--data", str(shards[n]), "--key", str(tmp_path / "keys" / f"{n}.key_secret"),
              "--out", str(tmp_path / n)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    outputs = {}
-    try:
-        for n, proc in procs.items():
-            outputs[n] = proc.communicate(timeout=240)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for n, proc in procs.items():
-        stderr = outputs[n][1]
-        assert proc.returncode == 2, (n, stderr[-3000:])
+    outputs = finish_all(procs, timeout=240)
+    for n in procs:
+        code, _, stderr = outputs[n]
+        assert code == 2, (n, stderr[-3000:])
         last = stderr.strip().splitlines()[-1]
         assert last.startswith("p2p-fl: error: ") and "training.rounds" in last, (n, last)
         assert "Traceback" not in stderr
         assert not (tmp_path / n / "metrics.jsonl").read_text()  # nothing was trained
     # a and b agree: each names c; c names the others.
-    assert "c runs another federation setup" in outputs["a"][1]
-    assert "runs another federation setup: training.rounds" in outputs["c"][1]
+    assert "c runs another federation setup" in outputs["a"][2]
+    assert "runs another federation setup: training.rounds" in outputs["c"][2]
 
 
 def test_after_the_start_a_peer_under_another_fingerprint_is_only_refused(tmp_path):

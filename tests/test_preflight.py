@@ -5,7 +5,7 @@ never trains nor opens a running node's start window."""
 import subprocess
 import sys
 
-from processes import ROOT, small_shards, write_federation
+from processes import ROOT, finish_all, small_shards, write_federation
 
 SETTINGS = ('protocol = "cwt"\n[training]\nrounds = 2\nlocal_epochs = 1\nbatch_size = 32\n'
             '[network]\nheartbeat_interval_s = 0.3\npeer_timeout_s = 3.0\n')
@@ -18,24 +18,10 @@ def check(config, name, data, wait=60.0) -> subprocess.Popen:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(procs, timeout=300) -> dict:
-    out = {}
-    try:
-        for n, proc in procs.items():
-            stdout, stderr = proc.communicate(timeout=timeout)
-            out[n] = (proc.returncode, stdout, stderr)
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return out
-
-
 def test_two_sites_checking_at_once_see_each_other_ready(tmp_path):
     config = write_federation(tmp_path, "ab", SETTINGS, federation="preflight")
     shards = small_shards(tmp_path, "ab", train=64, val=16, test=16)
-    done = finish({n: check(config, n, shards[n]) for n in "ab"})
+    done = finish_all({n: check(config, n, shards[n]) for n in "ab"})
     for n, other in (("a", "b"), ("b", "a")):
         code, stdout, stderr = done[n]
         assert code == 0, (stdout, stderr[-2000:])
@@ -51,7 +37,7 @@ def test_a_silent_peer_and_a_peer_set_up_differently_are_told_apart(tmp_path):
     other.write_text(config.read_text().replace("batch_size = 32", "batch_size = 64"))
     shards = small_shards(tmp_path, "abc", train=96, val=24, test=24)
     procs = {"a": check(config, "a", shards["a"], wait=12.0), "c": check(other, "c", shards["c"], wait=12.0)}
-    done = finish(procs)  # b never starts
+    done = finish_all(procs)  # b never starts
     code, stdout, stderr = done["a"]
     assert code == 2, (stdout, stderr[-2000:])
     assert "peer c (" in stdout and "other setup: training.batch_size differ" in stdout
@@ -74,7 +60,7 @@ def test_a_check_beside_a_waiting_node_sees_it_ready_and_does_not_start_it(tmp_p
         while "waiting up to 120 s for b" not in log.read_text():
             assert time.monotonic() < deadline and node.poll() is None, log.read_text()
             time.sleep(0.2)
-        code, stdout, stderr = finish({"b": check(config, "b", shards["b"])})["b"]
+        code, stdout, stderr = finish_all({"b": check(config, "b", shards["b"])})["b"]
         assert code == 0 and "peer a (" in stdout and ": ready:" in stdout, (stdout, stderr[-2000:])
         time.sleep(1.0)
         assert node.poll() is None and "starting" not in log.read_text().split("waiting up to")[-1]
