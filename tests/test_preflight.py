@@ -36,7 +36,9 @@ def test_a_silent_peer_and_a_peer_set_up_differently_are_told_apart(tmp_path):
     other = config.with_name("c.toml")
     other.write_text(config.read_text().replace("batch_size = 32", "batch_size = 64"))
     shards = small_shards(tmp_path, "abc", train=96, val=24, test=24)
-    procs = {"a": check(config, "a", shards["a"], wait=12.0), "c": check(other, "c", shards["c"], wait=12.0)}
+    # 20 s: the two checks start together, but on a busy machine one may need seconds more
+    # to load JAX and its data before it listens.
+    procs = {"a": check(config, "a", shards["a"], wait=20.0), "c": check(other, "c", shards["c"], wait=20.0)}
     done = finish_all(procs)  # b never starts
     code, stdout, stderr = done["a"]
     assert code == 2, (stdout, stderr[-2000:])
