@@ -632,6 +632,42 @@ def test_a_secure_sum_waits_once_more_for_a_live_member_still_a_round_behind():
     assert sites["a"].mixer._aggregation is None
 
 
+def test_a_secure_sum_waits_once_more_for_a_member_that_was_behind_and_still_trains_at_the_deadline():
+    """Found on CI: d was a round behind when a's last sum opened, reached a's round a second
+    before a's deadline and was still training at it; judged at the deadline alone, d was
+    "not behind", a's sum failed and a ended keeping its own model. A member seen behind
+    during the sum earns the one extension."""
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    sites = {n: gossip(n, graph, rounds=2, timeout=5.0, secure=setups) for n in graph}
+    first = start_all(sites)
+    held = {}
+
+    def deliver(actions, now):
+        queue = list(actions)
+        while queue:
+            n, action = queue.pop(0)
+            if isinstance(action, Send):
+                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
+            elif isinstance(action, Train) and action.round == 0:
+                queue += [(n, x) for x in sites[n].on_trained(0, random_model(n, 0), now)]
+            elif isinstance(action, Train):
+                held[n] = action
+
+    deliver(first, 0.0)
+    a = sites["a"]
+    a.on_peers(set(), set(), {"b": 1, "c": 1, "d": 0}, 10.0)  # d: still at round 0
+    deliver([("a", x) for x in a.on_trained(1, random_model("a", 1), 10.0)], 10.0)
+    for n in "bc":
+        deliver([(n, x) for x in sites[n].on_trained(1, random_model(n, 1), 10.0)], 10.0)
+    a.on_tick(12.0)
+    a.on_peers(set(), set(), {"d": 1}, 14.5)  # d reached round 1 and trains it
+    assert [x for x in a.on_tick(15.5) if isinstance(x, (Finish, Train))] == []  # past the deadline: waits on
+    deliver([("d", x) for x in sites["d"].on_trained(1, random_model("d", 1), 17.0)], 17.0)
+    deliver([("a", x) for x in a.on_tick(17.5)], 17.5)
+    assert a.final is not None and a.final.meta["survivors"] == 3 and a.final.meta["kept_own"] is False
+
+
 def test_a_secure_sum_does_not_wait_longer_for_a_member_that_is_not_behind():
     graph = complete("abcd")
     setups = secure_setups(graph)

@@ -57,6 +57,7 @@ class _Aggregation:
     releases: dict[str, Release] = field(default_factory=dict)
     rejoin_from: int | None = None  # the round we were at when this sum was opened to rejoin
     extended: bool = False  # the reply deadline was moved on once for members still catching up
+    member_behind: bool = False  # an outstanding member's heartbeats said it was a round behind
 
 
 class SecureMixer(Mixer):
@@ -255,9 +256,12 @@ class SecureMixer(Mixer):
         session = agg.session
         if not agg.announced:
             outstanding = set(session.request.members) - set(session.replies) - site.dead
+            # Remembered, not judged at the deadline alone: a member that reached our round
+            # just before it is still training then (found by test_fault_tolerance on CI).
+            agg.member_behind = agg.member_behind or bool(outstanding) and site.catching_up(outstanding)
             if outstanding and now < agg.deadline:
                 return []
-            if outstanding and not agg.extended and site.catching_up(outstanding):
+            if outstanding and not agg.extended and agg.member_behind:
                 # A live member a round behind (it waited for a site we did not) answers when
                 # it gets here: once, the sum waits one more round time for it rather than
                 # leave us a round ahead and, at the last round, alone.
