@@ -668,6 +668,34 @@ def test_a_secure_sum_waits_once_more_for_a_member_that_was_behind_and_still_tra
     assert a.final is not None and a.final.meta["survivors"] == 3 and a.final.meta["kept_own"] is False
 
 
+def test_a_secure_sum_leaves_out_a_neighbour_two_rounds_behind():
+    """Found by the in-process engine and on CI: a site back from its checkpoint two rounds
+    behind refuses requests that far ahead (it rejoins through a sum of its own); asked
+    into a sum anyway, it cost that sum its whole deadline and, in a group of 3, the sum."""
+    graph = complete("abcd")
+    setups = secure_setups(graph)
+    sites = {n: gossip(n, graph, rounds=3, timeout=5.0, secure=setups) for n in graph}
+    held = {}
+
+    def deliver(actions, now):
+        queue = list(actions)
+        while queue:
+            n, action = queue.pop(0)
+            if isinstance(action, Send):
+                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
+            elif isinstance(action, Train) and action.round < 2:
+                queue += [(n, x) for x in sites[n].on_trained(action.round, random_model(n, action.round), now)]
+            elif isinstance(action, Train):
+                held[n] = action
+
+    deliver(start_all(sites), 0.0)
+    assert sorted(held) == list("abcd")  # rounds 0 and 1 mixed everywhere
+    a = sites["a"]
+    a.on_peers(set(), set(), {"b": 2, "c": 2, "d": 0}, 10.0)  # d restarted from an old checkpoint
+    groups = [x for x in moves(a.on_trained(2, random_model("a", 2), 10.0)) if isinstance(x, Send)]
+    assert sorted(x.to for x in groups if x.type == wire.GOSSIP_GROUP) == ["b", "c"]
+
+
 def test_a_secure_sum_does_not_wait_longer_for_a_member_that_is_not_behind():
     graph = complete("abcd")
     setups = secure_setups(graph)

@@ -201,7 +201,7 @@ class SecureMixer(Mixer):
         Returns None while it waits for keys, or for dead neighbours while too few are live
         (until the round's deadline); [] when too few members: keep the own model."""
         site = self.site
-        candidates = [n for n in site.live(site.round) if n not in self._suspects]
+        candidates = [n for n in site.live(site.round) if n not in self._suspects and not site.far_behind(n)]
         members = [n for n in candidates if n in self._run_shared]
         if len(members) < len(candidates) and now < site.deadline - site.round_timeout_s / 2:
             return None
