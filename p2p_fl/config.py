@@ -27,6 +27,7 @@ RING_ORDERS = ("listed", "shuffle")
 RING_FINALS = ("last", "average-last-cycle")
 GOSSIP_GRAPHS = ("complete", "ring", "regular:K", "edges")
 GOSSIP_AGGREGATIONS = robust.AGGREGATIONS
+OUTER_OPTIMIZERS = ("avg", "momentum", "adam")  # learn/outer.py
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ADDRESS = re.compile(r"^tcp://[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$|^ipc://.+$|^inproc://.+$")
@@ -92,6 +93,12 @@ class GossipConfig:
     # neighbour cannot drag the model (federate/robust.py). Secure sums hide every model.
     aggregation: str = "mean"
     trim: float = 0.2  # trimmed-mean: fraction of the models cut at each end, per coordinate
+    # After each round's mix: "avg" adopts the average (FedAvg); "momentum" (FedAvgM) or
+    # "adam" (FedAdam) take a step of that optimizer over rounds along start - average, the
+    # same step at every site (learn/outer.py). Post-processing: no privacy cost under DP.
+    outer_optimizer: str = "avg"
+    outer_learning_rate: float = 1.0
+    outer_momentum: float = 0.9  # Nesterov momentum; Adam's b1
 
 
 @dataclass(frozen=True)
@@ -496,6 +503,11 @@ def _check_gossip(t: Topology, fail) -> None:
              "gossip.secure = true a site sees only the masked sum (use \"mean\", or secure = false)")
     if not 0 <= g.trim < 0.5:
         fail(f"gossip.trim must be in [0, 0.5), got {g.trim}")
+    _choice(g.outer_optimizer, OUTER_OPTIMIZERS, "gossip.outer_optimizer", fail)
+    if not g.outer_learning_rate > 0:
+        fail(f"gossip.outer_learning_rate must be > 0, got {g.outer_learning_rate}")
+    if not 0 <= g.outer_momentum < 1:
+        fail(f"gossip.outer_momentum must be in [0, 1), got {g.outer_momentum}")
     if g.secure and t.network.insecure:
         fail("gossip.secure = true derives its masks from the CURVE keys; network.insecure = true has none")
     if g.samples:

@@ -425,6 +425,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "rounds": topology.training.rounds,
         "local_epochs": topology.training.local_epochs,
         "prox_mu": topology.training.prox_mu,
+        "outer_optimizer": topology.gossip.outer_optimizer if topology.protocol == "gossip" else "avg",
         "fedbn": topology.training.fedbn,
         "keep_optimizer_state": topology.training.keep_optimizer_state,
         "privacy": dataclasses.asdict(topology.privacy),
@@ -465,6 +466,8 @@ def _mean(values):
 def _options(summary: dict) -> str:
     """' · FedProx mu=0.01 · FedBN · optimizer state kept · DP' for the options a run used ('' for none)."""
     options = [f"FedProx mu={summary['prox_mu']:g}"] if summary.get("prox_mu") else []
+    outer = summary.get("outer_optimizer", "avg")
+    options += [] if outer == "avg" else [{"momentum": "FedAvgM", "adam": "FedAdam"}[outer]]
     options += ["FedBN"] if summary.get("fedbn") else []
     options += ["optimizer state kept"] if summary.get("keep_optimizer_state") else []
     options += ["DP"] if summary.get("privacy", {}).get("enabled") else []

@@ -28,6 +28,7 @@ from p2p_fl.fingerprint import federation_fingerprint
 from p2p_fl.learn import Learner
 from p2p_fl.learn.ensemble import evaluate_ensemble
 from p2p_fl.learn.models import model_code
+from p2p_fl.learn.outer import OuterOptimizer
 from p2p_fl.learn.privacy import BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
 from p2p_fl.net import Curve, load_secret_key
 from p2p_fl.protocols import EnsembleProtocol, Finish, GossipProtocol, LocalProtocol, RingProtocol, Train, Weights
@@ -100,7 +101,10 @@ def adopt_model(learner: Learner, weights: dict[str, np.ndarray], *, keep: froze
         learner.reset_optimizer()
 
 
-def make_protocol(topology: Topology, me: str, curve: Curve | None) -> Protocol:
+def make_protocol(topology: Topology, me: str, curve: Curve | None, initial: Weights | None = None,
+                  statistics: frozenset[str] = frozenset()) -> Protocol:
+    """This site's protocol. Gossip with an outer optimizer also needs the shared part of
+    the initial model and the names of its running statistics (the learner's)."""
     t = topology
     if t.protocol in RING_PROTOCOLS:
         cycles = ring_cycles(t.names, t.training.rounds, t.ring.order, t.seed, t.absences())
@@ -123,11 +127,15 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None) -> Protocol:
             keys = {p: k for p, k in curve.peer_keys.items() if p in near}
             secure = SecureSetup(t.federation, shared_secrets_with(curve.secret, keys, me),
                                  secure_fixed_point(graph, t.gossip.clip))
+        outer = None
+        if t.gossip.outer_optimizer != "avg":
+            outer = OuterOptimizer(t.gossip.outer_optimizer, t.gossip.outer_learning_rate,
+                                   t.gossip.outer_momentum, statistics)
         return GossipProtocol(me, graph, mixing_weights(graph, t.gossip.samples), t.training.rounds,
                               round_timeout_s=t.gossip.round_timeout_s, secure=secure,
                               aggregation=t.gossip.aggregation, trim=t.gossip.trim, away=t.absences(),
                               on_leave=t.gossip.on_leave, resume_wait_s=3 * t.network.heartbeat_interval_s,
-                              hello_interval_s=t.network.heartbeat_interval_s)
+                              hello_interval_s=t.network.heartbeat_interval_s, outer=outer, initial=initial)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
 
 
@@ -211,7 +219,8 @@ class Site:
                      self.dp.target_epsilon or "none")
         # FedBN: these tensors never leave the site; the transport knows only the shared ones.
         self.local = frozenset(self.learner.batchnorm_names()) if topology.training.fedbn else frozenset()
-        self.protocol = make_protocol(topology, name, curve)
+        self.protocol = make_protocol(topology, name, curve, initial=self.shared_weights(),
+                                      statistics=frozenset(self.learner.statistic_names()))
         self.fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes,
                                                   self.learner.weight_spec(), model_code(topology.training.model))
         listed = topology.gossip.samples.get(name) if topology.protocol == "gossip" else None
@@ -311,7 +320,11 @@ class Site:
                   "train_s": train_s, **self.privacy_fields()}
         if self.budget_reached_round is not None:
             record["budget_reached"] = True
-        return {k: v for k, v in self.learner.get_weights().items() if k not in self.local}, record
+        return self.shared_weights(), record
+
+    def shared_weights(self) -> Weights:
+        """The learner's model as the federation sees it: without FedBN's site-local tensors."""
+        return {k: v for k, v in self.learner.get_weights().items() if k not in self.local}
 
     def trained(self, record: dict) -> None:
         """A training's record is final (bytes and time added): log it; the learner's state

@@ -138,8 +138,8 @@ def main(argv: list[str]) -> int:
     attack, argv = argv[0], argv[1:]
     original = site_module.make_protocol
 
-    def make_protocol(topology, me, curve):
-        protocol = original(topology, me, curve)
+    def make_protocol(topology, me, curve, **options):
+        protocol = original(topology, me, curve, **options)
         if attack == "none":
             return protocol
         protocol.__class__ = {RingProtocol: InsiderRing, GossipProtocol: InsiderGossip}[type(protocol)]

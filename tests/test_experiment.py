@@ -88,8 +88,10 @@ def test_aggregate_gives_mean_spread_and_time_reduction_against_centralized():
     rows = [{"label": "centralized", "protocol": "centralized", "peers": 1, "partition": "pooled", "seed": s,
              "wall_s": w, "test_auc": 0.9} for s, w in ((0, 100.0), (1, 300.0))]
     rows += [{"label": "CWT", "protocol": "cwt", "peers": 3, "partition": "iid", "seed": s,
-              "wall_s": w, "test_auc": a} for s, w, a in ((0, 50.0, 0.8), (1, 150.0, 0.9), (2, 100.0, 1.0))]
+              "wall_s": w, "test_auc": a, "worst_site_auc": a - 0.05}
+             for s, w, a in ((0, 50.0, 0.8), (1, 150.0, 0.9), (2, 100.0, 1.0))]
     table = {r["label"]: r for r in aggregate(rows)}
+    assert table["CWT"]["worst_site_auc_min"] == pytest.approx(0.75)  # the least good site of the worst seed
     assert table["CWT"]["n"] == 3 and table["CWT"]["seeds"] == "0,1,2"
     assert table["CWT"]["test_auc"] == pytest.approx(0.9) and table["CWT"]["test_auc_std"] == pytest.approx(0.1)
     assert table["CWT"]["time_reduction"] == pytest.approx(0.5)  # 100 s against 200 s

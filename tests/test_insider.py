@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,13 @@ def run(config: Path, shards: dict[str, Path], out: Path, insider: str, attack: 
              "--key", str(config.parent / "keys" / f"{name}.key_secret"), "--out", str(out / name)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(out / name / "node.log").open("wb"))
     try:
-        return {n: p.wait(timeout=timeout) for n, p in procs.items()}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
+            # A site that failed leaves the others waiting out their start window: stop there.
+            if any(p.poll() not in (None, 0) for p in procs.values()):
+                break
+            time.sleep(0.2)
+        return {n: p.poll() for n, p in procs.items()}
     finally:
         for p in procs.values():
             if p.poll() is None:

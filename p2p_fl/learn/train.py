@@ -725,6 +725,10 @@ class Learner:
         sorted: what FedBN keeps at the site."""
         return list(self._batchnorm_names)
 
+    def statistic_names(self) -> list[str]:
+        """Names of the running statistics (BatchNorm mean and var): averaged, never trained."""
+        return list(self._stat_names)
+
     def get_weights(self) -> dict[str, np.ndarray]:
         """Parameters and BatchNorm statistics as fresh host arrays.
 

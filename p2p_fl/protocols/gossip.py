@@ -115,6 +115,9 @@ class GossipProtocol(Protocol):
             between training the checkpoint's round and rejoining a later one.
         hello_interval_s: how often run keys are sent again to peers that lack ours or ours theirs.
         run_key: this site's key for the run (None: a fresh one; a resumed node restores its own).
+        outer: the outer optimizer (learn/outer.py: `step(start, average)`, `snapshot`,
+            `restore`), or None to adopt each round's mix as it is (FedAvg).
+        initial: the model every site starts round 0 from (the outer step's first start).
 
     For the mixers (gossip_mixer.py): the settings above, the round state they read (`round`,
     `own`, `start_model`, `mixing`, `training`, `deadline`, `dead`, `final`, `finished`,
@@ -130,7 +133,8 @@ class GossipProtocol(Protocol):
     def __init__(self, me: str, graph: Adjacency, weights: dict[str, dict[str, float]], rounds: int, *,
                  round_timeout_s: float, secure: SecureSetup | None = None, aggregation: str = "mean",
                  trim: float = 0.2, away: dict[str, frozenset[int]] | None = None, on_leave: str = "forget",
-                 resume_wait_s: float = 3.0, hello_interval_s: float = 1.0, run_key: RunKey | None = None):
+                 resume_wait_s: float = 3.0, hello_interval_s: float = 1.0, run_key: RunKey | None = None,
+                 outer=None, initial: Weights | None = None):
         if me not in graph:
             raise ValueError(f"{me!r} is not a node of the gossip graph")
         if rounds < 1:
@@ -154,6 +158,10 @@ class GossipProtocol(Protocol):
         self.resume_wait_s = resume_wait_s
         self.hello_interval_s = hello_interval_s
         self.run_key = run_key or RunKey()  # in the checkpoint: a restarted node stays in its run
+        if outer is not None and initial is None:
+            raise ValueError("an outer optimizer needs the initial model (its first step starts there)")
+        self.outer = outer
+        self.initial = initial
         self.round = 0  # the round being trained or mixed
         self.finished = False
         self.training = False  # a Train of self.round is out and not yet back
@@ -183,6 +191,12 @@ class GossipProtocol(Protocol):
     def live(self, round: int) -> list[str]:
         """The neighbours expected in `round`: present by the plan and not dead."""
         return [n for n in self.neighbours if self.present(n, round) and n not in self.dead]
+
+    def far_behind(self, peer: str) -> bool:
+        """Whether `peer`'s heartbeats put it two or more rounds behind ours: resumed or cut
+        off, it refuses requests that far ahead and rejoins through a sum of its own, so a
+        sum of ours that waited for it would wait out its deadline (and, in a group of 3, fail)."""
+        return self._peer_rounds.get(peer, self.round) < self.round - 1
 
     def catching_up(self, members) -> bool:
         """Whether a live one of `members` reports (in its heartbeats) a round behind ours."""
@@ -261,6 +275,11 @@ class GossipProtocol(Protocol):
         `record` goes into the next Train's meta (the last, Finish's)."""
         order = self.own if self.own is not None else (self.start_model or mixed)
         mixed = {name: mixed[name] for name in order}  # the model's order, as the wire expects
+        start = self.start_model if self.start_model is not None else self.initial
+        if self.outer is not None and self.own is not None and "rejoined_from" not in record:
+            # A regular round: step from where it started along start - mix. A rejoining
+            # mix starts from a model the federation has left: it is adopted as it is.
+            mixed = self.outer.step(start, mixed)
         record = {"mixed_round": self.round, **record}
         self.rounds_mixed += record.get("survivors", 0) > 0 and not record.get("kept_own", False)
         self.last_alone = self.last_alone + 1 if record.get("survivors", 0) == 0 else 0
@@ -394,6 +413,8 @@ class GossipProtocol(Protocol):
         arrays = {f"start/{n}": a for n, a in model.items()}
         arrays["run_key"] = np.frombuffer(self.run_key.private_bytes(), np.uint8)
         arrays.update(mixer_arrays)
+        if self.outer is not None:
+            arrays.update(self.outer.snapshot())
         return state, arrays
 
     def restore(self, state: dict, arrays: Weights, now: float) -> None:
@@ -405,6 +426,8 @@ class GossipProtocol(Protocol):
         self.last_alone = state.get("last_alone", 0)
         self.run_key = RunKey(as_bytes(arrays["run_key"]))
         self.mixer.restore(state, arrays)
+        if self.outer is not None:
+            self.outer.restore(arrays, self.start_model if self.start_model is not None else self.initial)
         self._resume_until = now + self.resume_wait_s
 
     @property
