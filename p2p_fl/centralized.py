@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from p2p_fl.config import Topology, data_options
-from p2p_fl.data import load_dataset
+from p2p_fl.data import load_dataset, subsample
 from p2p_fl.site import learning_rate_at, make_learner
 
 
@@ -27,6 +27,7 @@ def run_centralized(topology: Topology, out: Path, *, dataset: str | None = None
     if seed is not None:
         topology = dataclasses.replace(topology, seed=seed)
     data = load_dataset(dataset or topology.data.dataset, **data_options(topology.data))
+    data = subsample(data, topology.data.train_images, topology.seed)  # the federation's pooled images
     epochs = epochs or topology.training.rounds * topology.training.local_epochs
     learner = make_learner(topology, data.num_classes, data.image_shape)
     started = time.monotonic()

@@ -112,6 +112,9 @@ class EnsembleConfig:
 class DataConfig:
     dataset: str = "builtin:pneumoniamnist"  # what launch partitions (a node with --data reads its own)
     partition: str = "iid"  # iid | dirichlet:ALPHA | quantity:ALPHA
+    # launch and centralized only: keep this many of the dataset's training images (drawn
+    # class by class, seeded; val cut by the same ratio, test whole) for small-data studies. 0: all.
+    train_images: int = 0
     # A test set every site also reports on (the headline), e.g. the test split of `dataset`;
     # "": each site's own test split is its headline. Never a default: a shared test set from
     # another source than a site's data scores a model of one dataset on another.
@@ -425,6 +428,8 @@ def _check_data(d: DataConfig, fail) -> None:
         parse_partition(d.partition)
     except ValueError as err:
         fail(f"data.partition: {err}")
+    if d.train_images < 0:
+        fail(f"data.train_images must be >= 0 (0: every training image), got {d.train_images}")
     if not 0 <= d.image_size <= MAX_IMAGE_SIZE:
         fail(f"data.image_size must be 1..{MAX_IMAGE_SIZE} pixels (or 0: the data's own), got {d.image_size}")
     if d.channels not in (0, 1, 3):

@@ -13,7 +13,7 @@ setting; the network settings every site's timing depends on; [data] image size,
 channels and classes, and the model each site actually built (input shape, number of
 classes, the names and shapes of its weights, and the package version of a model a site
 installed); the [[events]]. What may differ: where a site's data comes from
-(data.dataset, data.partition, data.test, and how its file names say the patient:
+(data.dataset, data.partition, data.train_images, data.test, and how its file names say the patient:
 data.patient_pattern) and how long it waits before
 giving up (network.run_timeout_s, network.start_window_s: its own patience).
 """
@@ -32,7 +32,7 @@ from p2p_fl.config import Topology
 # two settings collide (1 in 16M per field); the whole-set hash in the header has 64 bits.
 FIELD_HEX = 6
 HEADER_HEX = 16
-SITE_LOCAL = frozenset({"data.dataset", "data.partition", "data.test", "data.patient_pattern",
+SITE_LOCAL = frozenset({"data.dataset", "data.partition", "data.train_images", "data.test", "data.patient_pattern",
                         "network.run_timeout_s", "network.start_window_s"})
 
 

@@ -32,7 +32,7 @@ from rich.live import Live
 from rich.table import Table
 
 from p2p_fl.config import RING_PROTOCOLS, PeerConfig, Topology, data_options, dump_topology, parse_topology
-from p2p_fl.data import load_dataset, load_test_like, partition_dataset, save_npz
+from p2p_fl.data import load_dataset, load_test_like, partition_dataset, save_npz, subsample
 from p2p_fl.net import generate_keypair, load_public_key
 from p2p_fl.netns import Hosts, network_hosts
 
@@ -113,6 +113,7 @@ def prepare(topology: Topology, out: Path, console: Console,
     """Writes one data shard per site and the topology (loopback, or the hosts' addresses); returns both."""
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(topology.data.dataset, **data_options(topology.data))
+    dataset = subsample(dataset, topology.data.train_images, topology.seed)
     shards = partition_dataset(dataset, len(topology.peers), topology.data.partition, topology.seed)
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)

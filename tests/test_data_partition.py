@@ -13,6 +13,7 @@ from p2p_fl.data import (
     parse_partition,
     partition_dataset,
     quantity_skew,
+    subsample,
 )
 
 SCHEMES = {
@@ -144,3 +145,19 @@ def test_label_histogram_counts_every_class_even_absent_ones():
     assert label_histogram(np.array([0, 2, 2]), 4).tolist() == [1, 0, 2, 0]
     data = tiny_dataset(np.random.default_rng(0))
     assert label_histogram(data).sum() == len(data.train) and len(label_histogram(data)) == 3
+
+
+def test_subsample_keeps_the_class_mix_cuts_val_alike_and_keeps_the_whole_test_split(pneumonia):
+    small = subsample(pneumonia, 300, seed=0)
+    assert len(small.train) == 300 and len(small.test) == len(pneumonia.test)
+    assert len(small.val) == round(len(pneumonia.val) * 300 / len(pneumonia.train))
+    full, kept = (np.bincount(d.train.labels) / len(d.train) for d in (pneumonia, small))
+    np.testing.assert_allclose(kept, full, atol=1 / 300)  # class by class, rounding aside
+    rows = {bytes(image) for image in pneumonia.train.images.reshape(len(pneumonia.train), -1)}
+    assert all(bytes(image) in rows for image in small.train.images.reshape(300, -1))
+    again, other = subsample(pneumonia, 300, seed=0), subsample(pneumonia, 300, seed=1)
+    np.testing.assert_array_equal(again.train.images, small.train.images)
+    assert not np.array_equal(other.train.images, small.train.images)
+    assert subsample(pneumonia, 0) is pneumonia
+    with pytest.raises(ValueError, match="train_images"):
+        subsample(pneumonia, len(pneumonia.train) + 1)

@@ -7,6 +7,7 @@ from p2p_fl.data.partition import (
     parse_partition,
     partition_dataset,
     quantity_skew,
+    subsample,
 )
 from p2p_fl.data.sources import (
     BUILTIN,
@@ -35,5 +36,6 @@ __all__ = [
     "parse_partition",
     "partition_dataset",
     "quantity_skew",
+    "subsample",
     "save_npz",
 ]

@@ -157,6 +157,36 @@ def partition_dataset(dataset: Dataset, num_parts: int, spec: str = "iid", seed:
     ]
 
 
+def subsample(dataset: Dataset, train_images: int, seed: Seed = 0) -> Dataset:
+    """The dataset with `train_images` of its training images (0: all), drawn class by class
+    in proportion (seeded), and its validation split cut by the same ratio; the test split
+    stays whole, so that a small-data study is still scored on every test image.
+
+    Raises:
+        ValueError: more images asked for than the training split holds.
+    """
+    if not train_images or train_images == len(dataset.train):
+        return dataset
+    if not 0 < train_images < len(dataset.train):
+        raise ValueError(f"data.train_images {train_images}: the training split holds {len(dataset.train)}")
+    rng = np.random.default_rng(seed)
+    ratio = train_images / len(dataset.train)
+
+    def cut(split: Split, keep: int) -> Split:
+        if keep >= len(split):
+            return split
+        exact = _class_sizes(split.labels, dataset.num_classes) * keep / len(split)
+        counts = np.floor(exact).astype(np.int64)
+        counts[np.argsort(counts - exact)[:keep - counts.sum()]] += 1  # the largest remainders
+        index = np.concatenate([rng.choice(np.flatnonzero(split.labels == c), n, replace=False)
+                                for c, n in enumerate(counts) if n > 0])
+        return _subset(split, np.sort(index))
+
+    return Dataset(cut(dataset.train, train_images), cut(dataset.val, max(1, round(len(dataset.val) * ratio))),
+                   dataset.test, num_classes=dataset.num_classes, name=f"{dataset.name}-{train_images}",
+                   class_names=dataset.class_names)
+
+
 def label_histogram(dataset_or_labels: Dataset | Split | np.ndarray,
                     num_classes: int | None = None) -> np.ndarray:
     """Count samples per class.
