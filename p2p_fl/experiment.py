@@ -8,6 +8,7 @@ partitions and seeds; an optional centralized reference is trained once per seed
     partitions = ["iid", "dirichlet:0.5"]
     topology = "../../topologies/ring-3.toml"   # default base topology (paths: from this file)
     dataset = "builtin:pneumoniamnist"          # optional, for every run
+    train_images = 300               # optional, for every run: a small-data study (data.train_images)
 
     [centralized]                    # optional: the reference, model and optimiser from topology
     topology = "../../topologies/ring-3.toml"
@@ -50,7 +51,7 @@ from p2p_fl.config import PROTOCOLS, ConfigError, Topology, dump_topology, load_
 from p2p_fl.data import parse_partition
 from p2p_fl.launch import run_launch, with_overrides
 
-_TOP_FIELDS = {"seeds", "peers", "partitions", "topology", "dataset", "rounds", "local_epochs",
+_TOP_FIELDS = {"seeds", "peers", "partitions", "topology", "dataset", "train_images", "rounds", "local_epochs",
                "centralized", "federations"}
 _FEDERATION_FIELDS = {"label", "topology", "protocol", "peers", "partitions", "rounds", "local_epochs", "set"}
 _CENTRALIZED_FIELDS = {"topology", "epochs"}
@@ -98,6 +99,16 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
     default_peers = _int_list(raw, "peers", "peers", fail, default=None)
     default_partitions = _str_list(raw, "partitions", "partitions", fail, default=["iid"])
     dataset = _get(raw, "dataset", str, "dataset", fail)
+    train_images = _get(raw, "train_images", int, "train_images", fail)
+    if train_images is not None and train_images < 1:
+        fail(f"train_images must be >= 1, got {train_images}")
+
+    def with_data(topology: Topology) -> Topology:  # the sweep's dataset and training images, every run alike
+        if dataset:
+            topology = with_overrides(topology, dataset=dataset)
+        if train_images:
+            topology = dataclasses.replace(topology, data=dataclasses.replace(topology.data, train_images=train_images))
+        return topology
     default_base = _get(raw, "topology", str, "topology", fail)
     default_training = {k: _get(raw, k, int, k, fail) for k in ("rounds", "local_epochs")}
     runs: list[Run] = []
@@ -115,8 +126,7 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
         if epochs is not None and epochs < 1:
             fail(f"centralized.epochs must be >= 1, got {epochs}")
         epochs = epochs or topology.training.rounds * topology.training.local_epochs
-        if dataset:
-            topology = with_overrides(topology, dataset=dataset)
+        topology = with_data(topology)
         for seed in seeds:
             runs.append(Run(f"centralized-seed{seed}", "centralized", 1, "pooled", seed,
                             dataclasses.replace(topology, seed=seed), epochs))
@@ -167,7 +177,7 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
             for partition in partitions:
                 for seed in seeds:
                     try:
-                        t = with_overrides(topology, peers=peers, partition=partition, seed=seed, dataset=dataset)
+                        t = with_data(with_overrides(topology, peers=peers, partition=partition, seed=seed))
                     except ValueError as err:
                         fail(f"{where}: {err}")
                     t = parse_topology(tomllib.loads(dump_topology(t)), source=f"{path}: {where} with {peers} peers")

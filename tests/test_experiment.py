@@ -11,7 +11,7 @@ import pytest
 from processes import ROOT, p2p_fl, small_dataset
 
 from p2p_fl.config import ConfigError
-from p2p_fl.experiment import aggregate, load_sweep
+from p2p_fl.experiment import SweepError, aggregate, load_sweep
 
 RING = ROOT / "topologies" / "ring-3.toml"
 
@@ -58,6 +58,20 @@ set = {{ "training.batch_size" = 32 }}
     cwt = next(r for r in runs if r.name == "CWT-10-dirichlet0.5-seed0")
     assert len(cwt.topology.peers) == 10 and cwt.topology.data.partition == "dirichlet:0.5"
     assert runs[0].epochs == 4
+
+
+def test_train_images_shrinks_every_run_of_a_sweep_the_reference_included(tmp_path):
+    runs = load_sweep(write(tmp_path, f"""
+seeds = [0]
+topology = "{RING}"
+train_images = 300
+[centralized]
+[[federations]]
+label = "CWT"
+"""))
+    assert [r.topology.data.train_images for r in runs] == [300, 300]
+    with pytest.raises(SweepError, match="train_images"):
+        load_sweep(write(tmp_path, f'train_images = 0\ntopology = "{RING}"\n[centralized]\n'))
 
 
 @pytest.mark.parametrize("text, field", [
