@@ -60,6 +60,13 @@ class TrainingConfig:
     # fit. With DP-SGD keep it: a site's 1 to 10 noisy steps per round never build up SGD
     # momentum, which is what averages the noise out (docs/results.md, DP recipe).
     keep_optimizer_state: bool = False
+    # After the run, each site fine-tunes a copy of its final model this many epochs on its
+    # own training data (fresh optimizer, the base learning rate) and reports the copy's AUC
+    # on its own test split: personalized_test_auc, beside the shared model's local_test_auc.
+    # The copy is never saved nor sent. Not under DP (it would spend privacy) nor for an
+    # ensemble. 0: no fine-tune (the default: in one process, `--engine inproc`, each
+    # site's fine-tune compiles a program of its own shard's shape).
+    personalize_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -378,6 +385,8 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"training.batch_size must be >= 1, got {tr.batch_size}")
     if not tr.learning_rate > 0:
         fail(f"training.learning_rate must be > 0, got {tr.learning_rate}")
+    if tr.personalize_epochs < 0:
+        fail(f"training.personalize_epochs must be >= 0 (0: none), got {tr.personalize_epochs}")
     if not tr.prox_mu >= 0:
         fail(f"training.prox_mu must be >= 0, got {tr.prox_mu}")
     if tr.fedbn and t.protocol == "ensemble":

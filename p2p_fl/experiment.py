@@ -60,7 +60,8 @@ METRICS = (("test loss", "test_loss"), ("accuracy", "test_acc"), ("AUC", "test_a
            ("worst site AUC", "worst_site_auc"), ("worst site AUC, worst seed", "worst_site_auc_min"),
            ("rounds", "rounds"), ("epochs/site", "epochs_per_site"), ("wall s", "wall_s"),
            ("time reduction", "time_reduction"), ("site test loss", "local_test_loss"),
-           ("site test acc", "local_test_acc"), ("site test AUC", "local_test_auc"))
+           ("site test acc", "local_test_acc"), ("site test AUC", "local_test_auc"),
+           ("site test AUC, fine-tuned", "personalized_test_auc"))
 
 
 class SweepError(ConfigError):
@@ -336,7 +337,8 @@ def run_row(run: Run, summary: dict) -> dict:
     """One run's figures, flat (a row of runs.csv)."""
     final = summary.get("final", {})
     nodes = summary.get("nodes", [])
-    local = {k: _mean([n.get(k) for n in nodes]) for k in ("local_test_loss", "local_test_acc", "local_test_auc")}
+    local = {k: _mean([n.get(k) for n in nodes]) for k in ("local_test_loss", "local_test_acc", "local_test_auc",
+                                                            "personalized_test_auc")}
     if run.centralized:
         rounds, epochs_per_site = summary.get("epochs"), summary.get("epochs")
         wall = summary.get("process_wall_s", summary.get("wall_s"))

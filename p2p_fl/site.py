@@ -399,11 +399,27 @@ class Site:
         if final.members:  # an ensemble: every member, to predict again as this site did
             _save_npz_atomic(self.out_dir / "ensemble_models.npz",
                              {f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})
+        result.update(self._personalized(final))
         _write_json_atomic(self.out_dir / "result.json", result)
         self.checkpoint_path.unlink(missing_ok=True)  # the run is over: result.json and the model are its record
         self.emit({"event": "done", **{k: result[k] for k in ("test_auc", "test_acc", "test_loss", "bytes_sent",
                                                               "wall_s")}})
         return result
+
+
+    def _personalized(self, final: Finish) -> dict:
+        """The final model fine-tuned at this site (`training.personalize_epochs`), scored on
+        its own test split; the learner is left fine-tuned (its final model is saved before)."""
+        epochs = self.topology.training.personalize_epochs
+        if not epochs or self.dp is not None or final.members or not len(self.data.test):
+            return {}
+        self.emit({"event": "state", "state": "personalizing"})
+        self.learner.reset_optimizer()
+        self.learner.fit(self.data.train.images, self.data.train.labels, epochs=epochs,
+                         learning_rate=self.topology.training.learning_rate)
+        report = self.learner.evaluate(self.data.test.images, self.data.test.labels)
+        return {"personalized_test_auc": _plain(report["auc"]), "personalized_test_loss": _plain(report["loss"]),
+                "personalize_epochs": epochs}
 
 
 def _evaluate(learner: Learner, data: Dataset, common_test: Split | None, members: tuple = ()) -> dict:
