@@ -105,7 +105,8 @@ def test_a_site_killed_inside_a_sum_resumes_its_outer_optimizer_from_the_checkpo
     sums, so they end identical; the victim rejoins and ends with the federation."""
     data = small_dataset(tmp_path / "small.npz", train=400, val=80, test=120)
     text = (ROOT / "topologies" / "gossip-10.toml").read_text()
-    text = text.replace("clip = 16.0", 'clip = 16.0\nouter_optimizer = "adam"\nouter_learning_rate = 0.01')
+    text = text.replace('outer_optimizer = "momentum"', 'outer_optimizer = "adam"')
+    text = text.replace("outer_learning_rate = 1.0", "outer_learning_rate = 0.01")
     topology = tmp_path / "gossip-adam.toml"
     topology.write_text(text)
     out = tmp_path / "out"
