@@ -668,6 +668,37 @@ def test_a_secure_sum_waits_once_more_for_a_member_that_was_behind_and_still_tra
     assert a.final is not None and a.final.meta["survivors"] == 3 and a.final.meta["kept_own"] is False
 
 
+def test_plain_gossip_waits_once_more_for_a_neighbour_seen_a_round_behind():
+    """The secure sums' rule, in plain gossip: a neighbour seen a round behind (it waited a
+    deadline for a dying site that we did not) sends its model when it gets here. Without
+    the wait the site mixed without it, got a round ahead, and at the last round ended alone."""
+    graph = complete("abcd")
+    sites = {n: gossip(n, graph, rounds=2, timeout=5.0) for n in graph}
+    held = {}
+
+    def deliver(actions, now):
+        queue = list(actions)
+        while queue:
+            n, action = queue.pop(0)
+            if isinstance(action, Send):
+                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
+            elif isinstance(action, Train) and action.round == 0:
+                queue += [(n, x) for x in sites[n].on_trained(0, model({"a": 1, "b": 2, "c": 3, "d": 4}[n]), now)]
+            elif isinstance(action, Train):
+                held[n] = action
+
+    deliver(start_all(sites), 0.0)
+    assert sorted(held) == list("abcd")
+    a = sites["a"]
+    a.on_peers(set(), set(), {"b": 1, "c": 1, "d": 0}, 10.0)  # d: still at round 0
+    for n in "abc":
+        deliver([(n, x) for x in sites[n].on_trained(1, model(1.0), 10.0)], 10.0)
+    assert [x for x in a.on_tick(15.5) if isinstance(x, (Finish, Train))] == []  # past the deadline: waits on
+    deliver([("d", x) for x in sites["d"].on_trained(1, model(5.0), 17.0)], 17.0)
+    assert a.final is not None and a.final.meta["survivors"] == 3, a.final
+    np.testing.assert_allclose(a.final.weights["w"], 2.0)  # (1 + 1 + 1 + 5) / 4
+
+
 def test_a_secure_sum_leaves_out_a_neighbour_two_rounds_behind():
     """Found by the in-process engine and on CI: a site back from its checkpoint two rounds
     behind refuses requests that far ahead (it rejoins through a sum of its own); asked

@@ -23,6 +23,10 @@ class PlainMixer(Mixer):
         # a later round (what a site that is behind rejoins with).
         self._inbox: dict[int, dict[str, Weights]] = {}
         self._last_models: dict[str, Weights] = {}  # keep-last: each neighbour's last model
+        # The round in which a missing neighbour was seen a round behind, and the round whose
+        # deadline was moved on for it (once), as secure sums do.
+        self._behind_in = -1
+        self._extended_in = -1
 
     def on_message(self, msg: wire.Message, now: float) -> list[Action]:
         if msg.type == wire.GOSSIP_HELLO:
@@ -50,8 +54,17 @@ class PlainMixer(Mixer):
         if not site.mixing:
             return []
         heard = dict(self._inbox.get(site.round, {}))
-        waiting = any(n not in heard for n in site.live(site.round))
-        if (waiting and now < site.deadline) or (not heard and site.may_wait_for_the_dead(now)):
+        missing = [n for n in site.live(site.round) if n not in heard]
+        if missing and site.catching_up(missing):
+            self._behind_in = site.round  # it may reach our round just before our deadline
+        deadline = site.deadline + (site.round_timeout_s if self._extended_in == site.round else 0.0)
+        if missing and now >= deadline and self._behind_in == site.round and self._extended_in != site.round:
+            # A live neighbour a round behind (it waited for a site we did not) sends its
+            # model when it gets here: once, wait one more round time for it rather than end
+            # up a round ahead and, at the last round, alone (the secure sums' rule).
+            self._extended_in = site.round
+            return []
+        if (missing and now < deadline) or (not heard and site.may_wait_for_the_dead(now)):
             return []
         if site.on_leave == "keep-last":  # the absent and the silent count with their last model
             heard.update({n: m for n, m in self._last_models.items() if n not in heard})
