@@ -63,6 +63,7 @@ ZAP_DOMAIN = "p2p_fl"
 FRAME_OVERHEAD = 64
 HANDSHAKE_BYTES = 4096
 LOG_KEYS = 16  # distinct unknown keys whose refusal is logged by name
+SETUP_WARNINGS = 3  # changes of one peer's federation setup logged; later ones only counted
 WATCH_TICK_S = 0.02  # how often the watcher thread looks at the connections
 WATCH_PER_TICK = 256  # connections it measures per tick (in turn when there are more)
 IDLE_CUT_EVENTS_S = 10.0  # a cut idle connection's failed handshake is reported within this
@@ -371,6 +372,7 @@ class Peer:
         # Peer -> the fields in which its setup differs from ours (as its heartbeats tell),
         # while its messages carry another fingerprint; the driver decides what that means.
         self.mismatched: dict[str, list[str]] = {}
+        self._setup_changes: dict[str, int] = {}  # per peer: setup warnings logged (a few, then counted)
         self.federation = federation
         self.tensor_spec = list(tensor_spec)
         self.peer_names = frozenset(peers)
@@ -620,9 +622,19 @@ class Peer:
         if message.seq <= self._last_seq.get(message.sender, -1):
             return self.drop("replayed-seq", f"seq {message.seq} from {message.sender} not increasing")
         self._last_seq[message.sender] = message.seq
-        if self.mismatched.pop(message.sender, None) is not None:
+        if self.mismatched.pop(message.sender, None) is not None and self._setup_warning(message.sender):
             log.warning("%s: %s now runs the same federation setup", self.name, message.sender)
         return message
+
+    def _setup_warning(self, peer: str) -> bool:
+        """Whether a change of `peer`'s setup may still be logged: a few times, then once
+        more to say the rest are only counted (a peer switching setups on purpose, an
+        insider, must not flood the log; its dropped messages stay counted)."""
+        count = self._setup_changes[peer] = self._setup_changes.get(peer, 0) + 1
+        if count == SETUP_WARNINGS + 1:
+            log.warning("%s: %s changed its federation setup %d times; further changes are counted, not logged",
+                        self.name, peer, SETUP_WARNINGS)
+        return count <= SETUP_WARNINGS
 
     def _mismatch(self, err: wire.ConfigMismatch) -> None:
         """A peer under another fingerprint: which fields differ (known once its heartbeat
@@ -631,8 +643,10 @@ class Peer:
         known = self.mismatched.get(err.sender)
         if fields is not None and fields != known:
             self.mismatched[err.sender] = fields
-            log.warning("%s: %s runs another federation setup: %s differ; its messages are dropped until it "
-                        "runs the same topology file and p2p-fl version", self.name, err.sender, ", ".join(fields))
+            if self._setup_warning(err.sender):
+                log.warning("%s: %s runs another federation setup: %s differ; its messages are dropped until it "
+                            "runs the same topology file and p2p-fl version", self.name, err.sender,
+                            ", ".join(fields))
         elif known is None:
             self.mismatched[err.sender] = ["(not yet known)"]
         return self.drop("mismatched-setup", str(err))
