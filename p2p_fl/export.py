@@ -15,11 +15,11 @@ ONNX is left out: no maintained converter from JAX/Flax NNX to ONNX serves today
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from p2p_fl.files import write_atomic, write_json
 from p2p_fl.predict import load_site_model
 
 FILES = ("model.safetensors", "model.jaxexport", "model.json")
@@ -48,16 +48,10 @@ def export_site_model(run: Path, out: Path) -> dict:
     }
     weights = {k: np.ascontiguousarray(v) for k, v in learner.get_weights().items()}
     metadata = {k: json.dumps(v) for k, v in description.items() if k != "files"}
-    _atomic(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=metadata))
+    write_atomic(out / "model.safetensors", lambda tmp: save_file(weights, str(tmp), metadata=metadata))
     batch = jax.export.symbolic_shape("n")[0]
     exported = jax.export.export(jax.jit(learner.inference_function()))(
         jax.ShapeDtypeStruct((batch, h, w, c), jnp.float32))
-    _atomic(out / "model.jaxexport", lambda tmp: tmp.write_bytes(exported.serialize()))
-    _atomic(out / "model.json", lambda tmp: tmp.write_text(json.dumps(description, indent=2)))
+    write_atomic(out / "model.jaxexport", lambda tmp: tmp.write_bytes(exported.serialize()))
+    write_json(out / "model.json", description)
     return description
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -7,7 +7,6 @@ heartbeats keep going while JAX computes; the driver carries out what the protoc
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from p2p_fl.config import ConfigError, Topology
 from p2p_fl.data import Dataset, Split
 from p2p_fl.driver import Driver
+from p2p_fl.files import write_json
 from p2p_fl.net import Curve, Peer
 from p2p_fl.site import Emit, Site
 
@@ -59,12 +59,10 @@ class StatusFile:
                         "differs": peer.mismatched.get(other)}
                 for other in sorted(health.last_heard)}
         self.status["updated"] = time.time()
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.status, indent=2))
-            os.replace(tmp, self.path)
+            write_json(self.path, self.status)
         except OSError:  # a full disk: the status is a view, never a reason to stop
-            tmp.unlink(missing_ok=True)
+            pass
 
 
 class RunTimeout(Exception):

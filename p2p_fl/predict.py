@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from p2p_fl.data import DataError
 from p2p_fl.data.sources import image_files_under, read_images
+from p2p_fl.files import write_atomic
 
 
 class PredictError(ValueError):
@@ -68,12 +68,13 @@ def predict_files(run: Path, inputs: list[Path]) -> tuple[list[dict], list[Path]
 
 def write_csv(rows: list[dict], path: Path) -> None:
     """Writes the rows atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomic(path, write)
 
 
 def _images_of(path: Path) -> list[Path]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint,
 from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, gossip_graph
 from p2p_fl.data import Dataset, Split
 from p2p_fl.federate import shared_secrets_with
+from p2p_fl.files import write_json, write_npz
 from p2p_fl.fingerprint import federation_fingerprint
 from p2p_fl.learn import Learner
 from p2p_fl.learn.ensemble import evaluate_ensemble
@@ -389,18 +389,18 @@ class Site:
         })
         # The models first, result.json last (it marks the run finished), then the checkpoint
         # goes: a kill anywhere in between loses nothing.
-        _save_npz_atomic(self.out_dir / "final_model.npz", learner.get_weights())
+        write_npz(self.out_dir / "final_model.npz", learner.get_weights())
         headline = self.common_test if self.common_test is not None else self.data.test
         if not final.members and len(headline):
             # What the report's confusion matrix, calibration and AUC interval are computed
             # from: the site's own file (0600), never sent.
-            _save_npz_atomic(self.out_dir / "test_predictions.npz",
+            write_npz(self.out_dir / "test_predictions.npz",
                              {"labels": headline.labels, "probs": learner.predict_proba(headline.images)})
         if final.members:  # an ensemble: every member, to predict again as this site did
-            _save_npz_atomic(self.out_dir / "ensemble_models.npz",
+            write_npz(self.out_dir / "ensemble_models.npz",
                              {f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})
         result.update(self._personalized(final))
-        _write_json_atomic(self.out_dir / "result.json", result)
+        write_json(self.out_dir / "result.json", result)
         self.checkpoint_path.unlink(missing_ok=True)  # the run is over: result.json and the model are its record
         self.emit({"event": "done", **{k: result[k] for k in ("test_auc", "test_acc", "test_loss", "bytes_sent",
                                                               "wall_s")}})
@@ -450,14 +450,3 @@ def _plain(value):
     return value
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
-def _save_npz_atomic(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)

@@ -8,7 +8,6 @@ honest sites agree, their last sums went through, nobody was moved to another ro
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
