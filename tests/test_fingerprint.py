@@ -80,22 +80,28 @@ def test_sites_whose_topology_copies_differ_all_stop_before_round_0_naming_the_f
     assert "runs another federation setup: training.rounds" in outputs["c"][2]
 
 
-def test_after_the_start_a_peer_under_another_fingerprint_is_only_refused(tmp_path):
-    """A node that already runs (or resumed) keeps going: every message of the odd peer,
-    protocol-valid and CURVE-authenticated, is dropped and counted, the fields named."""
-    t = load_topology(write_federation(tmp_path, "ab", TOPOLOGY, federation="fp-peer"))
+def two_peers(tmp_path, federation, b_differs=False):
+    """Peers a and b of a two-site federation over CurveZMQ on loopback; returns (a, b,
+    ours, theirs), `theirs` being the fingerprint of the same topology with another
+    local_epochs: b's from the start with `b_differs`, else `ours` like a's."""
+    t = load_topology(write_federation(tmp_path, "ab", TOPOLOGY, federation=federation))
     ours = fingerprint_of(t)
     theirs = fingerprint_of(dataclasses.replace(t, training=dataclasses.replace(t.training, local_epochs=5)))
     keys = {n: tuple(k.decode() for k in zmq.curve_keypair()) for n in "ab"}
     addresses = {n: f"tcp://127.0.0.1:{p}" for n, p in zip("ab", free_ports(2))}
-    spec = [("w", "float32", (4,))]
 
     def peer(me, other, fingerprint):
         curve = Curve(keys[me][0], keys[me][1], {other: keys[other][0]})
-        return Peer(me, addresses[me], {other: addresses[other]}, "fp-peer", spec, curve=curve,
-                    heartbeat_interval_s=0.2, peer_timeout_s=2.0, fingerprint=fingerprint)
+        return Peer(me, addresses[me], {other: addresses[other]}, federation, [("w", "float32", (4,))],
+                    curve=curve, heartbeat_interval_s=0.2, peer_timeout_s=2.0, fingerprint=fingerprint)
 
-    a, b = peer("a", "b", ours), peer("b", "a", theirs)
+    return peer("a", "b", ours), peer("b", "a", theirs if b_differs else ours), ours, theirs
+
+
+def test_after_the_start_a_peer_under_another_fingerprint_is_only_refused(tmp_path):
+    """A node that already runs (or resumed) keeps going: every message of the odd peer,
+    protocol-valid and CURVE-authenticated, is dropped and counted, the fields named."""
+    a, b, _, _ = two_peers(tmp_path, "fp-peer", b_differs=True)
     try:
         deadline = time.monotonic() + 30  # generous: a busy machine
         while "b" not in a.mismatched or a.mismatched["b"] == ["(not yet known)"]:
@@ -113,19 +119,7 @@ def test_after_the_start_a_peer_under_another_fingerprint_is_only_refused(tmp_pa
 def test_a_peer_switching_setups_again_and_again_is_logged_a_few_times_then_only_counted(tmp_path, caplog):
     """An insider may flip its fingerprint on purpose: every flip used to be two warnings
     ("runs another setup", "now runs the same"). A few are logged, then only counted."""
-    t = load_topology(write_federation(tmp_path, "ab", TOPOLOGY, federation="fp-flip"))
-    ours = fingerprint_of(t)
-    theirs = fingerprint_of(dataclasses.replace(t, training=dataclasses.replace(t.training, local_epochs=5)))
-    keys = {n: tuple(k.decode() for k in zmq.curve_keypair()) for n in "ab"}
-    addresses = {n: f"tcp://127.0.0.1:{p}" for n, p in zip("ab", free_ports(2))}
-    spec = [("w", "float32", (4,))]
-
-    def peer(me, other, fingerprint):
-        curve = Curve(keys[me][0], keys[me][1], {other: keys[other][0]})
-        return Peer(me, addresses[me], {other: addresses[other]}, "fp-flip", spec, curve=curve,
-                    heartbeat_interval_s=0.2, peer_timeout_s=2.0, fingerprint=fingerprint)
-
-    a, b = peer("a", "b", ours), peer("b", "a", ours)
+    a, b, ours, theirs = two_peers(tmp_path, "fp-flip")
     caplog.set_level(logging.WARNING)
     try:
         for flip in range(8):

@@ -595,6 +595,26 @@ def test_a_secure_site_with_too_few_live_neighbours_waits_for_the_dead_until_the
     assert sorted(s.to for s in groups) == ["b", "c", "d"]  # a's sum now asks all three
 
 
+def hand_delivery(sites, held, *, train_below=1, trained=None):
+    """Delivers actions by hand: each Send goes over the wire to its site, a Train of a round
+    below `train_below` is trained at once (`trained(site, round)`, random models by
+    default), and later Trains wait in `held` (site -> Train) for the test to play."""
+    trained = trained or random_model
+
+    def deliver(actions, now):
+        queue = list(actions)
+        while queue:
+            n, action = queue.pop(0)
+            if isinstance(action, Send):
+                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
+            elif isinstance(action, Train) and action.round < train_below:
+                queue += [(n, x) for x in sites[n].on_trained(action.round, trained(n, action.round), now)]
+            elif isinstance(action, Train):
+                held[n] = action
+
+    return deliver
+
+
 def test_a_secure_sum_waits_once_more_for_a_live_member_still_a_round_behind():
     """Found in test_fault_tolerance on a busy machine: c did not wait for a dead site in
     round 6 while the others did, so c reached the last round a round-timeout ahead, its sum
@@ -607,16 +627,7 @@ def test_a_secure_sum_waits_once_more_for_a_live_member_still_a_round_behind():
     first = start_all(sites)  # every site's Train for round 0
     held = {}  # site -> its round-1 Train
 
-    def deliver(actions, now):
-        queue = list(actions)
-        while queue:
-            n, action = queue.pop(0)
-            if isinstance(action, Send):
-                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
-            elif isinstance(action, Train) and action.round == 0:
-                queue += [(n, x) for x in sites[n].on_trained(0, random_model(n, 0), now)]
-            elif isinstance(action, Train):
-                held[n] = action
+    deliver = hand_delivery(sites, held)
 
     deliver(first, 0.0)
     assert sorted(held) == list("abcd")  # round 0 mixed everywhere
@@ -643,16 +654,7 @@ def test_a_secure_sum_waits_once_more_for_a_member_that_was_behind_and_still_tra
     first = start_all(sites)
     held = {}
 
-    def deliver(actions, now):
-        queue = list(actions)
-        while queue:
-            n, action = queue.pop(0)
-            if isinstance(action, Send):
-                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
-            elif isinstance(action, Train) and action.round == 0:
-                queue += [(n, x) for x in sites[n].on_trained(0, random_model(n, 0), now)]
-            elif isinstance(action, Train):
-                held[n] = action
+    deliver = hand_delivery(sites, held)
 
     deliver(first, 0.0)
     a = sites["a"]
@@ -676,16 +678,7 @@ def test_plain_gossip_waits_once_more_for_a_neighbour_seen_a_round_behind():
     sites = {n: gossip(n, graph, rounds=2, timeout=5.0) for n in graph}
     held = {}
 
-    def deliver(actions, now):
-        queue = list(actions)
-        while queue:
-            n, action = queue.pop(0)
-            if isinstance(action, Send):
-                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
-            elif isinstance(action, Train) and action.round == 0:
-                queue += [(n, x) for x in sites[n].on_trained(0, model({"a": 1, "b": 2, "c": 3, "d": 4}[n]), now)]
-            elif isinstance(action, Train):
-                held[n] = action
+    deliver = hand_delivery(sites, held, trained=lambda n, r: model({"a": 1, "b": 2, "c": 3, "d": 4}[n]))
 
     deliver(start_all(sites), 0.0)
     assert sorted(held) == list("abcd")
@@ -708,16 +701,7 @@ def test_a_secure_sum_leaves_out_a_neighbour_two_rounds_behind():
     sites = {n: gossip(n, graph, rounds=3, timeout=5.0, secure=setups) for n in graph}
     held = {}
 
-    def deliver(actions, now):
-        queue = list(actions)
-        while queue:
-            n, action = queue.pop(0)
-            if isinstance(action, Send):
-                queue += [(action.to, x) for x in sites[action.to].on_message(over_the_wire(n, action), now)]
-            elif isinstance(action, Train) and action.round < 2:
-                queue += [(n, x) for x in sites[n].on_trained(action.round, random_model(n, action.round), now)]
-            elif isinstance(action, Train):
-                held[n] = action
+    deliver = hand_delivery(sites, held, train_below=2)
 
     deliver(start_all(sites), 0.0)
     assert sorted(held) == list("abcd")  # rounds 0 and 1 mixed everywhere
