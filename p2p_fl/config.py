@@ -42,6 +42,11 @@ class TrainingConfig:
     model: str = "small-cnn"
     rounds: int = 5  # ring cycles (cwt), or rounds of local training (local)
     local_epochs: int = 1
+    # A round (a ring hop) trains at least this many optimizer steps: a site whose
+    # local_epochs are fewer steps (a small shard: 100 images are one batch of 64) trains
+    # as many whole epochs as reach it. Each site counts its own steps, so a federation of
+    # small clinics adapts without anyone tuning epochs to it. 0: local_epochs as given.
+    min_local_steps: int = 0
     batch_size: int = 64
     optimizer: str = "adam"
     learning_rate: float = 1e-3
@@ -106,6 +111,10 @@ class GossipConfig:
     outer_optimizer: str = "avg"
     outer_learning_rate: float = 1.0
     outer_momentum: float = 0.9  # Nesterov momentum; Adam's b1
+    # The final model: the mean of the models the last this-many rounds' mixes gave (1: the
+    # last mix as it is). Averaging models already released is post-processing: under DP it
+    # costs no privacy and averages the last rounds' noise out (Polyak averaging).
+    average_last_rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -381,6 +390,8 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"training.rounds must be 1 for swt (one pass round the ring), got {tr.rounds}; use protocol = \"cwt\" for cycles")
     if tr.local_epochs < 1:
         fail(f"training.local_epochs must be >= 1, got {tr.local_epochs}")
+    if tr.min_local_steps < 0:
+        fail(f"training.min_local_steps must be >= 0 (0: local_epochs as given), got {tr.min_local_steps}")
     if tr.batch_size < 1:
         fail(f"training.batch_size must be >= 1, got {tr.batch_size}")
     if not tr.learning_rate > 0:
@@ -522,6 +533,9 @@ def _check_gossip(t: Topology, fail) -> None:
         fail(f"gossip.outer_learning_rate must be > 0, got {g.outer_learning_rate}")
     if not 0 <= g.outer_momentum < 1:
         fail(f"gossip.outer_momentum must be in [0, 1), got {g.outer_momentum}")
+    if not 1 <= g.average_last_rounds <= t.training.rounds:
+        fail(f"gossip.average_last_rounds must be in [1, training.rounds = {t.training.rounds}], "
+             f"got {g.average_last_rounds}")
     if g.secure and t.network.insecure:
         fail("gossip.secure = true derives its masks from the CURVE keys; network.insecure = true has none")
     if g.samples:

@@ -9,6 +9,7 @@ partitions and seeds; an optional centralized reference is trained once per seed
     topology = "../../topologies/ring-3.toml"   # default base topology (paths: from this file)
     dataset = "builtin:pneumoniamnist"          # optional, for every run
     train_images = 300               # optional, for every run: a small-data study (data.train_images)
+    set = { "training.min_local_steps" = 0 }    # optional, for every federation (before its own set)
 
     [centralized]                    # optional: the reference, model and optimiser from topology
     topology = "../../topologies/ring-3.toml"
@@ -52,12 +53,13 @@ from p2p_fl.data import parse_partition
 from p2p_fl.launch import run_launch, with_overrides
 
 _TOP_FIELDS = {"seeds", "peers", "partitions", "topology", "dataset", "train_images", "rounds", "local_epochs",
-               "centralized", "federations"}
+               "set", "centralized", "federations"}
 _FEDERATION_FIELDS = {"label", "topology", "protocol", "peers", "partitions", "rounds", "local_epochs", "set"}
 _CENTRALIZED_FIELDS = {"topology", "epochs"}
 # Figures averaged over seeds, in the tables' order: (column, key in a run's row).
 METRICS = (("test loss", "test_loss"), ("accuracy", "test_acc"), ("AUC", "test_auc"),
            ("worst site AUC", "worst_site_auc"), ("worst site AUC, worst seed", "worst_site_auc_min"),
+           ("AUC swing, last 3 rounds, worst", "test_auc_swing_max"),
            ("rounds", "rounds"), ("epochs/site", "epochs_per_site"), ("wall s", "wall_s"),
            ("time reduction", "time_reduction"), ("site test loss", "local_test_loss"),
            ("site test acc", "local_test_acc"), ("site test AUC", "local_test_auc"),
@@ -112,6 +114,9 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
         return topology
     default_base = _get(raw, "topology", str, "topology", fail)
     default_training = {k: _get(raw, k, int, k, fail) for k in ("rounds", "local_epochs")}
+    default_set = raw.get("set", {})
+    if not isinstance(default_set, dict):
+        fail("set must be a table of dotted topology fields, like { \"training.min_local_steps\" = 0 }")
     runs: list[Run] = []
 
     central = raw.get("centralized")
@@ -159,6 +164,8 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
         overrides = fed.get("set", {})
         if not isinstance(overrides, dict):
             fail(f"{where}.set must be a table of dotted topology fields, like {{ \"gossip.secure\" = false }}")
+        for key, value in default_set.items():  # the sweep's, then the entry's own
+            _set_dotted(raw_topology, key, value, "set", fail)
         for key, value in overrides.items():
             _set_dotted(raw_topology, key, value, f"{where}.set", fail)
         training = {k: _get(fed, k, int, f"{where}.{k}", fail) for k in ("rounds", "local_epochs")}
@@ -344,7 +351,9 @@ def run_row(run: Run, summary: dict) -> dict:
         wall = summary.get("process_wall_s", summary.get("wall_s"))
     else:
         rounds = summary.get("rounds")
-        epochs_per_site = (summary.get("rounds") or 0) * (summary.get("local_epochs") or 0)
+        # Sites below training.min_local_steps train more epochs a round than local_epochs.
+        per_round = _mean([n.get("epochs_per_round") for n in nodes]) or summary.get("local_epochs") or 0
+        epochs_per_site = (summary.get("rounds") or 0) * per_round
         wall = summary.get("wall_s")
     return {"run": run.name, "label": run.label, "protocol": summary.get("protocol"), "peers": run.peers,
             "partition": run.partition, "seed": run.seed, "test_loss": final.get("test_loss"),
@@ -354,6 +363,9 @@ def run_row(run: Run, summary: dict) -> dict:
             "worst_site_auc": min((n["test_auc"] for n in nodes if n.get("test_auc") is not None),
                                   default=final.get("test_auc")), "rounds": rounds,
             "epochs_per_site": epochs_per_site, "wall_s": wall,
+            # The largest move of a site's common-test AUC between consecutive rounds, last three.
+            "test_auc_swing": max((n["test_auc_swing"] for n in nodes if n.get("test_auc_swing") is not None),
+                                  default=None),
             "bytes_sent": sum(n.get("bytes_sent", 0) for n in nodes), **local}
 
 
@@ -377,6 +389,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
             if key == "worst_site_auc_min":  # the issue's bar: over sites and seeds, the least good
                 values = [m["worst_site_auc"] for m in members if m.get("worst_site_auc") is not None]
                 row[key] = min(values) if values else None
+                continue
+            if key == "test_auc_swing_max":  # the largest over sites and seeds
+                values = [m["test_auc_swing"] for m in members if m.get("test_auc_swing") is not None]
+                row[key] = max(values) if values else None
                 continue
             values = [m[key] for m in members if m.get(key) is not None]
             row[key] = statistics.mean(values) if values else None

@@ -425,6 +425,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "model": topology.training.model,
         "rounds": topology.training.rounds,
         "local_epochs": topology.training.local_epochs,
+        "min_local_steps": topology.training.min_local_steps,
         "prox_mu": topology.training.prox_mu,
         "outer_optimizer": topology.gossip.outer_optimizer if topology.protocol == "gossip" else "avg",
         "fedbn": topology.training.fedbn,
@@ -448,10 +449,12 @@ def _final_metrics(topology: Topology, nodes: list[dict]) -> dict:
 
     A ring ends with one model every site holds (any node's figures serve); after local
     training or gossip every site ends with its own model, so the figures are the mean over
-    sites (on a complete graph without dropouts the gossip models are equal anyway).
+    sites (on a complete graph without dropouts the gossip models are equal anyway). A site
+    that left for good ([[events]]) keeps the model it left with: it is not the federation's.
     """
     keys = ("test_loss", "test_acc", "test_auc", "test_sens", "test_spec", "test_threshold",
             "test_acc_at_val_threshold")
+    nodes = [n for n in nodes if n.get("final_left_at") is None] or nodes
     if not nodes:
         return {}
     if topology.protocol in SITE_MODEL_PROTOCOLS:

@@ -222,11 +222,14 @@ def _coming_back(sim: _Sim, pending: list[Fault]) -> bool:
 
 
 def _train(steps: list[tuple[Driver, Train]], clock: VirtualClock) -> None:
-    """Trains every site's step: sites without DP together (one computation), DP sites one by
+    """Trains every site's step: sites without DP together (one computation per epoch count), DP sites one by
     one (their own budget checks); then each driver hears of its trained step."""
-    together = [(d, s) for d, s in steps if d.site.dp is None]
     outcomes = {}
-    if together:
+    by_epochs: dict[int, list[tuple[Driver, Train]]] = {}
+    for d, s in steps:
+        if d.site.dp is None:
+            by_epochs.setdefault(d.site.local_epochs, []).append((d, s))
+    for epochs, together in by_epochs.items():
         rates = [d.site.begin_training(s) for d, s in together]
         t0 = time.monotonic()
         # On a CPU one site at a time through the shared padded program beats vmapping the
@@ -235,7 +238,7 @@ def _train(steps: list[tuple[Driver, Train]], clock: VirtualClock) -> None:
         per_call = 1 if jax.default_backend() == "cpu" else None
         losses = fit_together([d.site.learner for d, _ in together],
                               [(d.site.data.train.images, d.site.data.train.labels) for d, _ in together],
-                              epochs=together[0][0].site.topology.training.local_epochs, learning_rates=rates,
+                              epochs=epochs, learning_rates=rates,
                               max_sites_per_call=per_call)
         share = (time.monotonic() - t0) / len(together)  # each site's train_s: its share of the call
         for (d, s), site_losses in zip(together, losses):

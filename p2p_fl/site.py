@@ -20,7 +20,7 @@ import numpy as np
 
 from p2p_fl.checkpoint import FILENAME as CHECKPOINT_FILE
 from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefixed
-from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, gossip_graph
+from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, TrainingConfig, gossip_graph
 from p2p_fl.data import Dataset, Split
 from p2p_fl.federate import shared_secrets_with
 from p2p_fl.files import write_json, write_npz
@@ -67,13 +67,19 @@ def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, .
     )
 
 
+def epochs_per_round(training: TrainingConfig, steps_per_epoch: int) -> int:
+    """Epochs a site trains per round (ring hop): local_epochs, or the fewest whole epochs
+    that reach training.min_local_steps steps if local_epochs fall short."""
+    return max(training.local_epochs, -(-training.min_local_steps // max(steps_per_epoch, 1)))
+
+
 def dp_config(topology: Topology, num_train: int) -> DPConfig | None:
     """This site's DP-SGD settings from [privacy] and its shard size (None: DP is off).
 
     With a target epsilon and no noise multiplier, the noise is the smallest whose planned
-    run spends at most the target: training.rounds fits of local_epochs epochs on this shard,
-    the most any protocol asks of a site (a ring: one hop per cycle). The target is the
-    site's budget either way; ConfigError if no noise up to 1000 meets it.
+    run spends at most the target: training.rounds fits of `epochs_per_round` epochs on this
+    shard, the most any protocol asks of a site (a ring: one hop per cycle). The target is
+    the site's budget either way; ConfigError if no noise up to 1000 meets it.
     """
     p, t = topology.privacy, topology.training
     if not p.enabled:
@@ -84,7 +90,7 @@ def dp_config(topology: Topology, num_train: int) -> DPConfig | None:
     if not noise:
         sample_rate, steps = batch_sampling(num_train, t.batch_size)
         try:
-            noise = noise_for_target(budget, delta, sample_rate, t.rounds * t.local_epochs * steps)
+            noise = noise_for_target(budget, delta, sample_rate, t.rounds * epochs_per_round(t, steps) * steps)
         except ValueError as err:
             raise ConfigError(f"privacy.target_epsilon: {err} on {num_train} training samples") from None
     return DPConfig(clip_norm=p.clip_norm, noise_multiplier=noise, target_epsilon=budget, delta=delta)
@@ -135,7 +141,8 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None, initial: Wei
                               round_timeout_s=t.gossip.round_timeout_s, secure=secure,
                               aggregation=t.gossip.aggregation, trim=t.gossip.trim, away=t.absences(),
                               on_leave=t.gossip.on_leave, resume_wait_s=3 * t.network.heartbeat_interval_s,
-                              hello_interval_s=t.network.heartbeat_interval_s, outer=outer, initial=initial)
+                              hello_interval_s=t.network.heartbeat_interval_s, outer=outer, initial=initial,
+                              average_last_rounds=t.gossip.average_last_rounds)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
 
 
@@ -208,11 +215,13 @@ class Site:
         self.data = data
         self.out_dir = out_dir
         self.common_test = common_test
+        self._start_test_auc: float | None = None  # of the training under way
         self.emit = emit
         self.durable = durable
         self.checkpoints = checkpoints
         self.dp = dp_config(topology, len(data.train))
         self.learner = make_learner(topology, data.num_classes, data.image_shape, dp=self.dp)
+        self.local_epochs = epochs_per_round(topology.training, self.learner.steps_per_epoch(len(data.train)))
         if self.dp is not None:
             log.info("%s: DP-SGD with noise multiplier %.4g, clip norm %g, delta %.3g, budget epsilon %s",
                      name, self.dp.noise_multiplier, self.dp.clip_norm, self.dp.delta,
@@ -287,11 +296,11 @@ class Site:
 
         def on_epoch(epoch: int, loss: float) -> None:
             self.emit({"event": "epoch", "round": step.round, "epoch": epoch + 1,
-                       "epochs": self.topology.training.local_epochs, "loss": loss, **step.meta})
+                       "epochs": self.local_epochs, "loss": loss, **step.meta})
 
         try:
             losses = self.learner.fit(self.data.train.images, self.data.train.labels,
-                                      epochs=self.topology.training.local_epochs,
+                                      epochs=self.local_epochs,
                                       learning_rate=learning_rate, on_epoch=on_epoch)
         except BudgetExceeded as err:
             # Out of privacy budget, the site stops training but stays in the federation: it
@@ -307,17 +316,25 @@ class Site:
 
     def begin_training(self, step: Train) -> float:
         """Takes the model the step starts from; returns the step's learning rate."""
+        self._start_test_auc = None
         if step.weights is not None:
             adopt_model(self.learner, step.weights, keep=self.local,
                         keep_optimizer_state=self.topology.training.keep_optimizer_state)
+            if self.common_test is not None and len(self.common_test):
+                # The federation's model as this round got it, on the common test set: how
+                # the shared model moves from round to round (the swing in result.json).
+                self._start_test_auc = _plain(
+                    self.learner.evaluate(self.common_test.images, self.common_test.labels)["auc"])
         return learning_rate_at(self.topology, step.progress)
 
     def end_training(self, step: Train, losses: list, train_s: float) -> tuple[Weights, dict]:
         val = self.learner.evaluate(self.data.val.images, self.data.val.labels)
         record = {"round": step.round, **step.meta, "lr": learning_rate_at(self.topology, step.progress),
-                  "train_loss": _plain(losses[-1]), "val_loss": _plain(val["loss"]),
+                  "epochs": len(losses), "train_loss": _plain(losses[-1]), "val_loss": _plain(val["loss"]),
                   "val_auc": _plain(val["auc"]),  # None: one class only
                   "train_s": train_s, **self.privacy_fields()}
+        if self._start_test_auc is not None:
+            record["start_test_auc"] = self._start_test_auc
         if self.budget_reached_round is not None:
             record["budget_reached"] = True
         return self.shared_weights(), record
@@ -381,6 +398,7 @@ class Site:
             "prox_mu": topology.training.prox_mu,
             "fedbn": topology.training.fedbn,
             "keep_optimizer_state": topology.training.keep_optimizer_state,
+            "epochs_per_round": self.local_epochs,
             **({} if dp is None else {
                 **self.privacy_fields(), "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
                 "target_epsilon": dp.target_epsilon, "budget_reached_round": self.budget_reached_round}),
@@ -399,6 +417,7 @@ class Site:
         if final.members:  # an ensemble: every member, to predict again as this site did
             write_npz(self.out_dir / "ensemble_models.npz",
                              {f"member{i}/{k}": v for i, m in enumerate(final.members) for k, v in m.items()})
+        result["test_auc_swing"] = self._last_rounds_swing(result.get("test_auc"))
         result.update(self._personalized(final))
         write_json(self.out_dir / "result.json", result)
         self.checkpoint_path.unlink(missing_ok=True)  # the run is over: result.json and the model are its record
@@ -406,6 +425,20 @@ class Site:
                                                               "wall_s")}})
         return result
 
+
+    def _last_rounds_swing(self, final_auc: float | None) -> float | None:
+        """The largest change of the common-test AUC between consecutive rounds over the last
+        three models (the starts of the last two trainings, then the final one), read back
+        from metrics.jsonl so that a restart loses nothing; None without a common test set."""
+        if final_auc is None or self.common_test is None:
+            return None
+        aucs = []
+        for line in self.metrics_path.read_text().splitlines():
+            auc = json.loads(line).get("start_test_auc")
+            if auc is not None:
+                aucs.append(auc)
+        last = (aucs + [final_auc])[-3:]
+        return max((abs(b - a) for a, b in zip(last, last[1:])), default=None)
 
     def _personalized(self, final: Finish) -> dict:
         """The final model fine-tuned at this site (`training.personalize_epochs`), scored on

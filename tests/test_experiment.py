@@ -74,8 +74,23 @@ label = "CWT"
         load_sweep(write(tmp_path, f'train_images = 0\ntopology = "{RING}"\n[centralized]\n'))
 
 
+def test_a_sweep_wide_set_applies_to_every_federation_before_its_own(tmp_path):
+    runs = load_sweep(write(tmp_path, f"""
+seeds = [0]
+topology = "{RING}"
+set = {{ "training.min_local_steps" = 4, "training.batch_size" = 32 }}
+[[federations]]
+label = "a"
+[[federations]]
+label = "b"
+set = {{ "training.batch_size" = 16 }}
+"""))
+    assert [(r.topology.training.min_local_steps, r.topology.training.batch_size) for r in runs] == [(4, 32), (4, 16)]
+
+
 @pytest.mark.parametrize("text, field", [
     ("seeds = [0]\nbogus = 1\n[centralized]\n", "unknown field bogus"),
+    (f'set = 3\n[[federations]]\nlabel = "a"\ntopology = "{RING}"\n', "set must be a table"),
     ("seeds = 0\n[centralized]\n", "seeds must be a non-empty list of integers"),
     (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\npeers = ["3"]\n', "federations[0].peers"),
     (f'[[federations]]\nlabel = "a b"\ntopology = "{RING}"\n', "federations[0].label"),

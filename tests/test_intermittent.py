@@ -303,3 +303,16 @@ def test_a_repair_copy_a_live_site_does_not_take_is_dropped_not_passed_on():
     a.on_peers(set(), {"b"}, {}, 6.0)  # b is back from its checkpoint
     actions = a.on_tick(5.0 + 61)  # c never took the copy (it heard from b)
     assert not [x for x in actions if isinstance(x, (Send, Train))] and not a._pending
+
+
+def test_the_federation_s_figures_leave_out_a_site_that_left_for_good():
+    """A site gone for good keeps the model it left with: launch's summary averages the sites
+    present at the end (the experiment's worst-site column still sees every site)."""
+    from p2p_fl.launch import _final_metrics
+
+    topology = parse_topology({"federation": "f", "protocol": "gossip",
+                               "peers": [{"name": n} for n in "abc"], "gossip": {"secure": False}})
+    nodes = [{"name": "a", "test_auc": 0.9}, {"name": "b", "test_auc": 0.8},
+             {"name": "c", "test_auc": 0.5, "final_left_at": 3}]
+    assert _final_metrics(topology, nodes)["test_auc"] == pytest.approx(0.85)
+    assert _final_metrics(topology, nodes[2:])["test_auc"] == 0.5  # nobody else: what there is

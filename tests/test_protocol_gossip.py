@@ -725,3 +725,41 @@ def test_a_secure_sum_does_not_wait_longer_for_a_member_that_is_not_behind():
         a.on_message(over_the_wire(n, reply), 1.0)
     (train,) = [x for x in moves(a.on_tick(5.0)) if isinstance(x, Train)]  # at the deadline, as before
     assert train.round == 1 and train.meta["dropped"] == "d"
+
+
+def test_the_final_model_averages_the_last_rounds_mixes_and_training_goes_on_from_each_mix():
+    """gossip.average_last_rounds: the final model is the mean of the last K mixes (Polyak
+    averaging of models already released); each round still trains from its own mix, and the
+    sum so far survives a checkpoint."""
+    graph = complete("abc")
+    value = {"a": 1.0, "b": 2.0, "c": 6.0}
+    sites = {n: GossipProtocol(n, graph, mixing_weights(graph, {}), 4, round_timeout_s=10.0,
+                               average_last_rounds=3) for n in graph}
+    starts = {}
+
+    def train(site, step):
+        if step.weights is not None:
+            starts[(site, step.round)] = float(step.weights["w"][0])
+        if site == "a" and step.round == 3:  # the sum of rounds 1 and 2 so far, through a checkpoint
+            state, arrays = sites["a"].snapshot()
+            fresh = GossipProtocol("a", graph, mixing_weights(graph, {}), 4, round_timeout_s=10.0,
+                                   average_last_rounds=3)
+            fresh.restore(state, arrays, 0.0)
+            assert fresh._tail_count == 2
+            np.testing.assert_allclose(fresh._tail["w"], (3.0 + 1) + (3.0 + 2))
+        return model(value[site] + step.round)  # round r's mix: mean 3 + r
+
+    finals = route(sites, train, over_the_wire).finals
+    assert {starts[("a", r)] for r in (1, 2, 3)} == {3.0 + 0, 3.0 + 1, 3.0 + 2}  # each round from its mix
+    for final in finals.values():
+        np.testing.assert_allclose(final.weights["w"], ((3 + 1) + (3 + 2) + (3 + 3)) / 3, rtol=1e-6)
+        assert final.meta["averaged_rounds"] == 3 and final.weights["w"].dtype == np.float32
+
+
+def test_average_last_rounds_must_fit_the_rounds():
+    from p2p_fl.config import ConfigError, parse_topology
+
+    raw = {"federation": "f", "protocol": "gossip", "peers": [{"name": n} for n in "abc"],
+           "training": {"rounds": 3}, "gossip": {"average_last_rounds": 4}}
+    with pytest.raises(ConfigError, match=r"gossip.average_last_rounds must be in \[1, training.rounds = 3\]"):
+        parse_topology(raw)

@@ -627,6 +627,14 @@ class Learner:
                 on_epoch(epoch, losses[-1])
         return losses
 
+    def steps_per_epoch(self, num_examples: int) -> int:
+        """Optimizer steps of one epoch over ``num_examples`` examples: whole batches (at
+        most the shard), the rest dropped; under DP-SGD the Poisson steps whose expected
+        batches add up to the shard (``privacy.batch_sampling``)."""
+        if self.dp is not None:
+            return privacy.batch_sampling(num_examples, self.batch_size)[1]
+        return num_examples // max(1, min(self.batch_size, num_examples))
+
     @property
     def dp_sampling(self) -> str | None:
         """How DP-SGD batches are drawn, as the accountant assumes
