@@ -454,7 +454,7 @@ def _scaling_child(spec: dict) -> dict:
     topology = with_overrides(load_topology(root / "topologies" / spec["template"]), peers=peers,
                               rounds=spec["rounds"], local_epochs=1, dataset=str(data))
     topology = dataclasses.replace(topology, data=dataclasses.replace(topology.data, test=""),
-                                   training=dataclasses.replace(topology.training, batch_size=32))
+                                   training=dataclasses.replace(topology.training, batch_size=32, min_local_steps=0))
     with open(os.devnull, "w") as devnull:
         summary = run_launch(topology, out / "run", console=Console(file=devnull))
     round_s = _round_seconds(out / "run", [p.name for p in topology.peers])
@@ -553,7 +553,8 @@ def _child_run(spec: dict) -> dict:
 
         topology = with_overrides(load_topology(root / "topologies" / spec["template"]), peers=spec["peers"],
                                   rounds=spec["rounds"], local_epochs=1)
-        topology = dataclasses.replace(topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"]))
+        topology = dataclasses.replace(topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"]),
+                                       training=dataclasses.replace(topology.training, min_local_steps=0))
         with open(os.devnull, "w") as devnull:
             summary = run_launch(topology, out, console=Console(file=devnull), engine="inproc")
         names = [p.name for p in topology.peers]

@@ -61,10 +61,10 @@ SITES = 4
 NETWORK = ("[network]\nheartbeat_interval_s = 0.3\npeer_timeout_s = 2.0\nack_timeout_s = 0.5\n"
            "handoff_timeout_s = 20.0\nrun_timeout_s = 300.0\nstart_window_s = 60.0\n")
 PROTOCOLS = {
-    "cwt": 'protocol = "cwt"\n[training]\nrounds = 3\nlocal_epochs = 1\n[ring]\nfinal = "last"\n',
-    "gossip": 'protocol = "gossip"\n[training]\nrounds = 4\nlocal_epochs = 1\noptimizer = "sgd"\n'
+    "cwt": 'protocol = "cwt"\n[training]\nrounds = 3\nlocal_epochs = 1\nmin_local_steps = 0\n[ring]\nfinal = "last"\n',
+    "gossip": 'protocol = "gossip"\n[training]\nrounds = 4\nlocal_epochs = 1\nmin_local_steps = 0\noptimizer = "sgd"\n'
               'learning_rate = 0.05\n[gossip]\nsecure = false\nround_timeout_s = 10.0\n',
-    "secure-gossip": 'protocol = "gossip"\n[training]\nrounds = 4\nlocal_epochs = 1\noptimizer = "sgd"\n'
+    "secure-gossip": 'protocol = "gossip"\n[training]\nrounds = 4\nlocal_epochs = 1\nmin_local_steps = 0\noptimizer = "sgd"\n'
                      'learning_rate = 0.05\n[gossip]\nsecure = true\nround_timeout_s = 10.0\n',
 }
 # Sites whose last mix took in every neighbour hold one model: plain gossip up to float32

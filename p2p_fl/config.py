@@ -45,8 +45,10 @@ class TrainingConfig:
     # A round (a ring hop) trains at least this many optimizer steps: a site whose
     # local_epochs are fewer steps (a small shard: 100 images are one batch of 64) trains
     # as many whole epochs as reach it. Each site counts its own steps, so a federation of
-    # small clinics adapts without anyone tuning epochs to it. 0: local_epochs as given.
-    min_local_steps: int = 0
+    # small clinics adapts without anyone tuning epochs to it (docs/results.md: 300 images
+    # over 3 sites, gossip-3 went from 0.757 to 0.946 test AUC, ring-3 from 0.913 to 0.954;
+    # 10 sites with 25 to 1,400 images each, no change). 0: local_epochs as given.
+    min_local_steps: int = 16
     batch_size: int = 64
     optimizer: str = "adam"
     learning_rate: float = 1e-3

@@ -13,14 +13,14 @@ partitions and seeds; an optional centralized reference is trained once per seed
 
     [centralized]                    # optional: the reference, model and optimiser from topology
     topology = "../../topologies/ring-3.toml"
-    epochs = 5
+    epochs = 5                       # or a list, [5, 40]: after the first, centralized-40ep
 
     [[federations]]
     label = "CWT"                    # names the rows and the run folders
     topology = "../../topologies/ring-3.toml"   # or `protocol = "cwt"` on the default base
     rounds = 5
     local_epochs = 1
-    peers = [3, 10]                  # overrides the default lists
+    peers = [3, 10]                  # overrides the default lists (seeds, peers, partitions)
     set = { "gossip.secure" = false }           # any other topology field, dotted
 
 Each federation runs through `launch` (one process per site, or with `--engine inproc` all
@@ -54,7 +54,7 @@ from p2p_fl.launch import run_launch, with_overrides
 
 _TOP_FIELDS = {"seeds", "peers", "partitions", "topology", "dataset", "train_images", "rounds", "local_epochs",
                "set", "centralized", "federations"}
-_FEDERATION_FIELDS = {"label", "topology", "protocol", "peers", "partitions", "rounds", "local_epochs", "set"}
+_FEDERATION_FIELDS = {"label", "topology", "protocol", "seeds", "peers", "partitions", "rounds", "local_epochs", "set"}
 _CENTRALIZED_FIELDS = {"topology", "epochs"}
 # Figures averaged over seeds, in the tables' order: (column, key in a run's row).
 METRICS = (("test loss", "test_loss"), ("accuracy", "test_acc"), ("AUC", "test_auc"),
@@ -128,14 +128,19 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
         if base is None:
             fail("centralized.topology is missing (and there is no top-level topology)")
         topology = _load_base(path, base, "centralized.topology", fail)
-        epochs = _get(central, "epochs", int, "centralized.epochs", fail)
-        if epochs is not None and epochs < 1:
-            fail(f"centralized.epochs must be >= 1, got {epochs}")
-        epochs = epochs or topology.training.rounds * topology.training.local_epochs
+        if isinstance(central.get("epochs"), list):  # more references: centralized-<E>ep after the first
+            epochs_list = _int_list(central, "epochs", "centralized.epochs", fail, default=None)
+        else:
+            epochs = _get(central, "epochs", int, "centralized.epochs", fail)
+            epochs_list = [epochs or topology.training.rounds * topology.training.local_epochs]
+        if any(e < 1 for e in epochs_list):
+            fail(f"centralized.epochs must be >= 1, got {epochs_list}")
         topology = with_data(topology)
-        for seed in seeds:
-            runs.append(Run(f"centralized-seed{seed}", "centralized", 1, "pooled", seed,
-                            dataclasses.replace(topology, seed=seed), epochs))
+        for i, epochs in enumerate(epochs_list):
+            label = "centralized" if i == 0 else f"centralized-{epochs}ep"
+            for seed in seeds:
+                runs.append(Run(f"{label}-seed{seed}", label, 1, "pooled", seed,
+                                dataclasses.replace(topology, seed=seed), epochs))
 
     federations = raw.get("federations", [])
     if not isinstance(federations, list) or not all(isinstance(f, dict) for f in federations):
@@ -176,6 +181,7 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
         topology = parse_topology(raw_topology, source=f"{path}: {where}")
         peers_list = _int_list(fed, "peers", f"{where}.peers", fail, default=default_peers) or [len(topology.peers)]
         partitions = _str_list(fed, "partitions", f"{where}.partitions", fail, default=default_partitions)
+        fed_seeds = _int_list(fed, "seeds", f"{where}.seeds", fail, default=seeds)
         for j, partition in enumerate(partitions):
             try:
                 parse_partition(partition)
@@ -183,7 +189,7 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
                 fail(f"{where}.partitions[{j}]: {err}")
         for peers in peers_list:
             for partition in partitions:
-                for seed in seeds:
+                for seed in fed_seeds:
                     try:
                         t = with_data(with_overrides(topology, peers=peers, partition=partition, seed=seed))
                     except ValueError as err:

@@ -221,7 +221,12 @@ class Site:
         self.checkpoints = checkpoints
         self.dp = dp_config(topology, len(data.train))
         self.learner = make_learner(topology, data.num_classes, data.image_shape, dp=self.dp)
-        self.local_epochs = epochs_per_round(topology.training, self.learner.steps_per_epoch(len(data.train)))
+        steps = self.learner.steps_per_epoch(len(data.train))
+        self.local_epochs = epochs_per_round(topology.training, steps)
+        if self.local_epochs > topology.training.local_epochs:
+            log.info("%s: %d training images are %d step(s) an epoch: %d epochs a round reach "
+                     "training.min_local_steps = %d", name, len(data.train), steps, self.local_epochs,
+                     topology.training.min_local_steps)
         if self.dp is not None:
             log.info("%s: DP-SGD with noise multiplier %.4g, clip norm %g, delta %.3g, budget epsilon %s",
                      name, self.dp.noise_multiplier, self.dp.clip_norm, self.dp.delta,

@@ -88,8 +88,22 @@ set = {{ "training.batch_size" = 16 }}
     assert [(r.topology.training.min_local_steps, r.topology.training.batch_size) for r in runs] == [(4, 32), (4, 16)]
 
 
+def test_an_entry_may_run_fewer_seeds_than_the_sweep(tmp_path):
+    runs = load_sweep(write(tmp_path, f'seeds = [0, 1, 2]\ntopology = "{RING}"\n[[federations]]\nlabel = "all"\n'
+                                      '[[federations]]\nlabel = "screen"\nseeds = [0]\n'))
+    assert [r.name for r in runs] == ["all-3-iid-seed0", "all-3-iid-seed1", "all-3-iid-seed2", "screen-3-iid-seed0"]
+
+
+def test_a_list_of_centralized_epochs_adds_references_after_the_first(tmp_path):
+    runs = load_sweep(write(tmp_path, f'seeds = [0, 1]\ntopology = "{RING}"\n[centralized]\nepochs = [5, 40]\n'))
+    assert [(r.name, r.label, r.epochs) for r in runs] == [
+        ("centralized-seed0", "centralized", 5), ("centralized-seed1", "centralized", 5),
+        ("centralized-40ep-seed0", "centralized-40ep", 40), ("centralized-40ep-seed1", "centralized-40ep", 40)]
+
+
 @pytest.mark.parametrize("text, field", [
     ("seeds = [0]\nbogus = 1\n[centralized]\n", "unknown field bogus"),
+    (f'topology = "{RING}"\n[centralized]\nepochs = [5, 0]\n', "centralized.epochs must be >= 1"),
     (f'set = 3\n[[federations]]\nlabel = "a"\ntopology = "{RING}"\n', "set must be a table"),
     ("seeds = 0\n[centralized]\n", "seeds must be a non-empty list of integers"),
     (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\npeers = ["3"]\n', "federations[0].peers"),
