@@ -113,10 +113,6 @@ class GossipConfig:
     outer_optimizer: str = "avg"
     outer_learning_rate: float = 1.0
     outer_momentum: float = 0.9  # Nesterov momentum; Adam's b1
-    # The final model: the mean of the models the last this-many rounds' mixes gave (1: the
-    # last mix as it is). Averaging models already released is post-processing: under DP it
-    # costs no privacy and averages the last rounds' noise out (Polyak averaging).
-    average_last_rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -535,9 +531,6 @@ def _check_gossip(t: Topology, fail) -> None:
         fail(f"gossip.outer_learning_rate must be > 0, got {g.outer_learning_rate}")
     if not 0 <= g.outer_momentum < 1:
         fail(f"gossip.outer_momentum must be in [0, 1), got {g.outer_momentum}")
-    if not 1 <= g.average_last_rounds <= t.training.rounds:
-        fail(f"gossip.average_last_rounds must be in [1, training.rounds = {t.training.rounds}], "
-             f"got {g.average_last_rounds}")
     if g.secure and t.network.insecure:
         fail("gossip.secure = true derives its masks from the CURVE keys; network.insecure = true has none")
     if g.samples:

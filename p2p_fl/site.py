@@ -141,8 +141,7 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None, initial: Wei
                               round_timeout_s=t.gossip.round_timeout_s, secure=secure,
                               aggregation=t.gossip.aggregation, trim=t.gossip.trim, away=t.absences(),
                               on_leave=t.gossip.on_leave, resume_wait_s=3 * t.network.heartbeat_interval_s,
-                              hello_interval_s=t.network.heartbeat_interval_s, outer=outer, initial=initial,
-                              average_last_rounds=t.gossip.average_last_rounds)
+                              hello_interval_s=t.network.heartbeat_interval_s, outer=outer, initial=initial)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
 
 

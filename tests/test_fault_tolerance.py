@@ -208,7 +208,8 @@ def test_a_site_restarted_after_spending_its_privacy_budget_keeps_its_epsilon_an
 
     rate, steps = batch_sampling(400, 32)  # shards4's 400 training images, batch 32
     two_rounds, three_rounds = (privacy_spent(1.0, rate, r * steps, default_delta(400)) for r in (2, 3))
-    settings = ('protocol = "local"\n[training]\nrounds = 8\nlocal_epochs = 1\nbatch_size = 32\n[data]\ntest = ""\n'
+    settings = ('protocol = "local"\n[training]\nrounds = 8\nlocal_epochs = 1\nmin_local_steps = 0\nbatch_size = 32\n'
+                '[data]\ntest = ""\n'
                 f'[privacy]\nenabled = true\nnoise_multiplier = 1.0\ntarget_epsilon = {(two_rounds + three_rounds) / 2!r}\n')
     config = write_federation(tmp_path, ["a"], federation="dp-resume", settings=settings)
     fed = Federation(config, {"a": shards4["a"]}, tmp_path / "out")

@@ -145,7 +145,8 @@ def test_dp_ring_reports_epsilon_and_stops_training_at_its_budget(tmp_path):
     config = tmp_path / "ring.toml"
     config.write_text(
         'federation = "dp-ring"\nprotocol = "cwt"\n'
-        f'[training]\nrounds = 3\nlocal_epochs = {epochs}\nbatch_size = {batch}\nprox_mu = 0.01\nfedbn = true\n'
+        f'[training]\nrounds = 3\nlocal_epochs = {epochs}\nmin_local_steps = 0\nbatch_size = {batch}\nprox_mu = 0.01\n'
+        'fedbn = true\n'
         '[ring]\norder = "listed"\nfinal = "last"\n'
         f'[privacy]\nenabled = true\nnoise_multiplier = 1.0\ntarget_epsilon = {budget!r}\n'
         '[data]\npartition = "iid"\n[[peers]]\nname = "a"\n[[peers]]\nname = "b"\n')
@@ -175,7 +176,7 @@ def test_dp_ring_reports_epsilon_and_stops_training_at_its_budget(tmp_path):
 def test_a_target_epsilon_alone_plans_noise_spending_it_exactly(target):
     topology = parse_topology({
         "federation": "f", "protocol": "gossip", "peers": [{"name": "a"}, {"name": "b"}],
-        "training": {"rounds": 5, "local_epochs": 2, "batch_size": 64},
+        "training": {"rounds": 5, "local_epochs": 2, "min_local_steps": 0, "batch_size": 64},
         "gossip": {"secure": False}, "network": {"insecure": True},
         "privacy": {"enabled": True, "target_epsilon": target}})
     dp = dp_config(topology, 470)

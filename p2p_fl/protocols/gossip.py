@@ -118,8 +118,6 @@ class GossipProtocol(Protocol):
         outer: the outer optimizer (learn/outer.py: `step(start, average)`, `snapshot`,
             `restore`), or None to adopt each round's mix as it is (FedAvg).
         initial: the model every site starts round 0 from (the outer step's first start).
-        average_last_rounds: the final model is the mean of the models the last this-many
-            mixes gave (1: the last mix's).
 
     For the mixers (gossip_mixer.py): the settings above, the round state they read (`round`,
     `own`, `start_model`, `mixing`, `training`, `deadline`, `dead`, `final`, `finished`,
@@ -136,7 +134,7 @@ class GossipProtocol(Protocol):
                  round_timeout_s: float, secure: SecureSetup | None = None, aggregation: str = "mean",
                  trim: float = 0.2, away: dict[str, frozenset[int]] | None = None, on_leave: str = "forget",
                  resume_wait_s: float = 3.0, hello_interval_s: float = 1.0, run_key: RunKey | None = None,
-                 outer=None, initial: Weights | None = None, average_last_rounds: int = 1):
+                 outer=None, initial: Weights | None = None):
         if me not in graph:
             raise ValueError(f"{me!r} is not a node of the gossip graph")
         if rounds < 1:
@@ -164,11 +162,6 @@ class GossipProtocol(Protocol):
             raise ValueError("an outer optimizer needs the initial model (its first step starts there)")
         self.outer = outer
         self.initial = initial
-        if not 1 <= average_last_rounds <= rounds:
-            raise ValueError(f"average_last_rounds must be in [1, {rounds}], got {average_last_rounds}")
-        self.average_last_rounds = average_last_rounds
-        self._tail: Weights | None = None  # the sum of the last rounds' mixed models
-        self._tail_count = 0
         self.round = 0  # the round being trained or mixed
         self.finished = False
         self.training = False  # a Train of self.round is out and not yet back
@@ -293,26 +286,13 @@ class GossipProtocol(Protocol):
         self.own = None
         self.mixing = False
         self.start_model = mixed
-        if self.round >= self.rounds - self.average_last_rounds:
-            self._add_to_tail(mixed)
         if self.round + 1 >= self.rounds:
-            final = mixed
-            if self._tail_count > 1:
-                record = {**record, "averaged_rounds": self._tail_count}
-                final = {n: (self._tail[n] / self._tail_count).astype(mixed[n].dtype) for n in mixed}
-            self.final = Finish(final, meta={"rounds": self.rounds, "rejoined": self.rejoined, **record})
+            self.final = Finish(mixed, meta={"rounds": self.rounds, "rejoined": self.rejoined, **record})
             return [CHECKPOINT, *self.mixer.finish(now)]
         self.round += 1
         if not self.present(self.me, self.round):
             return [CHECKPOINT, *self._go_away(now)]
         return [CHECKPOINT, self._train_round(record)]
-
-    def _add_to_tail(self, mixed: Weights) -> None:
-        if self._tail is None:
-            self._tail = {n: np.zeros(a.shape, np.float64) for n, a in mixed.items()}
-        for n, a in mixed.items():
-            self._tail[n] += a
-        self._tail_count += 1
 
     def catch_up(self, round: int) -> list[Action]:
         """Plain: the federation is at `round`; train it from our latest model (the one we
@@ -429,9 +409,8 @@ class GossipProtocol(Protocol):
         mixer_state, mixer_arrays = self.mixer.snapshot()
         state = {"round": self.round, "start_model": self.start_model is not None, "rejoined": self.rejoined,
                  "rounds_trained": self.rounds_trained, "rounds_mixed": self.rounds_mixed,
-                 "last_alone": self.last_alone, "tail_count": self._tail_count, **mixer_state}
+                 "last_alone": self.last_alone, **mixer_state}
         arrays = {f"start/{n}": a for n, a in model.items()}
-        arrays.update({f"tail/{n}": a for n, a in (self._tail or {}).items()})
         arrays["run_key"] = np.frombuffer(self.run_key.private_bytes(), np.uint8)
         arrays.update(mixer_arrays)
         if self.outer is not None:
@@ -445,8 +424,6 @@ class GossipProtocol(Protocol):
         self.rejoined = state["rejoined"]
         self.rounds_trained, self.rounds_mixed = state.get("rounds_trained", 0), state.get("rounds_mixed", 0)
         self.last_alone = state.get("last_alone", 0)
-        self._tail_count = state.get("tail_count", 0)
-        self._tail = {n[len("tail/"):]: a for n, a in arrays.items() if n.startswith("tail/")} or None
         self.run_key = RunKey(as_bytes(arrays["run_key"]))
         self.mixer.restore(state, arrays)
         if self.outer is not None:
