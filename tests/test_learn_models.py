@@ -29,7 +29,7 @@ def expected_params(name, outputs):
         # 28 -> 14 -> 7 by 2x2 pools, then a 3x3/2 pool to 3x3.
         return (conv(3, 1, 32) + batch_norm(32) + conv(3, 32, 64) + batch_norm(64)
                 + dense(3 * 3 * 64, 128) + dense(128, outputs))
-    if name == "small-cnn-dp":  # GroupNorm has a scale and a bias per channel, like BatchNorm
+    if name in ("small-cnn-dp", "small-cnn-gn"):  # GroupNorm: a scale and a bias per channel, like BatchNorm
         return (conv(3, 1, 32) + batch_norm(32) + conv(3, 32, 64) + batch_norm(64)
                 + dense(3 * 3 * 64, 128) + dense(128, outputs))
     if name == "seed-cnn":

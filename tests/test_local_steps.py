@@ -3,6 +3,7 @@ round, counted from its own shard, and under DP-SGD the noise is planned for tho
 
 import json
 import math
+import re
 
 import pytest
 from processes import ROOT, p2p_fl, small_dataset
@@ -69,8 +70,8 @@ def test_dp_noise_is_planned_for_the_extra_epochs_and_the_run_spends_the_target(
 def test_small_sites_train_more_epochs_a_round_in_a_federation(tmp_path):
     data = small_dataset(tmp_path / "small.npz", train=400, val=60, test=120)
     topology = tmp_path / "gossip-3.toml"
-    topology.write_text((ROOT / "topologies" / "gossip-3.toml").read_text().replace(
-        "augment = true", "augment = true\nmin_local_steps = 6"))
+    topology.write_text(re.sub(r"(?m)^min_local_steps = \d+", "min_local_steps = 6",
+                               (ROOT / "topologies" / "gossip-3.toml").read_text()))
     out = tmp_path / "out"
     proc = p2p_fl("launch", str(topology), "--out", str(out), "--data", str(data), "--rounds", "2",
                   "--partition", "quantity:1.0", "--engine", "inproc")
