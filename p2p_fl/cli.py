@@ -82,11 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--engine", choices=("process", "inproc"), default="process",
                         help="process: one node process per site over CurveZMQ (default); inproc: every site in "
                              "this process, sites training together, virtual time (for studies)")
+    launch.add_argument("--processes", type=int, metavar="P",
+                        help="process engine: spread the sites over P processes, each hosting its group of "
+                             "sites (own ports and keys, one JAX runtime); default: one process per site")
     launch.add_argument("--kill", action="append", default=[], metavar="SITE:ROUND[:PHASE][:BACK]",
                         help="inproc only, repeatable: kill SITE at ROUND (hop for rings) as it starts training "
                              "(PHASE train) or after its masked reply to a sum (sum); restart it from its "
                              "checkpoint BACK rounds later")
     launch.set_defaults(func=cmd_launch)
+
+    group = sub.add_parser("group", help="run several sites of a launch folder in one process (what "
+                           "`launch --processes` starts)")
+    group.add_argument("launch_dir", type=Path, help="the launch's --out: topology.toml, shards/, keys/")
+    group.add_argument("--name", action="append", required=True, help="a site to host (repeatable)")
+    group.add_argument("--events", action="store_true", help="print progress as JSON lines on stdout, each "
+                       "naming its site (for launch)")
+    group.set_defaults(func=cmd_group)
 
     check = sub.add_parser("check", help="preflight at one site: topology, key, data, model, port, and a "
                            "CURVE handshake with every peer (no training)")
@@ -240,9 +251,7 @@ def _listen_error(topology: Topology, name: str, err: zmq.ZMQError) -> str | Non
 
 def cmd_node(args) -> int:
     _setup_runtime()
-    from p2p_fl.driver import SetupMismatch
-    from p2p_fl.launch import GAVE_UP_EXIT, INCOMPLETE_EXIT
-    from p2p_fl.node import RunTimeout, run_node
+    from p2p_fl.node import run_node
 
     topology = _site_topology(args)
     out = args.out or Path("runs") / args.name
@@ -261,13 +270,68 @@ def cmd_node(args) -> int:
         elif event.get("event") in ("trained", "done"):
             logging.info("%s", json.dumps(event))
 
+    return _run_hosted(topology, {args.name: out},
+                       lambda: {args.name: run_node(topology, args.name, data, out, curve=curve,
+                                                    common_test=common_test, emit=emit)})
+
+
+def cmd_group(args) -> int:
+    """Several sites of a launch folder in this process (`node.run_group`); a site that
+    already finished (its result.json) is not run again, as when launch restarts the group."""
+    _setup_runtime()
+    from p2p_fl.data import load_dataset, load_test_like
+    from p2p_fl.node import Member, run_group
+    from p2p_fl.site import site_curve
+
+    config = args.launch_dir / "topology.toml"
+    if not config.exists():
+        raise ConfigError(f"{args.launch_dir}: no topology.toml; `group` runs sites of a `launch` folder")
+    topology = load_topology(config)
+    _check_model(topology, config)
+    for name in args.name:
+        topology.peer(name)
+    _log_to_stderr("+".join(args.name))
+    outs = {name: args.launch_dir / name for name in args.name}
+    members = []
+    for name in args.name:
+        if (outs[name] / "result.json").exists():
+            logging.info("%s: finished before (result.json); not run again", name)
+            continue
+        outs[name].mkdir(parents=True, exist_ok=True)
+        _hold_out_folder(outs[name], name)
+        data = load_dataset(str(args.launch_dir / "shards" / f"{name}.npz"), **data_options(topology.data))
+        logging.info("%s: data %s", name, data.describe())
+        members.append(Member(name, data, outs[name],
+                              site_curve(topology, name, args.launch_dir / "keys" / f"{name}.key_secret", config)))
+    if not members:
+        return 0
+    common_test = load_test_like(topology.data.test, members[0].data) if topology.data.test else None
+
+    def emit(name: str, event: dict) -> None:
+        if args.events:
+            print(json.dumps({**event, "site": name}), flush=True)
+        elif event.get("event") in ("trained", "done"):
+            logging.info("%s: %s", name, json.dumps(event))
+
+    hosted = {m.name: outs[m.name] for m in members}
+    return _run_hosted(topology, hosted, lambda: run_group(topology, members, common_test=common_test, emit=emit))
+
+
+def _run_hosted(topology: Topology, outs: dict[str, Path], run) -> int:
+    """Runs `run` (-> site -> result or RunTimeout) for the sites in `outs` (site -> --out);
+    one line and an exit code for each way a node ends (launch's supervision reads them)."""
+    from p2p_fl.driver import SetupMismatch
+    from p2p_fl.launch import GAVE_UP_EXIT, INCOMPLETE_EXIT
+    from p2p_fl.node import RunTimeout
+
+    names = ", ".join(outs)
     try:
-        result = run_node(topology, args.name, data, out, curve=curve, common_test=common_test, emit=emit)
+        outcomes = run()
     except RunTimeout as err:
-        print(f"p2p-fl: error: {err}", file=sys.stderr)
-        return GAVE_UP_EXIT
+        outcomes = {next(iter(outs)): err}
     except zmq.ZMQError as err:
-        line = _listen_error(topology, args.name, err)
+        site = getattr(err, "site", None)  # set by node._host on a socket it could not open
+        line = _listen_error(topology, site, err) if site else None
         if line is None:
             raise
         print(f"p2p-fl: error: {line}", file=sys.stderr)
@@ -276,7 +340,7 @@ def cmd_node(args) -> int:
         print(f"p2p-fl: error: {err}", file=sys.stderr)
         return 2
     except CheckpointWriteError as err:  # nothing that depended on it left; a restart resumes
-        print(f"p2p-fl: error: {args.name}: {err}; nothing that depends on it was sent: free the space "
+        print(f"p2p-fl: error: {names}: {err}; nothing that depends on it was sent: free the space "
               "and start the node again (it resumes from its last good checkpoint)", file=sys.stderr)
         return 1
     except OSError as err:
@@ -284,14 +348,20 @@ def cmd_node(args) -> int:
             raise
         # A metrics line or a model file on a full disk (found by p2p-fl chaos): one line;
         # what a restart needs is in the last checkpoint, written atomically before.
-        print(f"p2p-fl: error: {args.name}: cannot write in {out}: {err.strerror} ({err.filename or 'a file'}); "
+        where = ", ".join(str(out) for out in outs.values())
+        print(f"p2p-fl: error: {names}: cannot write in {where}: {err.strerror} ({err.filename or 'a file'}); "
               "free the space and start the node again (it resumes from its last checkpoint)", file=sys.stderr)
         return 1
-    if result["shortfall"]:
-        print(f"p2p-fl: error: {args.name} ended without the federation: {result['shortfall']} "
-              f"(result.json in {out})", file=sys.stderr)
-        return INCOMPLETE_EXIT
-    return 0
+    code = 0
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, RunTimeout):
+            print(f"p2p-fl: error: {outcome}", file=sys.stderr)
+            code = GAVE_UP_EXIT
+        elif outcome["shortfall"]:
+            print(f"p2p-fl: error: {name} ended without the federation: {outcome['shortfall']} "
+                  f"(result.json in {outs[name]})", file=sys.stderr)
+            code = code or INCOMPLETE_EXIT
+    return code
 
 
 def cmd_check(args) -> int:
@@ -472,6 +542,8 @@ def cmd_launch(args) -> int:
         faults = tuple(Fault.parse(text) for text in args.kill)
     elif args.kill:
         raise ConfigError("--kill needs --engine inproc (kill process nodes with a signal)")
+    if args.processes is not None and (args.engine == "inproc" or args.processes < 1):
+        raise ConfigError("--processes P needs --engine process and P >= 1 (inproc runs every site in one process)")
     topology = load_topology(args.topology)
     try:
         topology = with_overrides(topology, peers=args.peers, rounds=args.rounds, local_epochs=args.local_epochs,
@@ -494,7 +566,7 @@ def cmd_launch(args) -> int:
         print(f"--overwrite: deleted the finished run in {out}")
     try:
         summary = run_launch(topology, out, netns=args.netns, supervision=supervision, engine=args.engine,
-                             faults=faults)
+                             faults=faults, processes=args.processes)
     except NetnsError as err:
         raise ConfigError(f"--netns: {err}") from None
     except RuntimeError as err:  # failed nodes, or a simulation that stalled

@@ -1,12 +1,13 @@
-"""`p2p-fl launch`: a whole federation on one machine, one OS process per site.
+"""`p2p-fl launch`: a whole federation on one machine, one OS process per site (or, with
+`processes`, the sites spread over that many processes, `p2p-fl group`).
 
 It partitions the data into one shard file per site (each node reads only its own), makes a
 fresh CURVE key pair per site under OUT/keys/ (every run: old keys are deleted), picks free
 loopback ports, writes the topology it actually runs to OUT/topology.toml, starts the
 nodes, shows their progress live, and collects their results into OUT/summary.json.
 
-With `netns`, each node runs alone in a network namespace (`p2p_fl.netns`) at its own
-address instead of on loopback. Like a hospital's service manager, launch restarts a node
+With `netns`, each process runs alone in a network namespace (`p2p_fl.netns`), a host of
+its own, instead of on loopback. Like a hospital's service manager, launch restarts a node
 process that dies (see `Supervision`) with the same command and folder, and reports it.
 """
 
@@ -108,9 +109,28 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def prepare(topology: Topology, out: Path, console: Console,
-            hosts: Hosts | None = None) -> tuple[Topology, dict[str, Path]]:
-    """Writes one data shard per site and the topology (loopback, or the hosts' addresses); returns both."""
+def site_groups(names: list[str], processes: int | None) -> list[list[str]]:
+    """The sites each process hosts: `processes` runs of consecutive sites, as even as can be
+    (None: one site a process).
+
+    Example:
+        >>> site_groups(["a", "b", "c", "d", "e"], 2)
+        [['a', 'b', 'c'], ['d', 'e']]
+    """
+    count = len(names) if processes is None else min(processes, len(names))
+    size, extra = divmod(len(names), count)
+    groups, start = [], 0
+    for g in range(count):
+        end = start + size + (g < extra)
+        groups.append(names[start:end])
+        start = end
+    return groups
+
+
+def prepare(topology: Topology, out: Path, console: Console, hosts: Hosts | None = None,
+            groups: list[list[str]] | None = None) -> tuple[Topology, dict[str, Path]]:
+    """Writes one data shard per site and the topology (loopback, or the hosts' addresses:
+    one host per group of sites, one port per site on it); returns both."""
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(topology.data.dataset, **data_options(topology.data))
     dataset = subsample(dataset, topology.data.train_images, topology.seed)
@@ -124,7 +144,10 @@ def prepare(topology: Topology, out: Path, console: Console,
     if hosts is None:
         addresses = [f"tcp://127.0.0.1:{port}" for port in free_ports(len(topology.peers))]
     else:
-        addresses = [f"tcp://{hosts.address(i)}:{NETNS_PORT}" for i in range(len(topology.peers))]
+        place = {name: (g, k) for g, group in enumerate(groups or [[n] for n in topology.names])
+                 for k, name in enumerate(group)}
+        addresses = [f"tcp://{hosts.address(place[p.name][0])}:{NETNS_PORT + place[p.name][1]}"
+                     for p in topology.peers]
     public_keys = {p.name: "" for p in topology.peers}
     # Fresh identities for every launch, a rerun into the same OUT too: no secret file of an
     # earlier run (which may have been copied or read meanwhile) is ever used again.
@@ -153,11 +176,11 @@ def prepare(topology: Topology, out: Path, console: Console,
     return topology, paths
 
 
-def node_env(num_nodes: int) -> dict[str, str]:
+def node_env(num_processes: int) -> dict[str, str]:
     """Environment for local node processes: share the cores and one compilation cache."""
     env = dict(os.environ)
     cores = os.cpu_count() or 1
-    env["P2P_FL_THREADS"] = str(max(1, cores // num_nodes))
+    env["P2P_FL_THREADS"] = str(max(1, cores // num_processes))
     env.setdefault("P2P_FL_XLA_CACHE", str(XLA_CACHE_DIR))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -167,13 +190,15 @@ ENGINES = ("process", "inproc")
 
 
 def run_launch(topology: Topology, out: Path, *, console: Console | None = None, netns: bool = False,
-               supervision: Supervision = Supervision(), engine: str = "process", faults: tuple = ()) -> dict:
+               supervision: Supervision = Supervision(), engine: str = "process", faults: tuple = (),
+               processes: int | None = None) -> dict:
     """Runs the federation; returns the summary (also written to OUT/summary.json).
 
     `engine`: "process" (one node process per site over CurveZMQ, the default) or "inproc"
     (every site in this process, `p2p_fl.simulate`, with the fault schedule `faults`).
-    With `netns`, every node runs in a network namespace of its own (deleted at the end
-    however the run ends); `netns.NetnsError` if they cannot be made.
+    `processes`: the process engine's sites spread over that many processes (`site_groups`;
+    None: one per site). With `netns`, every process runs in a network namespace of its own
+    (deleted at the end however the run ends); `netns.NetnsError` if they cannot be made.
     """
     console = console or Console()
     if not console.is_terminal:
@@ -181,8 +206,9 @@ def run_launch(topology: Topology, out: Path, *, console: Console | None = None,
     if engine == "inproc":
         with _sigterm_as_interrupt():
             return _run_inproc(topology, out, console, faults)
-    with _sigterm_as_interrupt(), (network_hosts(len(topology.peers)) if netns else contextlib.nullcontext()) as hosts:
-        return _run_nodes(topology, out, console, hosts, supervision)
+    groups = site_groups(list(topology.names), processes)
+    with _sigterm_as_interrupt(), (network_hosts(len(groups)) if netns else contextlib.nullcontext()) as hosts:
+        return _run_nodes(topology, out, console, hosts, supervision, groups)
 
 
 def _run_inproc(topology: Topology, out: Path, console: Console, faults: tuple) -> dict:
@@ -252,23 +278,27 @@ def _sigterm_as_interrupt():
 
 @dataclasses.dataclass
 class _NodeProcess:
-    """One site's node process as launch supervises it."""
+    """One node process as launch supervises it: one site's (`p2p-fl node`), or a group's
+    (`p2p-fl group`, its log and pid file in OUT/<name>/)."""
 
     name: str
     cmd: list[str]
     folder: Path
+    sites: list[str]
+    out: Path
     proc: subprocess.Popen | None = None
     restarts: int = 0
     restart_at: float | None = None  # dead, and to be started again at this time
     outcome: str | None = None  # "done" or "failed" once it will not run again
 
 
-def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | None, supervision: Supervision) -> dict:
-    topology, shard_paths = prepare(topology, out, console, hosts)
-    _write_netns_layout(topology, out, hosts)
+def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | None, supervision: Supervision,
+               groups: list[list[str]]) -> dict:
+    topology, shard_paths = prepare(topology, out, console, hosts, groups)
+    _write_netns_layout(topology, out, hosts, groups)
     started = time.monotonic()
     events: queue.Queue = queue.Queue()
-    env = node_env(len(topology.peers))
+    env = node_env(len(groups))
     nodes: dict[str, _NodeProcess] = {}
     status = {p.name: {"state": "starting"} for p in topology.peers}
     failed: list[str] = []
@@ -276,16 +306,23 @@ def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | N
     live = Live(_status_table(topology, status, started), console=console, refresh_per_second=4) \
         if console.is_terminal else None
     try:
-        for i, peer in enumerate(topology.peers):
-            node_out = out / peer.name
-            node_out.mkdir(exist_ok=True)
-            (node_out / "node.log").write_bytes(b"")
-            (node_out / "node.pid").unlink(missing_ok=True)  # a rerun's: that process is gone
-            cmd = [sys.executable, "-m", "p2p_fl", "node", "--config", str(out / "topology.toml"),
-                   "--name", peer.name, "--data", str(shard_paths[peer.name]), "--out", str(node_out),
-                   "--key", str(out / "keys" / f"{peer.name}.key_secret"), "--events"]
-            nodes[peer.name] = _NodeProcess(peer.name, (hosts.exec_prefix(i) if hosts else []) + cmd, node_out)
-            _start(nodes[peer.name], env, events)
+        for i, group in enumerate(groups):
+            for name in group:
+                (out / name).mkdir(exist_ok=True)
+            if len(group) == 1:
+                name = group[0]
+                cmd = [sys.executable, "-m", "p2p_fl", "node", "--config", str(out / "topology.toml"),
+                       "--name", name, "--data", str(shard_paths[name]), "--out", str(out / name),
+                       "--key", str(out / "keys" / f"{name}.key_secret"), "--events"]
+            else:
+                name = f"group-{i + 1}"
+                cmd = [sys.executable, "-m", "p2p_fl", "group", str(out), *(f"--name={n}" for n in group), "--events"]
+            node = _NodeProcess(name, (hosts.exec_prefix(i) if hosts else []) + cmd, out / name, group, out)
+            node.folder.mkdir(exist_ok=True)
+            (node.folder / "node.log").write_bytes(b"")
+            (node.folder / "node.pid").unlink(missing_ok=True)  # a rerun's: that process is gone
+            nodes[name] = node
+            _start(node, env, events)
         if live:
             live.start()
         while any(n.outcome is None for n in nodes.values()) or not events.empty():
@@ -298,7 +335,7 @@ def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | N
                 if live is None and event.get("event") in ("trained", "done", "resumed"):
                     console.print(_event_line(name, event))
             for node in nodes.values():
-                line = _supervise(node, status[node.name], supervision, env, events)
+                line = _supervise(node, [status[s] for s in node.sites], supervision, env, events)
                 if line:
                     console.print(line)
                 if node.outcome == "failed" and node.name not in failed:
@@ -321,7 +358,8 @@ def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | N
         if live:
             live.stop()
     summary = collect_summary(topology, out, time.monotonic() - started,
-                              restarts={n.name: n.restarts for n in nodes.values()})
+                              restarts={site: n.restarts for n in nodes.values() for site in n.sites},
+                              processes=len(groups))
     console.print(results_table(summary))
     if failed:
         raise RuntimeError(f"nodes {', '.join(failed)} failed; their logs are in {out}/<name>/node.log")
@@ -336,11 +374,13 @@ def _start(node: _NodeProcess, env: dict, events: queue.Queue) -> None:
     pid_file = node.folder / "node.pid"
     pid_file.with_suffix(".pid.tmp").write_text(f"{node.proc.pid}\n")
     os.replace(pid_file.with_suffix(".pid.tmp"), pid_file)  # a reader never sees half a pid
-    threading.Thread(target=_pump_events, args=(node.name, node.proc, events), daemon=True).start()
+    threading.Thread(target=_pump_events, args=(node.sites[0], node.proc, events), daemon=True).start()
 
 
-def _supervise(node: _NodeProcess, state: dict, supervision: Supervision, env: dict, events: queue.Queue) -> str | None:
-    """Notices an exit and restarts when due; returns a line to report, if any."""
+def _supervise(node: _NodeProcess, states: list[dict], supervision: Supervision, env: dict,
+               events: queue.Queue) -> str | None:
+    """Notices an exit and restarts when due (a group's sites that finished are not run
+    again); returns a line to report, if any. `states`: the live status of its sites."""
     if node.outcome is not None:
         return None
     if node.restart_at is not None:
@@ -351,14 +391,16 @@ def _supervise(node: _NodeProcess, state: dict, supervision: Supervision, env: d
         with (node.folder / "node.log").open("a") as log:
             log.write(f"--- launch: restart {node.restarts} of {node.name} ---\n")
         _start(node, env, events)
-        state.update(state="restarted", restarts=node.restarts)
+        for state in states:
+            if state.get("state") != "done":
+                state.update(state="restarted", restarts=node.restarts)
         return f"[yellow]{node.name}: restarted ({node.restarts} of at most {supervision.max_restarts}), pid {node.proc.pid}[/]"
     returncode = node.proc.poll()
     if returncode is None:
         return None
     (node.folder / "node.pid").unlink(missing_ok=True)  # it names a running process only
     how = _exit_words(returncode)
-    finished = (node.folder / "result.json").exists()
+    finished = all((node.out / site / "result.json").exists() for site in node.sites)
     verdict = after_exit(returncode, node.restarts, supervision, finished)
     if finished and returncode != 0:
         node.outcome = verdict
@@ -368,11 +410,15 @@ def _supervise(node: _NodeProcess, state: dict, supervision: Supervision, env: d
     if verdict == "done":
         return None
     if verdict == "failed":
-        state["state"] = f"failed ({_exit_cause(returncode)})"
+        for state in states:
+            if state.get("state") != "done":
+                state["state"] = f"failed ({_exit_cause(returncode)})"
         gave_up = f" after {node.restarts} restart{'s' * (node.restarts > 1)}" if node.restarts else ""
         return f"[red]{node.name} {how}{gave_up}; see {node.folder / 'node.log'}[/]"
     node.restart_at = time.monotonic() + supervision.delay_s
-    state["state"] = f"restarting ({_exit_cause(returncode)})"
+    for state in states:
+        if state.get("state") != "done":
+            state["state"] = f"restarting ({_exit_cause(returncode)})"
     return f"[yellow]{node.name} {how}; restarting it in {supervision.delay_s:g} s[/]"
 
 
@@ -391,20 +437,22 @@ def _exit_cause(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def _write_netns_layout(topology: Topology, out: Path, hosts: Hosts | None) -> None:
-    """OUT/netns.json: each site's namespace, for `python -m p2p_fl.netns cut OUT SITE` and tests."""
+def _write_netns_layout(topology: Topology, out: Path, hosts: Hosts | None, groups: list[list[str]]) -> None:
+    """OUT/netns.json: each site's namespace (its group's), for `python -m p2p_fl.netns cut OUT SITE` and tests."""
     path = out / "netns.json"
     if hosts is None:
         path.unlink(missing_ok=True)
         return
-    sites = {p.name: {"index": i, "namespace": hosts.namespace(i), "address": hosts.address(i)}
-             for i, p in enumerate(topology.peers)}
-    path.write_text(json.dumps({"run": hosts.run, "bridge_namespace": hosts.bridge_namespace, "sites": sites}, indent=2))
+    sites = {name: {"index": g, "namespace": hosts.namespace(g), "address": hosts.address(g)}
+             for g, group in enumerate(groups) for name in group}
+    path.write_text(json.dumps({"run": hosts.run, "bridge_namespace": hosts.bridge_namespace, "hosts": len(groups),
+                                "sites": sites}, indent=2))
 
 
 def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict[str, int] | None = None,
-                    engine: str = "process") -> dict:
-    """Merges every node's result.json into OUT/summary.json, with how often launch restarted each node."""
+                    engine: str = "process", processes: int | None = None) -> dict:
+    """Merges every node's result.json into OUT/summary.json, with how often launch restarted
+    each site's process and how many processes ran the sites (the process engine)."""
     nodes = []
     for peer in topology.peers:
         path = out / peer.name / "result.json"
@@ -414,6 +462,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "protocol": topology.protocol,
         "federation": topology.federation,
         "engine": engine,
+        "processes": 1 if engine == "inproc" else processes or len(topology.peers),
         "peers": len(topology.peers),
         "dataset": topology.data.dataset,
         # The headline's test set: a shared one, or each site's own test split ("own").
@@ -503,9 +552,11 @@ def _f(value) -> str:
 
 
 def _pump_events(name: str, proc: subprocess.Popen, events: queue.Queue) -> None:
+    """A node's JSON events, by site: a group's name their site ("site"), a node's are its own."""
     for line in proc.stdout:
         try:
-            events.put((name, json.loads(line)))
+            event = json.loads(line)
+            events.put((event.pop("site", name) if isinstance(event, dict) else name, event))
         except json.JSONDecodeError:
             continue  # a stray print; the node's log has the details
 

@@ -166,7 +166,7 @@ def site_link(out: Path, site: str) -> tuple[Hosts, int]:
     sites = layout["sites"]
     if site not in sites:
         raise NetnsError(f"{site!r} is not a site of {out} (sites: {', '.join(sites)})")
-    return Hosts(layout["run"], len(sites)), sites[site]["index"]
+    return Hosts(layout["run"], layout.get("hosts", len(sites))), sites[site]["index"]
 
 
 def main(argv: list[str]) -> int:

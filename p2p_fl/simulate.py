@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Callable
-
-import jax
 
 from p2p_fl.config import ConfigError, Topology
 from p2p_fl.data import Dataset, Split
 from p2p_fl.driver import Driver
-from p2p_fl.learn.together import fit_together
 from p2p_fl.net import Curve, wire
 from p2p_fl.net.memory import MemoryHub
 from p2p_fl.protocols import Train
-from p2p_fl.site import Site
+from p2p_fl.site import Site, train_together
 
 log = logging.getLogger(__name__)
 
@@ -222,30 +218,7 @@ def _coming_back(sim: _Sim, pending: list[Fault]) -> bool:
 
 
 def _train(steps: list[tuple[Driver, Train]], clock: VirtualClock) -> None:
-    """Trains every site's step: sites without DP together (one computation per epoch count), DP sites one by
-    one (their own budget checks); then each driver hears of its trained step."""
-    outcomes = {}
-    by_epochs: dict[int, list[tuple[Driver, Train]]] = {}
-    for d, s in steps:
-        if d.site.dp is None:
-            by_epochs.setdefault(d.site.local_epochs, []).append((d, s))
-    for epochs, together in by_epochs.items():
-        rates = [d.site.begin_training(s) for d, s in together]
-        t0 = time.monotonic()
-        # On a CPU one site at a time through the shared padded program beats vmapping the
-        # sites (10 sites x 470 images, one epoch: 1.81 s against 2.18 s on 2 cores); on an
-        # accelerator the sites of a round go in one vmapped call.
-        per_call = 1 if jax.default_backend() == "cpu" else None
-        losses = fit_together([d.site.learner for d, _ in together],
-                              [(d.site.data.train.images, d.site.data.train.labels) for d, _ in together],
-                              epochs=epochs, learning_rates=rates,
-                              max_sites_per_call=per_call)
-        share = (time.monotonic() - t0) / len(together)  # each site's train_s: its share of the call
-        for (d, s), site_losses in zip(together, losses):
-            outcomes[id(d)] = d.site.end_training(s, site_losses, share)
-    for d, s in steps:
-        if d.site.dp is not None:
-            outcomes[id(d)] = d.site.train(s)
-    for d, _ in steps:
-        weights, record = outcomes[id(d)]
+    """Trains every site's step (`site.train_together`); then each driver hears of its trained step."""
+    outcomes = train_together([(d.site, s) for d, s in steps])
+    for (d, _), (weights, record) in zip(steps, outcomes):
         d.trained(weights, record, clock())

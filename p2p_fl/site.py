@@ -459,6 +459,41 @@ class Site:
                 "personalize_epochs": epochs}
 
 
+def train_together(steps: list[tuple[Site, Train]]) -> list[tuple[Weights, dict]]:
+    """Trains each site's step; returns each one's (shared weights, record), in order.
+
+    Sites without DP that train the same number of epochs go through one padded program
+    together (`learn.together`); a lone site and every DP site train alone (`Site.train`:
+    their epoch events, each DP site's own budget checks). Both engines that host several
+    sites in one process (`p2p_fl.simulate`, `p2p_fl.node.run_group`) train through here.
+    """
+    import jax
+
+    from p2p_fl.learn.together import fit_together
+
+    outcomes: dict[int, tuple[Weights, dict]] = {}
+    by_epochs: dict[int, list[tuple[Site, Train]]] = {}
+    for site, step in steps:
+        if site.dp is None:
+            by_epochs.setdefault(site.local_epochs, []).append((site, step))
+    for epochs, together in by_epochs.items():
+        if len(together) == 1:
+            continue
+        rates = [site.begin_training(step) for site, step in together]
+        t0 = time.monotonic()
+        # On a CPU one site at a time through the shared padded program beats vmapping the
+        # sites (10 sites x 470 images, one epoch: 1.81 s against 2.18 s on 2 cores); on an
+        # accelerator the sites of a round go in one vmapped call.
+        per_call = 1 if jax.default_backend() == "cpu" else None
+        losses = fit_together([site.learner for site, _ in together],
+                              [(site.data.train.images, site.data.train.labels) for site, _ in together],
+                              epochs=epochs, learning_rates=rates, max_sites_per_call=per_call)
+        share = (time.monotonic() - t0) / len(together)  # each site's train_s: its share of the call
+        for (site, step), site_losses in zip(together, losses):
+            outcomes[id(site)] = site.end_training(step, site_losses, share)
+    return [outcomes[id(site)] if id(site) in outcomes else site.train(step) for site, step in steps]
+
+
 def _evaluate(learner: Learner, data: Dataset, common_test: Split | None, members: tuple = ()) -> dict:
     """Final metrics: common test set (the headline) and this site's own test shard.
 

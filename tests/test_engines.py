@@ -46,35 +46,47 @@ def topology_variant(tmp_path, name, **replace):
 AVERAGE = {'outer_optimizer = "momentum"': 'outer_optimizer = "avg"'}
 
 
-@pytest.mark.parametrize("name, replace, identical", [
-    ("ring-3.toml", {}, True),
-    ("gossip-3.toml", AVERAGE, False),
-    ("gossip-3.toml", {"secure = true": "secure = false", **AVERAGE}, False),
+@pytest.mark.parametrize("name, replace, identical, runs", [
+    ("ring-3.toml", {}, True, ("process", "inproc", "grouped")),
+    ("gossip-3.toml", AVERAGE, False, ("process", "inproc", "grouped")),
+    ("gossip-3.toml", {"secure = true": "secure = false", **AVERAGE}, False, ("process", "inproc")),
 ], ids=["cwt", "secure-gossip", "plain-gossip"])
-def test_the_in_process_engine_ends_with_the_models_of_the_process_engine(tmp_path, small, name, replace, identical):
-    """Same topology, seed and data: the same final models from both engines. A ring trains
-    one site at a time, the same program as a node's: bit-identical (at equal XLA thread
-    counts). Gossip sites of one round train together (vmap), which rounds differently
-    from one site's program: equal up to float rounding, the AUC to 3 decimals."""
+def test_every_engine_ends_with_the_models_of_one_process_per_site(tmp_path, small, name, replace, identical, runs):
+    """Same topology, seed and data: the same final models from every engine: one process per
+    site, every site in one process (inproc), and the sites in two processes over ZeroMQ
+    (grouped: `--processes 2`). A ring trains one site at a time, the same program as a
+    node's: bit-identical (at equal XLA thread counts). Gossip sites of one round train
+    together (vmap), which rounds differently from one site's program: equal up to float
+    rounding, the AUC to 3 decimals."""
     topology = topology_variant(tmp_path, name, **replace)
     args = ("--data", str(small), "--rounds", "2")
-    runs = {}
-    for engine in ("process", "inproc"):
-        proc = launch(topology, tmp_path / engine, *args, "--engine", engine)
+    engine_args = {"process": ("--engine", "process"), "inproc": ("--engine", "inproc"),
+                   "grouped": ("--engine", "process", "--processes", "2")}
+    summaries = {}
+    for run in runs:
+        proc = launch(topology, tmp_path / run, *args, *engine_args[run])
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[engine] = json.loads((tmp_path / engine / "summary.json").read_text())
-    assert runs["inproc"]["engine"] == "inproc" and runs["process"]["engine"] == "process"
-    sites = [n["name"] for n in runs["process"]["nodes"]]
-    assert sorted(n["name"] for n in runs["inproc"]["nodes"]) == sorted(sites)
-    process, inproc = (final_models(tmp_path / e, sites) for e in ("process", "inproc"))
-    largest = max(float(np.abs(process[s][k] - inproc[s][k]).max()) for s in sites for k in process[s])
-    if identical:
-        assert largest == 0.0
-    else:
-        assert largest < 0.05, largest
-    assert abs(runs["process"]["final"]["test_auc"] - runs["inproc"]["final"]["test_auc"]) < 1e-3
-    for node in runs["inproc"]["nodes"]:  # every message went through the wire checks
-        assert node["dropped"] == {} and node["messages_sent"] > 0
+        summaries[run] = json.loads((tmp_path / run / "summary.json").read_text())
+    assert summaries["inproc"]["engine"] == "inproc" and summaries["process"]["engine"] == "process"
+    assert summaries["process"]["processes"] == 3
+    sites = [n["name"] for n in summaries["process"]["nodes"]]
+    process = final_models(tmp_path / "process", sites)
+    for run in runs[1:]:
+        assert sorted(n["name"] for n in summaries[run]["nodes"]) == sorted(sites)
+        other = final_models(tmp_path / run, sites)
+        largest = max(float(np.abs(process[s][k] - other[s][k]).max()) for s in sites for k in process[s])
+        if identical:
+            assert largest == 0.0, run
+        else:
+            assert largest < 0.05, (run, largest)
+        assert abs(summaries["process"]["final"]["test_auc"] - summaries[run]["final"]["test_auc"]) < 1e-3
+        for node in summaries[run]["nodes"]:  # every message went through the wire checks
+            assert node["dropped"] == {} and node["messages_sent"] > 0
+    if "grouped" in runs:  # two sites in one process, each with its own peer, files and log lines
+        assert summaries["grouped"]["engine"] == "process" and summaries["grouped"]["processes"] == 2
+        group_log = (tmp_path / "grouped" / "group-1" / "node.log").read_text()
+        assert all(f"{s}: every peer heard" in group_log for s in sites[:2]), group_log[-2000:]
+        assert not (tmp_path / "grouped" / "group-1" / "node.pid").exists()
 
 
 def test_a_member_killed_inside_a_sum_is_recovered_and_comes_back(tmp_path, small):

@@ -63,7 +63,7 @@ def test_a_node_writes_only_private_files(tmp_path, open_umask):
 def test_launch_starts_nodes_with_umask_077(tmp_path, open_umask):
     written = tmp_path / "written"
     script = f"import os; open({str(written)!r}, 'w').write('x'); print(oct(os.umask(0)))"
-    node = _NodeProcess("a", [sys.executable, "-c", script], tmp_path)
+    node = _NodeProcess("a", [sys.executable, "-c", script], tmp_path, ["a"], tmp_path.parent)
     _start(node, dict(os.environ), queue.Queue())
     assert node.proc.wait(timeout=60) == 0
     assert stat.S_IMODE(written.stat().st_mode) == 0o600

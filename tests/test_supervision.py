@@ -59,31 +59,38 @@ def wait_for(path, timeout_s: float = 120) -> str:
     raise AssertionError(f"{path} did not appear within {timeout_s} s")
 
 
-def test_a_killed_node_is_restarted_reported_and_the_run_finishes(tmp_path):
+@pytest.mark.parametrize("processes", [None, 1], ids=["node", "group"])
+def test_a_killed_node_is_restarted_reported_and_the_run_finishes(tmp_path, processes):
+    """One process per site (c's is killed), or all three sites in one process (`--processes
+    1`: the group's process is killed, and every site in it resumes)."""
     topology, out = tmp_path / "ring.toml", tmp_path / "out"
     ring_topology(topology, rounds=2)
     data = small_dataset(tmp_path / "small.npz", train=384, val=192, test=192)
+    killed = "c" if processes is None else "group-1"
     launch = subprocess.Popen(
         [sys.executable, "-m", "p2p_fl", "launch", str(topology), "--data", str(data), "--out", str(out),
-         "--restart-delay", "0.5"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--restart-delay", "0.5", *(["--processes", str(processes)] if processes else [])],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # c trains the third hop, so it holds no model yet when it dies: the ring loses nothing
-        # even where a node comes back without its state.
-        pid = int(wait_for(out / "c" / "node.pid"))
+        # even where a node comes back without its state. The group dies as it starts.
+        pid = int(wait_for(out / killed / "node.pid"))
         os.kill(pid, signal.SIGKILL)
         stdout, stderr = launch.communicate(timeout=300)
     finally:
         if launch.poll() is None:
             launch.kill()
     assert launch.returncode == 0, stdout + stderr
-    assert "c was killed by SIGKILL; restarting" in stdout and "c: restarted (1 of at most 5)" in stdout, stdout
+    assert f"{killed} was killed by SIGKILL; restarting" in stdout, stdout
+    assert f"{killed}: restarted (1 of at most 5)" in stdout, stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["restarts"] == {"a": 0, "b": 0, "c": 1}
+    assert summary["restarts"] == ({"a": 0, "b": 0, "c": 1} if processes is None else {"a": 1, "b": 1, "c": 1})
     assert sorted(n["name"] for n in summary["nodes"]) == SITES
-    assert not (out / "c" / "node.pid").exists()  # it names a running process only
-    assert "--- launch: restart 1 of c ---" in (out / "c" / "node.log").read_text()
-    hops = [json.loads(line)["round"] for line in (out / "c" / "metrics.jsonl").read_text().splitlines()]
-    assert hops == [2, 5]  # the restarted node trained both of its hops
+    assert not (out / killed / "node.pid").exists()  # it names a running process only
+    assert f"--- launch: restart 1 of {killed} ---" in (out / killed / "node.log").read_text()
+    for i, site in enumerate(SITES):  # each site trained both of its hops, once
+        hops = [json.loads(line)["round"] for line in (out / site / "metrics.jsonl").read_text().splitlines()]
+        assert hops == [i, i + 3], (site, hops)
 
 
 def test_bad_supervision_flags_are_one_line_errors(tmp_path):
