@@ -25,6 +25,11 @@ the figure needs to be read (`reference_is`, sizes, repeats). Families:
   against the model's size.
 * inproc-large: 100 sites of secure gossip on a 4-regular graph (5 rounds) and 1,000 (3
   rounds): peak RSS, and time per image trained against the 10-site run of `inproc`.
+* processes: the process engine's memory and start-up: 10 sites x 3 rounds of secure
+  gossip (IID, embedded data) with one process per site and with the sites in 2 processes
+  (`launch --processes 2`), against the in-process engine's one process: each process's
+  peak RSS and their sum, start-up seconds per process (imports, JAX, data, keys, sockets),
+  and the round time.
 * dp: seconds per epoch of `Learner.fit` with DP-SGD (Poisson-sampled steps, per-example
   gradients over `dp_slots` padded slots, clipped and noised under a site secret) and with
   FedProx (mu 0.01), against the plain epoch of the same model, data, batch and Adam.
@@ -49,7 +54,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-FAMILIES = ("train", "handoff", "masks", "secure-round", "scaling", "inproc", "inproc-large", "dp")
+FAMILIES = ("train", "handoff", "masks", "secure-round", "scaling", "inproc", "inproc-large", "processes", "dp")
 
 
 def figure(family: str, name: str, value: float, reference: float, unit: str, **extra) -> dict:
@@ -60,7 +65,7 @@ def figure(family: str, name: str, value: float, reference: float, unit: str, **
 def run_benchmarks(families: list[str], quick: bool, emit: Callable[[dict], None]) -> None:
     benches = {"train": bench_train, "handoff": bench_handoff, "masks": bench_masks,
                "secure-round": bench_secure_round, "scaling": bench_scaling, "inproc": bench_inproc,
-               "inproc-large": bench_inproc_large, "dp": bench_dp}
+               "inproc-large": bench_inproc_large, "processes": bench_processes, "dp": bench_dp}
     for family in families:
         for line in benches[family](quick):
             emit(line)
@@ -402,6 +407,19 @@ def bench_secure_round(quick: bool) -> Iterator[dict]:
                      peers=peers, repeats=repeats)
 
 
+def _processes(nodes: list[dict]) -> list[dict]:
+    """Each node process of a launch (result.json's "process", one per pid): its sites,
+    start-up seconds and peak RSS (the highest its sites saw: the last to finish saw the
+    whole run)."""
+    by_pid: dict[int, dict] = {}
+    for node in nodes:
+        process = node.get("process")
+        if process is not None:
+            known = by_pid.setdefault(process["pid"], dict(process))
+            known["peak_rss_mb"] = max(known["peak_rss_mb"], process["peak_rss_mb"])
+    return list(by_pid.values())
+
+
 # Scaling with peers.
 
 def bench_scaling(quick: bool) -> Iterator[dict]:
@@ -520,6 +538,30 @@ def bench_inproc_large(quick: bool) -> Iterator[dict]:
                          round_s=result["round_s"], test_auc=result["test_auc"])
 
 
+def bench_processes(quick: bool) -> Iterator[dict]:
+    sites, rounds = (4, 2) if quick else (10, 3)
+    common = {"kind": "launch", "template": "gossip-10.toml", "peers": sites, "rounds": rounds, "secure": True}
+    with tempfile.TemporaryDirectory(prefix="p2p-fl-bench-") as tmp:
+        inproc = _child({**common, "out": f"{tmp}/inproc", "engine": "inproc"})
+        runs = {p: _child({**common, "out": f"{tmp}/p{p}", "engine": "process", "processes": p}) for p in (sites, 2)}
+    shape = {"peers": sites, "rounds": rounds, "partition": "iid"}
+    one_each = runs[sites]["processes"]
+    yield figure("processes", f"process_engine_peak_rss_per_process_{sites}sites",
+                 statistics.median(p["peak_rss_mb"] for p in one_each), inproc["peak_rss_mb"], "MB",
+                 reference_is=f"the in-process engine's one process, all {sites} sites", **shape)
+    for count, run in runs.items():
+        yield figure("processes", f"process_engine_total_peak_rss_{sites}sites_{count}processes",
+                     sum(p["peak_rss_mb"] for p in run["processes"]), inproc["peak_rss_mb"], "MB",
+                     reference_is=f"the in-process engine's one process, all {sites} sites", processes=count, **shape)
+        yield figure("processes", f"process_engine_round_{sites}sites_{count}processes", run["round_s"],
+                     inproc["round_s"], "s per round", reference_is="the in-process engine, same run",
+                     processes=count, wall_s=run["wall_s"], **shape)
+    yield figure("processes", f"process_engine_startup_per_process_{sites}sites",
+                 statistics.median(p["startup_s"] for p in one_each),
+                 statistics.median(p["startup_s"] for p in runs[2]["processes"]), "s",
+                 reference_is=f"the same with {sites // 2} sites in each of 2 processes", **shape)
+
+
 def _child(spec: dict) -> dict:
     """One run in a child process of its own (`_child_run`): its RUSAGE_SELF is the run's."""
     proc = subprocess.run([sys.executable, "-c", "import sys, json; from p2p_fl.bench import _child_run; "
@@ -548,7 +590,7 @@ def _child_run(spec: dict) -> dict:
         topology = load_topology(root / "topologies" / "gossip-10.toml")
         summary = run_centralized(topology, out, epochs=spec["epochs"])
         result = {"wall_s": summary["wall_s"], "test_auc": summary["final"]["test_auc"]}
-    else:
+    else:  # a launch, in process (kind "inproc") or with the process engine (kind "launch")
         from p2p_fl.launch import run_launch, with_overrides
 
         topology = with_overrides(load_topology(root / "topologies" / spec["template"]), peers=spec["peers"],
@@ -556,7 +598,8 @@ def _child_run(spec: dict) -> dict:
         topology = dataclasses.replace(topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"]),
                                        training=dataclasses.replace(topology.training, min_local_steps=0))
         with open(os.devnull, "w") as devnull:
-            summary = run_launch(topology, out, console=Console(file=devnull), engine="inproc")
+            summary = run_launch(topology, out, console=Console(file=devnull), engine=spec.get("engine", "inproc"),
+                                 processes=spec.get("processes"))
         names = [p.name for p in topology.peers]
         nodes = summary["nodes"]
         model_bytes = sum(a.nbytes for a in np.load(out / names[0] / "final_model.npz").values())
@@ -564,6 +607,6 @@ def _child_run(spec: dict) -> dict:
                   "round_s": _round_seconds(out, names),
                   "images_trained": sum(n["samples"] for n in nodes) * spec["rounds"],
                   "bytes_per_site_round": statistics.median(n["bytes_sent"] for n in nodes) / spec["rounds"],
-                  "model_bytes": model_bytes}
+                  "model_bytes": model_bytes, "processes": _processes(nodes)}
     kib = 1024  # ru_maxrss is in KiB on Linux
     return {**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1e6}

@@ -156,9 +156,10 @@ class Driver:
         if not self._waiting and self.final is None:
             self.site.emit({"event": "state", "state": "waiting"})  # handed on; the next model is elsewhere
 
-    def result(self) -> dict:
-        """After `final`: evaluates and writes the site's result (result.json)."""
-        return self.site.write_result(self.final, traffic(self.transport))
+    def result(self, process: dict | None = None) -> dict:
+        """After `final`: evaluates and writes the site's result (result.json); `process`:
+        what the engine reports of the process that ran the site (result.json's "process")."""
+        return self.site.write_result(self.final, traffic(self.transport), process)
 
     def _carry_out(self, actions: list[Action]) -> None:
         if any(isinstance(a, Checkpoint) for a in actions):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -128,9 +129,10 @@ def run_group(topology: Topology, members: list[Member], *, common_test: Split |
     try:
         for member in members:
             hosted.append(_host(topology, member, common_test, emit))
+        startup_s = process_age_s()  # imports, JAX, data, keys, sockets: until the sites start
         for h in hosted:
             h.driver.start(time.monotonic())
-        _drive(topology, hosted, executor, outcomes)
+        _drive(topology, hosted, executor, outcomes, {"pid": os.getpid(), "sites": len(hosted), "startup_s": startup_s})
     finally:
         executor.shutdown(wait=True)
         for h in hosted:
@@ -167,8 +169,9 @@ def _host(topology: Topology, member: Member, common_test: Split | None, emit) -
     return _Hosted(name, site, peer, Driver(site, peer), status)
 
 
-def _drive(topology: Topology, hosted: list[_Hosted], executor, outcomes: dict) -> None:
-    """The event loop: each site's messages and time, and the trainings as they fall due."""
+def _drive(topology: Topology, hosted: list[_Hosted], executor, outcomes: dict, process: dict) -> None:
+    """The event loop: each site's messages and time, and the trainings as they fall due.
+    `process`: what each site's result.json says of this process (its peak RSS added as it ends)."""
     # network.run_timeout_s bounds the time spent waiting, not training: each finished
     # training moves the deadline on by its length.
     deadline = time.monotonic() + topology.network.run_timeout_s
@@ -213,7 +216,7 @@ def _drive(topology: Topology, hosted: list[_Hosted], executor, outcomes: dict) 
             batch = []
             for h in [h for h in active if h.driver.final is not None]:
                 _finish(h)
-                leave(h, h.driver.result())
+                leave(h, h.driver.result({**process, "peak_rss_mb": peak_rss_mb()}))
             continue
         networked = [h for h in active if h.peer is not None]
         wait_s = POLL_S if running is None else POLL_S / 5
@@ -224,9 +227,24 @@ def _drive(topology: Topology, hosted: list[_Hosted], executor, outcomes: dict) 
         for h in list(active):
             if h.driver.final is not None and h not in batch and h not in due:
                 _finish(h)
-                leave(h, h.driver.result())
+                leave(h, h.driver.result({**process, "peak_rss_mb": peak_rss_mb()}))
             else:
                 h.status.write(h.peer, time.monotonic())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _finish(h: _Hosted) -> None:

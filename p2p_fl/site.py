@@ -371,10 +371,11 @@ class Site:
                 f.write(json.dumps({"round": self.topology.training.rounds, **final.meta,
                                     **self.privacy_fields()}) + "\n")
 
-    def write_result(self, final: Finish, traffic: dict) -> dict:
+    def write_result(self, final: Finish, traffic: dict, process: dict | None = None) -> dict:
         """Evaluates the final model; writes result.json and the model; the checkpoint goes.
 
-        `traffic`: bytes_sent, messages_sent, bytes_received and dropped of the transport."""
+        `traffic`: bytes_sent, messages_sent, bytes_received and dropped of the transport;
+        `process`: the engine's figures of the process that ran the site, if any."""
         self.emit({"event": "state", "state": "evaluating"})
         learner, topology, dp = self.learner, self.topology, self.dp
         shortfall = self.protocol.shortfall()
@@ -408,6 +409,7 @@ class Site:
                 "target_epsilon": dp.target_epsilon, "budget_reached_round": self.budget_reached_round}),
             **{f"final_{k}": v for k, v in final.meta.items()},
             "shortfall": shortfall or "",  # why the run did not include the federation ("" : it did)
+            **({} if process is None else {"process": process}),
         })
         # The models first, result.json last (it marks the run finished), then the checkpoint
         # goes: a kill anywhere in between loses nothing.

@@ -87,6 +87,10 @@ def test_every_engine_ends_with_the_models_of_one_process_per_site(tmp_path, sma
         group_log = (tmp_path / "grouped" / "group-1" / "node.log").read_text()
         assert all(f"{s}: every peer heard" in group_log for s in sites[:2]), group_log[-2000:]
         assert not (tmp_path / "grouped" / "group-1" / "node.pid").exists()
+        process = {n["name"]: n["process"] for n in summaries["grouped"]["nodes"]}  # result.json's
+        assert process[sites[0]]["pid"] == process[sites[1]]["pid"] != process[sites[2]]["pid"]
+        assert [process[s]["sites"] for s in sites] == [2, 2, 1]
+        assert all(p["peak_rss_mb"] > 0 and p["startup_s"] > 0 for p in process.values()), process
 
 
 def test_a_member_killed_inside_a_sum_is_recovered_and_comes_back(tmp_path, small):

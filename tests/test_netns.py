@@ -135,6 +135,38 @@ def test_ring_finishes_on_every_node_after_a_link_is_cut_past_the_peer_timeout(t
     assert names_of_run(layout["run"]) == []  # launch removed its namespaces
 
 
+def test_groups_of_sites_on_two_hosts_run_secure_gossip_to_one_model(tmp_path):
+    """`launch --netns --processes 2`: two hosts (namespaces), each one process hosting two
+    sites on ports of its own address; the secure sums cross hosts and stay inside one, and
+    every site ends with the same model (the complete graph's average)."""
+    names = ["a", "b", "c", "d"]
+    topology, out = tmp_path / "gossip.toml", tmp_path / "out"
+    topology.write_text(
+        'federation = "netns-groups"\nprotocol = "gossip"\n[training]\nrounds = 2\nlocal_epochs = 1\n'
+        'batch_size = 32\nmin_local_steps = 0\n[gossip]\nsecure = true\nround_timeout_s = 60.0\n'
+        '[data]\ntest = ""\n[network]\nrun_timeout_s = 200.0\n'
+        + "".join(f'[[peers]]\nname = "{n}"\n' for n in names))
+    data = small_dataset(tmp_path / "small.npz", train=256, val=64, test=64)
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2p_fl", "launch", str(topology), "--data", str(data), "--out", str(out),
+         "--netns", "--processes", "2", "--no-restart"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = tomllib.loads((out / "topology.toml").read_text())
+    assert [p["address"] for p in ran["peers"]] == ["tcp://10.77.0.1:7700", "tcp://10.77.0.1:7701",
+                                                    "tcp://10.77.0.2:7700", "tcp://10.77.0.2:7701"]
+    layout = json.loads((out / "netns.json").read_text())
+    assert layout["hosts"] == 2 and [layout["sites"][n]["index"] for n in names] == [0, 0, 1, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and sorted(n["name"] for n in summary["nodes"]) == names
+    for node in summary["nodes"]:
+        assert node["dropped"] == {}
+    models = [np.load(out / n / "final_model.npz") for n in names]
+    for other in models[1:]:
+        for key in models[0].files:
+            np.testing.assert_allclose(other[key], models[0][key], atol=1e-4)
+    assert names_of_run(layout["run"]) == []
+
+
 def test_a_launch_stopped_by_sigterm_stops_its_nodes_and_deletes_its_namespaces(tmp_path):
     topology = tmp_path / "ring.toml"
     topology.write_text('federation = "stopped"\nprotocol = "cwt"\n[data]\ntest = ""\n'
