@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--processes", type=int, metavar="P",
                         help="process engine: spread the sites over P processes, each hosting its group of "
                              "sites (own ports and keys, one JAX runtime); default: one process per site")
+    launch.add_argument("--hosts", metavar="H1,H2,...",
+                        help="sites on other machines: one process per host listed (a host may repeat), the sites "
+                             "spread over them; writes --out and the command for each host, starts nothing")
     launch.add_argument("--kill", action="append", default=[], metavar="SITE:ROUND[:PHASE][:BACK]",
                         help="inproc only, repeatable: kill SITE at ROUND (hop for rings) as it starts training "
                              "(PHASE train) or after its masked reply to a sum (sum); restart it from its "
@@ -94,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     group = sub.add_parser("group", help="run several sites of a launch folder in one process (what "
                            "`launch --processes` starts)")
     group.add_argument("launch_dir", type=Path, help="the launch's --out: topology.toml, shards/, keys/")
-    group.add_argument("--name", action="append", required=True, help="a site to host (repeatable)")
+    hosted = group.add_mutually_exclusive_group(required=True)
+    hosted.add_argument("--name", action="append", help="a site to host (repeatable)")
+    hosted.add_argument("--group", type=int, metavar="G", help="the sites of process G in OUT/groups.json "
+                        "(`launch --hosts`); the last group to finish writes OUT/summary.json")
     group.add_argument("--events", action="store_true", help="print progress as JSON lines on stdout, each "
                        "naming its site (for launch)")
     group.set_defaults(func=cmd_group)
@@ -280,6 +286,7 @@ def cmd_group(args) -> int:
     already finished (its result.json) is not run again, as when launch restarts the group."""
     _setup_runtime()
     from p2p_fl.data import load_dataset, load_test_like
+    from p2p_fl.launch import GROUPS_FILE
     from p2p_fl.node import Member, run_group
     from p2p_fl.site import site_curve
 
@@ -288,6 +295,14 @@ def cmd_group(args) -> int:
         raise ConfigError(f"{args.launch_dir}: no topology.toml; `group` runs sites of a `launch` folder")
     topology = load_topology(config)
     _check_model(topology, config)
+    if args.group is not None:
+        try:
+            groups = json.loads((args.launch_dir / GROUPS_FILE).read_text())["groups"]
+        except FileNotFoundError:
+            raise ConfigError(f"{args.launch_dir}: no {GROUPS_FILE}; --group needs a folder of `launch --hosts`") from None
+        if not 0 <= args.group < len(groups):
+            raise ConfigError(f"--group {args.group}: {args.launch_dir} has groups 0 to {len(groups) - 1}")
+        args.name = groups[args.group]["sites"]
     for name in args.name:
         topology.peer(name)
     _log_to_stderr("+".join(args.name))
@@ -304,6 +319,8 @@ def cmd_group(args) -> int:
         members.append(Member(name, data, outs[name],
                               site_curve(topology, name, args.launch_dir / "keys" / f"{name}.key_secret", config)))
     if not members:
+        if args.group is not None:
+            _summarize(args.launch_dir)
         return 0
     common_test = load_test_like(topology.data.test, members[0].data) if topology.data.test else None
 
@@ -314,7 +331,18 @@ def cmd_group(args) -> int:
             logging.info("%s: %s", name, json.dumps(event))
 
     hosted = {m.name: outs[m.name] for m in members}
-    return _run_hosted(topology, hosted, lambda: run_group(topology, members, common_test=common_test, emit=emit))
+    code = _run_hosted(topology, hosted, lambda: run_group(topology, members, common_test=common_test, emit=emit))
+    if args.group is not None:
+        _summarize(args.launch_dir)
+    return code
+
+
+def _summarize(launch_dir: Path) -> None:
+    """A group of `launch --hosts`: the last to finish writes the run's summary.json."""
+    from p2p_fl.launch import summarize_if_finished
+
+    if summarize_if_finished(launch_dir) is not None:
+        print(f"every site finished: {launch_dir / 'summary.json'}", file=sys.stderr)
 
 
 def _run_hosted(topology: Topology, outs: dict[str, Path], run) -> int:
@@ -544,6 +572,10 @@ def cmd_launch(args) -> int:
         raise ConfigError("--kill needs --engine inproc (kill process nodes with a signal)")
     if args.processes is not None and (args.engine == "inproc" or args.processes < 1):
         raise ConfigError("--processes P needs --engine process and P >= 1 (inproc runs every site in one process)")
+    hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts is not None else None
+    if hosts is not None and (args.engine == "inproc" or args.netns or args.processes is not None or not all(hosts)):
+        raise ConfigError("--hosts H1,H2,... lists one host per process (so no --processes), for the process "
+                          "engine without --netns")
     topology = load_topology(args.topology)
     try:
         topology = with_overrides(topology, peers=args.peers, rounds=args.rounds, local_epochs=args.local_epochs,
@@ -564,6 +596,8 @@ def cmd_launch(args) -> int:
 
         shutil.rmtree(out)
         print(f"--overwrite: deleted the finished run in {out}")
+    if hosts is not None:
+        return _prepare_hosts(topology, out, hosts)
     try:
         summary = run_launch(topology, out, netns=args.netns, supervision=supervision, engine=args.engine,
                              faults=faults, processes=args.processes)
@@ -580,6 +614,17 @@ def cmd_launch(args) -> int:
 
         return INCOMPLETE_EXIT
     return 0 if summary["nodes"] else 1
+
+
+def _prepare_hosts(topology: Topology, out: Path, hosts: list[str]) -> int:
+    from p2p_fl.launch import prepare_hosts
+
+    groups = prepare_hosts(topology, out, hosts)
+    print(f"{out}: {len(topology.peers)} sites in {len(groups)} processes; start each on its host "
+          f"(OUT on storage every host reads; with Slurm: srun p2p-fl group {out} --group $SLURM_PROCID):")
+    for g, group in enumerate(groups):
+        print(f"  {group['host']}: p2p-fl group {out} --group {g}    # {', '.join(group['sites'])}")
+    return 0
 
 
 def cmd_centralized(args) -> int:

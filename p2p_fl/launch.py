@@ -34,13 +34,15 @@ from rich.table import Table
 
 from p2p_fl.config import RING_PROTOCOLS, PeerConfig, Topology, data_options, dump_topology, parse_topology
 from p2p_fl.data import load_dataset, load_test_like, partition_dataset, save_npz, subsample
+from p2p_fl.files import write_json
 from p2p_fl.net import generate_keypair, load_public_key
 from p2p_fl.netns import Hosts, network_hosts
 
 # Protocols after which every site holds its own final model.
 SITE_MODEL_PROTOCOLS = ("local", "gossip", "ensemble")
 XLA_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "p2p_fl" / "xla"
-NETNS_PORT = 7700  # every node is alone in its namespace, so one port serves all
+HOST_PORT = 7700  # the first port on a host (a namespace or a cluster node); its next sites take the next ones
+GROUPS_FILE = "groups.json"  # launch --hosts: each process's host and sites, for `p2p-fl group OUT --group G`
 # `p2p-fl node`'s exit codes beside 0 (done) and 1 (a bug: a traceback in its log).
 CONFIG_ERROR_EXIT = 2  # it refused its input: starting it again cannot help
 INCOMPLETE_EXIT = 3  # it finished without the federation (result.json: shortfall); it will not run again
@@ -127,10 +129,30 @@ def site_groups(names: list[str], processes: int | None) -> list[list[str]]:
     return groups
 
 
-def prepare(topology: Topology, out: Path, console: Console, hosts: Hosts | None = None,
-            groups: list[list[str]] | None = None) -> tuple[Topology, dict[str, Path]]:
-    """Writes one data shard per site and the topology (loopback, or the hosts' addresses:
-    one host per group of sites, one port per site on it); returns both."""
+def host_addresses(groups: list[list[str]], group_hosts: list[str]) -> dict[str, str]:
+    """Each site's address when group g runs on host group_hosts[g] ("HOST" or "HOST:PORT"):
+    a host's sites take consecutive ports from PORT (default HOST_PORT), whichever group
+    they are in.
+
+    Example:
+        >>> host_addresses([["a", "b"], ["c"], ["d"]], ["n1", "n2:9000", "n1"])
+        {'a': 'tcp://n1:7700', 'b': 'tcp://n1:7701', 'c': 'tcp://n2:9000', 'd': 'tcp://n1:7702'}
+    """
+    next_port: dict[str, int] = {}
+    addresses = {}
+    for group, entry in zip(groups, group_hosts):
+        host, _, port = entry.rpartition(":") if entry.rpartition(":")[2].isdigit() else (entry, "", "")
+        next_port.setdefault(host, int(port) if port else HOST_PORT)
+        for name in group:
+            addresses[name] = f"tcp://{host}:{next_port[host]}"
+            next_port[host] += 1
+    return addresses
+
+
+def prepare(topology: Topology, out: Path, console: Console,
+            addresses: dict[str, str] | None = None) -> tuple[Topology, dict[str, Path]]:
+    """Writes one data shard per site and the topology (free loopback ports, or `addresses`);
+    returns both."""
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(topology.data.dataset, **data_options(topology.data))
     dataset = subsample(dataset, topology.data.train_images, topology.seed)
@@ -141,13 +163,8 @@ def prepare(topology: Topology, out: Path, console: Console, hosts: Hosts | None
     for peer, shard in zip(topology.peers, shards):
         paths[peer.name] = shard_dir / f"{peer.name}.npz"
         save_npz(shard, paths[peer.name])
-    if hosts is None:
-        addresses = [f"tcp://127.0.0.1:{port}" for port in free_ports(len(topology.peers))]
-    else:
-        place = {name: (g, k) for g, group in enumerate(groups or [[n] for n in topology.names])
-                 for k, name in enumerate(group)}
-        addresses = [f"tcp://{hosts.address(place[p.name][0])}:{NETNS_PORT + place[p.name][1]}"
-                     for p in topology.peers]
+    if addresses is None:
+        addresses = {p.name: f"tcp://127.0.0.1:{port}" for p, port in zip(topology.peers, free_ports(len(topology.peers)))}
     public_keys = {p.name: "" for p in topology.peers}
     # Fresh identities for every launch, a rerun into the same OUT too: no secret file of an
     # earlier run (which may have been copied or read meanwhile) is ever used again.
@@ -161,8 +178,8 @@ def prepare(topology: Topology, out: Path, console: Console, hosts: Hosts | None
         for p in topology.peers:
             public_path, _ = generate_keypair(keys, p.name)
             public_keys[p.name] = load_public_key(public_path)
-    peers = tuple(PeerConfig(p.name, address if p.inbound else "", public_keys[p.name], p.inbound)
-                  for p, address in zip(topology.peers, addresses))
+    peers = tuple(PeerConfig(p.name, addresses[p.name] if p.inbound else "", public_keys[p.name], p.inbound)
+                  for p in topology.peers)
     topology = dataclasses.replace(topology, peers=peers)
     if topology.protocol == "gossip":  # FedAvg weights: the shards' sizes, fixed in the file
         samples = {p.name: len(shard.train) for p, shard in zip(topology.peers, shards)}
@@ -258,6 +275,35 @@ def _run_inproc(topology: Topology, out: Path, console: Console, faults: tuple) 
     return summary
 
 
+def prepare_hosts(topology: Topology, out: Path, group_hosts: list[str], console: Console | None = None) -> list[dict]:
+    """For sites spread over other machines (a cluster): writes OUT as a launch would (shards,
+    keys, the topology with each site at its host's address) and OUT/groups.json, one process
+    per entry of `group_hosts` (a host may repeat); starts nothing. Each process is then
+    `p2p-fl group OUT --group G` on its host; the last to finish writes OUT/summary.json.
+    Returns the groups ({"host", "sites"})."""
+    console = console or Console()
+    groups = site_groups(list(topology.names), len(group_hosts))
+    topology, _ = prepare(topology, out, console, host_addresses(groups, group_hosts))
+    placed = [{"host": host, "sites": group} for host, group in zip(group_hosts, groups)]
+    write_json(out / GROUPS_FILE, {"groups": placed})
+    return placed
+
+
+def summarize_if_finished(out: Path) -> dict | None:
+    """OUT/summary.json once every site of OUT's topology wrote its result.json (a run of
+    `prepare_hosts`: the last group process to finish calls it); None before. Its wall_s is
+    the longest site's."""
+    from p2p_fl.config import load_topology
+
+    topology = load_topology(out / "topology.toml")
+    results = [out / name / "result.json" for name in topology.names]
+    if not all(path.exists() for path in results):
+        return None
+    wall_s = max(json.loads(path.read_text())["wall_s"] for path in results)
+    groups = json.loads((out / GROUPS_FILE).read_text())["groups"]
+    return collect_summary(topology, out, wall_s, processes=len(groups))
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """A service manager stops launch with SIGTERM: unwind as for Ctrl-C, so that the nodes
@@ -294,7 +340,8 @@ class _NodeProcess:
 
 def _run_nodes(topology: Topology, out: Path, console: Console, hosts: Hosts | None, supervision: Supervision,
                groups: list[list[str]]) -> dict:
-    topology, shard_paths = prepare(topology, out, console, hosts, groups)
+    addresses = None if hosts is None else host_addresses(groups, [hosts.address(g) for g in range(len(groups))])
+    topology, shard_paths = prepare(topology, out, console, addresses)
     _write_netns_layout(topology, out, hosts, groups)
     started = time.monotonic()
     events: queue.Queue = queue.Queue()
@@ -489,7 +536,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "incomplete": {n["name"]: n["shortfall"] for n in nodes if n.get("shortfall")},
         "nodes": nodes,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 
