@@ -656,8 +656,6 @@ def cmd_experiment(args) -> int:
         for run in select(runs, args.only):
             print(f"{run.name}{'  (done)' if (out / run.name / 'summary.json').exists() else ''}")
         return 0
-    if args.engine == "inproc":
-        _setup_runtime()
     return 1 if run_sweep(runs, out, only=args.only, engine=args.engine) else 0
 
 

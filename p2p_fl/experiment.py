@@ -24,7 +24,7 @@ partitions and seeds; an optional centralized reference is trained once per seed
     set = { "gossip.secure" = false }           # any other topology field, dotted
 
 Each federation runs through `launch` (one process per site, or with `--engine inproc` all
-sites in the experiment's own process) into OUT/<label>-<peers>-
+sites in one child process of its own per run) into OUT/<label>-<peers>-
 <partition>-seed<S>/, the centralized reference into OUT/centralized-seed<S>/. A run whose
 summary.json exists is skipped, so rerunning the command resumes an interrupted sweep. After
 every run OUT/runs.csv (one row per run), OUT/results.csv and OUT/results.md (one row per
@@ -50,7 +50,7 @@ from rich.console import Console
 
 from p2p_fl.config import PROTOCOLS, ConfigError, Topology, dump_topology, load_topology, parse_topology, read_toml
 from p2p_fl.data import parse_partition
-from p2p_fl.launch import run_launch, with_overrides
+from p2p_fl.launch import INCOMPLETE_EXIT, run_launch, with_overrides
 
 _TOP_FIELDS = {"seeds", "peers", "partitions", "topology", "dataset", "train_images", "rounds", "local_epochs",
                "set", "centralized", "federations"}
@@ -312,6 +312,8 @@ def run_sweep(runs: list[Run], out: Path, *, only: list[str] | None = None,
 
 
 def _run_federation(run: Run, run_dir: Path, console: Console, engine: str) -> bool:
+    if engine == "inproc":
+        return _run_inproc(run, run_dir)
     try:
         run_launch(run.topology, run_dir, console=console, engine=engine)
         return True
@@ -321,6 +323,24 @@ def _run_federation(run: Run, run_dir: Path, console: Console, engine: str) -> b
         if (run_dir / "summary.json").exists():
             (run_dir / "summary.json").rename(run_dir / "summary.failed.json")
         return False
+
+
+def _run_inproc(run: Run, run_dir: Path) -> bool:
+    """`launch --engine inproc` in a child process of its own: each run starts with a fresh
+    JAX runtime (a sweep of dozens of runs in one process kept every run's compiled programs:
+    an epsilon sweep ran out of memory in its 14th run), and a run that crashes costs only
+    itself."""
+    run_dir.mkdir(parents=True)
+    config = run_dir / "sweep-run.toml"
+    config.write_text(dump_topology(run.topology))
+    proc = subprocess.run([sys.executable, "-m", "p2p_fl", "launch", str(config), "--engine", "inproc",
+                           "--out", str(run_dir)])
+    summary_path = run_dir / "summary.json"
+    if proc.returncode not in (0, INCOMPLETE_EXIT) or not summary_path.exists():
+        if summary_path.exists():
+            summary_path.rename(run_dir / "summary.failed.json")
+        return False
+    return True
 
 
 def _run_centralized(run: Run, run_dir: Path, console: Console) -> bool:

@@ -180,8 +180,8 @@ set = {{ "data.test" = "{data}", "training.batch_size" = 32 }}
 
 
 def test_a_sweep_runs_in_process_with_engine_inproc(tmp_path):
-    """`experiment --engine inproc`: every federation of the sweep runs its sites inside the
-    experiment's own process, with the same folders and tables."""
+    """`experiment --engine inproc`: every federation of the sweep runs its sites in one child
+    process of its own (`launch --engine inproc`), with the same folders and tables."""
     data = tiny_dataset(tmp_path / "tiny.npz")
     sweep = write(tmp_path, f"""
 seeds = [0]
