@@ -62,10 +62,6 @@ class TrainingConfig:
     prox_mu: float = 0.0
     # FedBN: BatchNorm scale, bias and running statistics stay at each site, never sent.
     fedbn: bool = False
-    # SCAFFOLD (gossip, without DP): each site's mean gradient at the round's start model
-    # (its control variate c_i) travels with its model through the same sums; the next
-    # round adds (average c - own c_i) to every local gradient, against label-skew drift.
-    scaffold: bool = False
     # false: a site's optimizer restarts (fresh Adam moments / SGD momentum) on every model
     # that arrives, shaped by other sites. true: its state carries over from its own last
     # fit. With DP-SGD keep it: a site's 1 to 10 noisy steps per round never build up SGD
@@ -404,9 +400,6 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"training.prox_mu must be >= 0, got {tr.prox_mu}")
     if tr.fedbn and t.protocol == "ensemble":
         fail("training.fedbn does not apply to protocol ensemble: its members travel as whole models")
-    if tr.scaffold and (t.protocol != "gossip" or t.privacy.enabled):
-        fail("training.scaffold needs protocol gossip (its control variates travel in the rounds' sums) and "
-             "privacy off (a control variate is an unprivatized gradient)")
     _check_privacy(t.privacy, fail)
     _choice(tr.optimizer, OPTIMIZERS, "training.optimizer", fail)
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule", fail)

@@ -525,7 +525,6 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "prox_mu": topology.training.prox_mu,
         "outer_optimizer": topology.gossip.outer_optimizer if topology.protocol == "gossip" else "avg",
         "fedbn": topology.training.fedbn,
-        "scaffold": topology.training.scaffold,
         "keep_optimizer_state": topology.training.keep_optimizer_state,
         "privacy": dataclasses.asdict(topology.privacy),
         # Each site's own (epsilon, delta) for its own shard; they do not add up across sites.
@@ -570,7 +569,6 @@ def _options(summary: dict) -> str:
     outer = summary.get("outer_optimizer", "avg")
     options += [] if outer == "avg" else [{"momentum": "FedAvgM", "adam": "FedAdam"}[outer]]
     options += ["FedBN"] if summary.get("fedbn") else []
-    options += ["SCAFFOLD"] if summary.get("scaffold") else []
     options += ["optimizer state kept"] if summary.get("keep_optimizer_state") else []
     options += ["DP"] if summary.get("privacy", {}).get("enabled") else []
     return "".join(f" · {option}" for option in options)

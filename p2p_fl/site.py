@@ -39,7 +39,6 @@ from p2p_fl.protocols.ring import ring_cycles
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict], None]
-CONTROL = "control/"  # SCAFFOLD's control variates travel as tensors "control/<parameter>"
 
 
 def learning_rate_at(topology: Topology, progress: float) -> float:
@@ -106,12 +105,6 @@ def adopt_model(learner: Learner, weights: dict[str, np.ndarray], *, keep: froze
     learner.set_weights(weights, keep=keep)
     if not keep_optimizer_state:
         learner.reset_optimizer()
-
-
-def split_control(weights: Weights) -> tuple[Weights, Weights]:
-    """(the model's tensors, SCAFFOLD's control variates by parameter name) of a shared model."""
-    model = {k: v for k, v in weights.items() if not k.startswith(CONTROL)}
-    return model, {k[len(CONTROL):]: v for k, v in weights.items() if k.startswith(CONTROL)}
 
 
 def make_protocol(topology: Topology, me: str, curve: Curve | None, initial: Weights | None = None,
@@ -239,16 +232,8 @@ class Site:
                      self.dp.target_epsilon or "none")
         # FedBN: these tensors never leave the site; the transport knows only the shared ones.
         self.local = frozenset(self.learner.batchnorm_names()) if topology.training.fedbn else frozenset()
-        # SCAFFOLD: this site's control variate c_i, its mean gradient at the start model of
-        # its latest round (None until the first; not checkpointed: a resumed site's first
-        # round trains uncorrected).
-        self._control: dict[str, np.ndarray] | None = None
-        self._control_names = ([n for n in self.learner.weight_spec() if n[0] not in self.learner.statistic_names()]
-                               if topology.training.scaffold else [])
-        # The outer step leaves running statistics and control variates at the average.
         self.protocol = make_protocol(topology, name, curve, initial=self.shared_weights(),
-                                      statistics=frozenset(self.learner.statistic_names())
-                                      | {CONTROL + n for n, _, _ in self._control_names})
+                                      statistics=frozenset(self.learner.statistic_names()))
         self.fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes,
                                                   self.learner.weight_spec(), model_code(topology.training.model))
         listed = topology.gossip.samples.get(name) if topology.protocol == "gossip" else None
@@ -270,10 +255,8 @@ class Site:
         self._learner_state = self.learner.get_state() if checkpoints else {}
 
     def shared_spec(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, dtype, shape) of the tensors that leave the site (not FedBN's local ones;
-        SCAFFOLD's control variates, float32 like the parameters they go with)."""
-        return sorted([spec for spec in self.learner.weight_spec() if spec[0] not in self.local]
-                      + [(CONTROL + n, "float32", shape) for n, _, shape in self._control_names])
+        """(name, dtype, shape) of the tensors that leave the site (not FedBN's local ones)."""
+        return [spec for spec in self.learner.weight_spec() if spec[0] not in self.local]
 
     # Checkpoints.
 
@@ -339,21 +322,13 @@ class Site:
         """Takes the model the step starts from; returns the step's learning rate."""
         self._start_test_auc = None
         if step.weights is not None:
-            model, average_control = split_control(step.weights)
-            adopt_model(self.learner, model, keep=self.local,
+            adopt_model(self.learner, step.weights, keep=self.local,
                         keep_optimizer_state=self.topology.training.keep_optimizer_state)
-            if self._control_names:
-                # SCAFFOLD: the federation's average control variate against our own, both of
-                # the last round's start model; none before a first round or after a restart.
-                self.learner.correction = (None if self._control is None or not average_control else
-                                           {n: average_control[n] - self._control[n] for n in self._control})
             if self.common_test is not None and len(self.common_test):
                 # The federation's model as this round got it, on the common test set: how
                 # the shared model moves from round to round (the swing in result.json).
                 self._start_test_auc = _plain(
                     self.learner.evaluate(self.common_test.images, self.common_test.labels)["auc"])
-        if self._control_names:  # c_i at this round's start model, sent with its trained model
-            self._control = self.learner.mean_gradient(self.data.train.images, self.data.train.labels)
         return learning_rate_at(self.topology, step.progress)
 
     def end_training(self, step: Train, losses: list, train_s: float) -> tuple[Weights, dict]:
@@ -369,13 +344,8 @@ class Site:
         return self.shared_weights(), record
 
     def shared_weights(self) -> Weights:
-        """The learner's model as the federation sees it: without FedBN's site-local tensors,
-        with SCAFFOLD's control variate (zeros before the first round)."""
-        shared = {k: v for k, v in self.learner.get_weights().items() if k not in self.local}
-        for name, _, shape in self._control_names:
-            shared[CONTROL + name] = (np.zeros(shape, np.float32) if self._control is None
-                                      else np.asarray(self._control[name], np.float32))
-        return shared
+        """The learner's model as the federation sees it: without FedBN's site-local tensors."""
+        return {k: v for k, v in self.learner.get_weights().items() if k not in self.local}
 
     def trained(self, record: dict) -> None:
         """A training's record is final (bytes and time added): log it; the learner's state
@@ -412,7 +382,7 @@ class Site:
         if shortfall:
             log.warning("%s: the run ended without the federation: %s", self.name, shortfall)
         if final.weights is not None:
-            learner.set_weights(split_control(final.weights)[0], keep=self.local)
+            learner.set_weights(final.weights, keep=self.local)
         result = _evaluate(learner, self.data, self.common_test, final.members)
         result.update({
             "name": self.name,
@@ -484,7 +454,6 @@ class Site:
             return {}
         self.emit({"event": "state", "state": "personalizing"})
         self.learner.reset_optimizer()
-        self.learner.correction = None  # its own data alone now
         self.learner.fit(self.data.train.images, self.data.train.labels, epochs=epochs,
                          learning_rate=self.topology.training.learning_rate)
         report = self.learner.evaluate(self.data.test.images, self.data.test.labels)

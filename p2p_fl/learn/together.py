@@ -56,7 +56,7 @@ DEFAULT_MAX_STEP_IMAGES = 1024
 def train_epoch_together(states: TrainState, images: jax.Array, labels: jax.Array,
                          num_valid: jax.Array, num_batches: jax.Array, *, graphdef, tx,
                          batch_size: int, augment: bool, prox_mu: float = 0.0,
-                         anchors=None, corrections=None) -> tuple[TrainState, jax.Array]:
+                         anchors=None) -> tuple[TrainState, jax.Array]:
     """One epoch of S sites at once: ``plain_epoch`` vmapped over the leading axis.
 
     Args:
@@ -66,17 +66,16 @@ def train_epoch_together(states: TrainState, images: jax.Array, labels: jax.Arra
       num_valid: (S,) int32 real examples per site.
       num_batches: (S,) int32 steps per site (0: an inert padding row).
       anchors: stacked FedProx anchors (with ``prox_mu`` > 0), else None.
-      corrections: stacked SCAFFOLD corrections, else None.
 
     Returns:
       (stacked new states, (S,) mean losses).
     """
-    def one_site(state, site_images, site_labels, site_valid, site_batches, anchor, correction):
+    def one_site(state, site_images, site_labels, site_valid, site_batches, anchor):
         return plain_epoch(state, site_images, site_labels, site_valid, site_batches,
                            graphdef=graphdef, tx=tx, batch_size=batch_size, augment=augment,
-                           prox_mu=prox_mu, anchor=anchor, correction=correction)
+                           prox_mu=prox_mu, anchor=anchor)
 
-    return jax.vmap(one_site)(states, images, labels, num_valid, num_batches, anchors, corrections)
+    return jax.vmap(one_site)(states, images, labels, num_valid, num_batches, anchors)
 
 
 @jax.jit
@@ -127,8 +126,7 @@ def fit_together(learners: Sequence[Learner],
     Learners train together when they share the model structure, optimizer,
     effective batch size (``min(batch_size, len(shard))``, as ``fit`` uses),
     augmentation, FedProx mu (each site's anchor is its own weights at the
-    start, as in ``fit``), whether they have a SCAFFOLD ``correction`` (each
-    its own), image shape and image dtype. Within such a group
+    start, as in ``fit``), image shape and image dtype. Within such a group
     sites are sorted by shard size and run in calls of at most
     ``max_sites_per_call`` sites whose padded images stay under
     ``max_image_bytes`` and whose vmapped step holds at most
@@ -191,7 +189,7 @@ def fit_together(learners: Sequence[Learner],
             continue
         config = (learner.model_name, learner.num_classes, learner._graphdef, learner._tx,
                   min(learner.batch_size, len(images)), learner.augment, learner.prox_mu,
-                  learner.correction is not None, images.shape[1:], images.dtype)
+                  images.shape[1:], images.dtype)
         groups.setdefault(config, []).append(index)
 
     losses: list[list[float] | None] = [None] * len(learners)
@@ -265,10 +263,6 @@ def _fit_call(learners: list[Learner], shards: list[tuple[np.ndarray, np.ndarray
     stacked = _stack(states + [states[0]] * (rows - count))
     # A copy: the stacked parameters are donated to the first epoch.
     anchors = (jax.tree_util.tree_map(jnp.copy, stacked.params) if first.prox_mu else None)
-    corrections = None
-    if first.correction is not None:
-        own = [learner.correction_state() for learner in learners]
-        corrections = _stack(own + [jax.tree_util.tree_map(jnp.zeros_like, own[0])] * (rows - count))
     images, labels = jnp.asarray(images), jnp.asarray(labels)
     num_valid, num_batches = jnp.asarray(num_valid), jnp.asarray(num_batches)
     epoch_losses = []
@@ -276,7 +270,7 @@ def _fit_call(learners: list[Learner], shards: list[tuple[np.ndarray, np.ndarray
         stacked, loss = train_epoch_together(
             stacked, images, labels, num_valid, num_batches, graphdef=first._graphdef,
             tx=first._tx, batch_size=batch_size, augment=first.augment,
-            prox_mu=first.prox_mu, anchors=anchors, corrections=corrections)
+            prox_mu=first.prox_mu, anchors=anchors)
         epoch_losses.append(loss)
     for learner, state in zip(learners, _unstack(stacked, count)):
         learner._state = state

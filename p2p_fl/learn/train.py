@@ -168,16 +168,14 @@ def example_loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.Gra
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                step_key: jax.Array, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, augment: bool,
-               prox_mu: float = 0.0, anchor: nnx.State | None = None,
-               correction: nnx.State | None = None
+               prox_mu: float = 0.0, anchor: nnx.State | None = None
                ) -> tuple[TrainState, jax.Array]:
     """One optimizer step on one batch of raw (uint8 or float) images, without DP
     (DP-SGD samples its own batches: ``dp_train_step``).
 
     With ``prox_mu`` > 0 (FedProx), the gradient of
-    (mu / 2) * ||params - anchor||^2 is added; with a ``correction`` (SCAFFOLD's
-    c - c_i, constant over the round) that is added; the returned loss is the
-    data loss alone.
+    (mu / 2) * ||params - anchor||^2 is added; the returned loss is the data
+    loss alone.
 
     Returns:
       (new state, batch loss). ``state.key`` is left alone: the epoch owns it.
@@ -190,8 +188,6 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
         state.params, state.batch_stats, graphdef, images, labels, dropout_key)
     if prox_mu:  # a static float: mu = 0 compiles the plain step, bit for bit
         grads = prox_gradient(grads, state.params, anchor, prox_mu)
-    if correction is not None:  # None is static too: no correction compiles the plain step
-        grads = jax.tree_util.tree_map(jnp.add, grads, correction)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(params, batch_stats, opt_state, state.key), loss
@@ -310,8 +306,7 @@ def dp_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
 def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
                 graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 batch_size: int, augment: bool, dp: DPConfig | None = None,
-                prox_mu: float = 0.0, anchor: nnx.State | None = None,
-                correction: nnx.State | None = None
+                prox_mu: float = 0.0, anchor: nnx.State | None = None
                 ) -> tuple[TrainState, jax.Array]:
     """One pass over device-resident data, as a single compiled program.
 
@@ -333,7 +328,6 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
       dp: DP-SGD settings, or None for plain training.
       prox_mu: FedProx's mu (0: no proximal term).
       anchor: the parameters the proximal term pulls towards (with prox_mu > 0).
-      correction: SCAFFOLD's gradient correction (plain training only), or None.
 
     Returns:
       (new state with an advanced key, mean training loss over the steps).
@@ -356,7 +350,7 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
 
     return plain_epoch(state, images, labels, num_examples, num_examples // batch_size,
                        graphdef=graphdef, tx=tx, batch_size=batch_size, augment=augment,
-                       prox_mu=prox_mu, anchor=anchor, correction=correction)
+                       prox_mu=prox_mu, anchor=anchor)
 
 
 def shuffled_order(shuffle_key: jax.Array, num_valid: int | jax.Array, size: int
@@ -390,8 +384,7 @@ def plain_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
                 num_valid: int | jax.Array, num_batches: int | jax.Array, *,
                 graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 batch_size: int, augment: bool, prox_mu: float = 0.0,
-                anchor: nnx.State | None = None, correction: nnx.State | None = None
-                ) -> tuple[TrainState, jax.Array]:
+                anchor: nnx.State | None = None) -> tuple[TrainState, jax.Array]:
     """One epoch of plain (non-DP) training of one site, padding-aware: the
     one definition behind ``train_epoch`` and ``together.fit_together``
     (which ``jax.vmap``s it over sites whose shards are padded to one size).
@@ -434,7 +427,7 @@ def plain_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
         step, indices, step_key = batch
         new, loss = train_step(state, images[indices], labels[indices], step_key,
                                graphdef=graphdef, tx=tx, augment=augment,
-                               prox_mu=prox_mu, anchor=anchor, correction=correction)
+                               prox_mu=prox_mu, anchor=anchor)
         if every_step_trains:
             return new, loss
         trains = step < num_batches
@@ -448,16 +441,6 @@ def plain_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
     if every_step_trains:
         return state._replace(key=key), losses.mean()
     return state._replace(key=key), losses.sum() / jnp.maximum(num_batches, 1)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def batch_gradient(params: nnx.State, batch_stats: nnx.State, images: jax.Array, labels: jax.Array,
-                   key: jax.Array, *, graphdef: nnx.GraphDef) -> nnx.State:
-    """The training loss's gradient on one batch of raw images at ``params``
-    (BatchNorm in training mode, as a step sees it; no augmentation, nothing updated)."""
-    grads, _ = jax.grad(loss_fn, has_aux=True)(params, batch_stats, graphdef, to_float_images(images),
-                                               labels, key)
-    return grads
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -570,9 +553,6 @@ class Learner:
         self.augment = augment
         self.dp = dp
         self.prox_mu = float(prox_mu)
-        # SCAFFOLD's c - c_i by parameter name, added to every plain-training
-        # gradient of the next fits (set by the site each round); None: none.
-        self.correction: dict[str, np.ndarray] | None = None
         # (sample_rate, steps) of each fit with DP, for the accountant.
         self._dp_rounds: list[tuple[float, int]] = []
         module = build_model(model, num_classes=num_classes, in_channels=channels,
@@ -634,47 +614,18 @@ class Learner:
         # A copy: the parameters' own buffers are donated to the first epoch.
         anchor = (jax.tree_util.tree_map(jnp.copy, self._state.params)
                   if self.prox_mu else None)
-        correction = self.correction_state()
         losses = []
         for epoch in range(epochs):
             self._state, loss = train_epoch(
                 self._state, images, labels, graphdef=self._graphdef, tx=self._tx,
                 batch_size=batch_size, augment=self.augment, dp=self.dp,
-                prox_mu=self.prox_mu, anchor=anchor, correction=correction)
+                prox_mu=self.prox_mu, anchor=anchor)
             if self.dp is not None:
                 self._dp_rounds.append((sample_rate, steps))
             losses.append(float(loss))
             if on_epoch is not None:
                 on_epoch(epoch, losses[-1])
         return losses
-
-    def correction_state(self) -> nnx.State | None:
-        """``correction`` as a parameter tree for the training programs (None: none)."""
-        if self.correction is None:
-            return None
-        if self.dp is not None:
-            raise ValueError("a gradient correction (SCAFFOLD) under DP-SGD would add an unprivatized gradient")
-        _check_names("correction", self.correction, self._param_names)
-        leaves = [jnp.asarray(self.correction[name], jnp.float32) for name in self._param_names]
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self._state.params), leaves)
-
-    def mean_gradient(self, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """The mean training-loss gradient over the shard's whole batches at the current
-        parameters, by parameter name: SCAFFOLD's control variate c_i (its option I). No
-        augmentation; nothing changes."""
-        images = self._checked_images(images)
-        labels = self._checked_labels(labels, len(images))
-        batch_size = min(self.batch_size, len(images))
-        batches = max(1, len(images) // batch_size)
-        key = jax.random.key(0)  # dropout's, fixed: c_i depends on the parameters alone
-        total = None
-        for b in range(batches):
-            rows = slice(b * batch_size, (b + 1) * batch_size)
-            grads = batch_gradient(self._state.params, self._state.batch_stats, jnp.asarray(images[rows]),
-                                   jnp.asarray(labels[rows]), key, graphdef=self._graphdef)
-            total = grads if total is None else jax.tree_util.tree_map(jnp.add, total, grads)
-        leaves = jax.tree_util.tree_leaves(total)
-        return {name: np.asarray(leaf) / batches for name, leaf in zip(self._param_names, leaves)}
 
     def steps_per_epoch(self, num_examples: int) -> int:
         """Optimizer steps of one epoch over ``num_examples`` examples: whole batches (at
