@@ -39,6 +39,9 @@ from p2p_fl.protocols.ring import ring_cycles
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict], None]
+# The rounds (a ring's cycles) at the end whose arriving model is scored on the common test
+# set: the last two trainings, whose models with the final one give the last three's swing.
+SCORED_ROUNDS = 2.5
 
 
 def learning_rate_at(topology: Topology, progress: float) -> float:
@@ -324,9 +327,12 @@ class Site:
         if step.weights is not None:
             adopt_model(self.learner, step.weights, keep=self.local,
                         keep_optimizer_state=self.topology.training.keep_optimizer_state)
-            if self.common_test is not None and len(self.common_test):
+            rounds = self.topology.training.rounds
+            if self.common_test is not None and len(self.common_test) and step.progress >= 1 - SCORED_ROUNDS / rounds:
                 # The federation's model as this round got it, on the common test set: how
                 # the shared model moves from round to round (the swing in result.json).
+                # Only the last rounds (a ring site's last hops): earlier ones would cost a
+                # pass over the test set per site and round, a quarter of an in-process run.
                 self._start_test_auc = _plain(
                     self.learner.evaluate(self.common_test.images, self.common_test.labels)["auc"])
         return learning_rate_at(self.topology, step.progress)
