@@ -327,9 +327,9 @@ def _run_federation(run: Run, run_dir: Path, console: Console, engine: str) -> b
 
 def _run_inproc(run: Run, run_dir: Path) -> bool:
     """`launch --engine inproc` in a child process of its own: each run starts with a fresh
-    JAX runtime (a sweep of dozens of runs in one process kept every run's compiled programs:
-    an epsilon sweep ran out of memory in its 14th run), and a run that crashes costs only
-    itself."""
+    JAX runtime (an epsilon sweep with every run in one process ran out of memory in its
+    14th run, most likely from what each run's compiled programs and sites left behind), and
+    a run that crashes costs only itself."""
     run_dir.mkdir(parents=True)
     config = run_dir / "sweep-run.toml"
     config.write_text(dump_topology(run.topology))
