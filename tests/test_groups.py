@@ -5,6 +5,7 @@ scheduler would start them."""
 
 import doctest
 import json
+import socket
 import subprocess
 import sys
 
@@ -13,6 +14,26 @@ from processes import ROOT, p2p_fl, small_dataset
 
 from p2p_fl import launch as launch_module
 from p2p_fl.launch import free_ports, host_addresses, node_env, site_groups
+
+
+def free_run_of_ports(count: int) -> int:
+    """A first port from which `count` consecutive ports are free on 127.0.0.1 now (a host's
+    sites take consecutive ports; a busy machine may hold one of them)."""
+    for _ in range(50):
+        base = free_ports(1)[0]
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError(f"no {count} consecutive free ports found")
 
 
 def test_the_placement_examples_hold():
@@ -39,7 +60,7 @@ def test_a_run_prepared_for_hosts_finishes_with_each_group_started_by_hand(tmp_p
     secure gossip to one model, and the last to finish writes summary.json."""
     data = small_dataset(tmp_path / "small.npz", train=300, val=60, test=60)
     out = tmp_path / "out"
-    base = free_ports(1)[0]
+    base = free_run_of_ports(3)
     hosts = f"127.0.0.1:{base},127.0.0.1:{base}"
     proc = p2p_fl("launch", "topologies/gossip-3.toml", "--data", str(data), "--rounds", "2", "--out", str(out),
                   "--hosts", hosts)
