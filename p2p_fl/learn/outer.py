@@ -15,6 +15,7 @@ average as it is.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import jax
@@ -26,13 +27,23 @@ from p2p_fl.config import OUTER_OPTIMIZERS
 Weights = dict[str, np.ndarray]
 
 
+@functools.lru_cache(maxsize=None)
 def outer_transformation(name: str, learning_rate: float, momentum: float) -> optax.GradientTransformation:
-    """The optax transformation of `name` (not "avg": that is no step at all)."""
+    """The optax transformation of `name` (not "avg": that is no step at all); one object per
+    setting, so every site of a process shares one compiled `_outer_update`."""
     if name == "momentum":  # FedAvgM with Nesterov momentum (as DiLoCo's outer step)
         return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
     if name == "adam":  # FedAdam: tau (eps) 1e-3 as in Reddi et al., b2 0.99
         return optax.adam(learning_rate, b1=momentum, b2=0.99, eps=1e-3)
     raise ValueError(f"outer optimizer {name!r} is not one of {OUTER_OPTIMIZERS[1:]}")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _outer_update(transformation: optax.GradientTransformation, params, pseudo_gradient, state):
+    # Compiled once per setting: eagerly, the step's few dozen small array operations each
+    # went through JAX's dispatch (25 ms a step; a tenth of a 10-site round in one process).
+    updates, state = transformation.update(pseudo_gradient, state, params)
+    return optax.apply_updates(params, updates), state
 
 
 class OuterOptimizer:
@@ -57,8 +68,7 @@ class OuterOptimizer:
         pseudo_gradient = {n: params[n] - np.asarray(average[n], np.float32) for n in names}
         if self._state is None:
             self._state = self.transformation.init(params)
-        updates, self._state = self.transformation.update(pseudo_gradient, self._state, params)
-        stepped = optax.apply_updates(params, updates)
+        stepped, self._state = _outer_update(self.transformation, params, pseudo_gradient, self._state)
         return {n: (np.asarray(stepped[n], average[n].dtype) if n in stepped else average[n]) for n in average}
 
     def snapshot(self) -> Weights:
