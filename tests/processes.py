@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,12 +41,43 @@ def small_dataset(path: Path, *, train: int, val: int, test: int) -> Path:
                     class_names=full.class_names), path)
 
 
+# Test shards are a few batches a site: the default `training.min_local_steps` (16 steps a
+# round) would make every round of a test federation 4 to 16 epochs, a third of the suite's
+# time, for tests of protocols rather than of accuracy. Test federations train the epochs
+# they ask for unless they set it (tests/test_local_steps.py checks the setting itself).
+AS_GIVEN = "min_local_steps = 0"
+
+
+def epochs_as_given(settings: str) -> str:
+    """`settings` (topology TOML) with `min_local_steps = 0` unless it sets min_local_steps."""
+    if re.search(r"(?m)^min_local_steps\s*=", settings):
+        return settings
+    if re.search(r"(?m)^\[training\]\s*$", settings):
+        return re.sub(r"(?m)^\[training\]\s*$", f"[training]\n{AS_GIVEN}", settings, count=1)
+    return f"{settings}\n[training]\n{AS_GIVEN}\n"
+
+
+def shipped_topology(folder: Path, name: str, **replace: str) -> Path:
+    """A copy of topologies/NAME in folder, each `old=new` of `replace` applied (each must
+    occur), training the epochs it asks for (`epochs_as_given`)."""
+    text = (ROOT / "topologies" / name).read_text()
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(epochs_as_given(re.sub(r"(?m)^min_local_steps\s*=\s*\d+", AS_GIVEN, text)))
+    return path
+
+
 def write_federation(folder: Path, sites, settings: str, *, federation: str) -> Path:
     """A topology for `sites` on free loopback ports with fresh CURVE keys under folder/keys;
-    `settings` is the TOML of its other sections. Returns the topology's path."""
+    `settings` is the TOML of its other sections (`epochs_as_given` applied). Returns the
+    topology's path."""
     from p2p_fl.launch import free_ports
     from p2p_fl.net import generate_keypair, load_public_key
 
+    settings = epochs_as_given(settings)
     folder.mkdir(parents=True, exist_ok=True)
     ports = dict(zip(sites, free_ports(len(sites))))
     peers = ""

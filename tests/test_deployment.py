@@ -11,7 +11,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from processes import ROOT, finish_all, p2p_fl
+from processes import ROOT, epochs_as_given, finish_all, p2p_fl
 
 from p2p_fl.data import load_dataset
 from p2p_fl.launch import free_ports
@@ -48,11 +48,11 @@ def test_three_hospitals_follow_the_deployment_guide(tmp_path):
         public_line = next(line for line in printed.splitlines() if line.startswith("public_key = "))
         peers += f'[[peers]]\nname = "{site}"\naddress = "tcp://127.0.0.1:{ports[site]}"\n{public_line}\n'
     topology = tmp_path / "federation.toml"
-    topology.write_text(
+    topology.write_text(epochs_as_given(
         'federation = "deploy-test"\nprotocol = "cwt"\n'
         '[training]\nmodel = "small-cnn"\nrounds = 1\nlocal_epochs = 1\nbatch_size = 32\n'
         '[data]\ntest = ""\nimage_size = 32\nchannels = 1\nclasses = ["normal", "pneumonia"]\n'
-        '[network]\nheartbeat_interval_s = 0.5\npeer_timeout_s = 5.0\nstart_window_s = 120\n' + peers)
+        '[network]\nheartbeat_interval_s = 0.5\npeer_timeout_s = 5.0\nstart_window_s = 120\n' + peers))
 
     def site_args(site):
         return ("--config", str(topology), "--name", site, "--key", str(tmp_path / site / "keys" / f"{site}.key_secret"),

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from processes import ROOT, p2p_fl, small_dataset
+from processes import p2p_fl, shipped_topology, small_dataset
 
 from p2p_fl.config import ConfigError
 from p2p_fl.net import wire
@@ -29,16 +29,6 @@ def small(tmp_path_factory):
     return small_dataset(tmp_path_factory.mktemp("data") / "small.npz", train=450, val=90, test=150)
 
 
-def topology_variant(tmp_path, name, **replace):
-    text = (ROOT / "topologies" / name).read_text()
-    for old, new in replace.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
 # The engines are compared on FedAvg's plain average: gossip-3's outer momentum step
 # multiplies the float rounding by which vmapped training differs from a node's (up to
 # 1 / (1 - momentum)); the step itself is the same pure function in both engines, and
@@ -58,7 +48,7 @@ def test_every_engine_ends_with_the_models_of_one_process_per_site(tmp_path, sma
     node's: bit-identical (at equal XLA thread counts). Gossip sites of one round train
     together (vmap), which rounds differently from one site's program: equal up to float
     rounding, the AUC to 3 decimals."""
-    topology = topology_variant(tmp_path, name, **replace)
+    topology = shipped_topology(tmp_path, name, **replace)
     args = ("--data", str(small), "--rounds", "2")
     engine_args = {"process": ("--engine", "process"), "inproc": ("--engine", "inproc"),
                    "grouped": ("--engine", "process", "--processes", "2")}
@@ -99,7 +89,7 @@ def test_a_member_killed_inside_a_sum_is_recovered_and_comes_back(tmp_path, smal
     reach round 3. Every other site's round-1 sum still opens with it as a survivor (its
     self-mask recovered from the others' shares), it rejoins and finishes with the others.
     Run twice, the run unfolds the same way to the last bit."""
-    topology = ROOT / "topologies" / "gossip-10.toml"  # complete graph: groups of 4 at 5 sites
+    topology = shipped_topology(tmp_path, "gossip-10.toml")  # complete graph: groups of 4 at 5 sites
     outs = []
     for attempt in range(2):
         out = tmp_path / f"run{attempt}"
@@ -165,7 +155,7 @@ def test_a_hundred_sites_run_secure_gossip_in_one_process(tmp_path):
     sums with real masks, one process; every site finishes and every sum of every round
     took in all four neighbours."""
     data = small_dataset(tmp_path / "data.npz", train=1600, val=400, test=400)
-    topology = topology_variant(tmp_path, "gossip-10-k4.toml", **{'test = "builtin:pneumoniamnist"': 'test = ""'})
+    topology = shipped_topology(tmp_path, "gossip-10-k4.toml", **{'test = "builtin:pneumoniamnist"': 'test = ""'})
     proc = launch(topology, tmp_path / "run", "--data", str(data), "--peers", "100", "--rounds", "2",
                   "--local-epochs", "1", "--engine", "inproc", threads=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

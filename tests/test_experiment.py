@@ -45,7 +45,7 @@ protocol = "swt"
 rounds = 1
 local_epochs = 2
 partitions = ["iid"]
-set = {{ "training.batch_size" = 32 }}
+set = {{ "training.batch_size" = 32, "training.min_local_steps" = 0 }}
 """)
     runs = load_sweep(path)
     names = [r.name for r in runs]
@@ -153,7 +153,7 @@ epochs = 1
 label = "CWT"
 peers = [2]
 rounds = 1
-set = {{ "data.test" = "{data}", "training.batch_size" = 32 }}
+set = {{ "data.test" = "{data}", "training.batch_size" = 32, "training.min_local_steps" = 0 }}
 """)
     out = tmp_path / "out"
     proc = p2p_fl("experiment", str(sweep), "--out", str(out), timeout=300)
@@ -190,7 +190,7 @@ dataset = "{data}"
 [[federations]]
 label = "FedAvg"
 rounds = 2
-set = {{ "data.test" = "{data}", "training.batch_size" = 32 }}
+set = {{ "data.test" = "{data}", "training.batch_size" = 32, "training.min_local_steps" = 0 }}
 """)
     out = tmp_path / "out"
     proc = p2p_fl("experiment", str(sweep), "--out", str(out), "--engine", "inproc", timeout=300)

@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 import pytest
-from processes import ROOT, p2p_fl, small_dataset, small_shards
+from processes import ROOT, epochs_as_given, p2p_fl, small_dataset, small_shards
 
 from p2p_fl.config import parse_topology
 from p2p_fl.data.sources import load_dataset
@@ -92,7 +92,7 @@ def test_fedbn_never_puts_batchnorm_tensors_on_the_wire(tmp_path):
             peers = "".join(f'[[peers]]\nname = "{m}"\naddress = "tcp://127.0.0.1:'
                             f'{ports[m] if m == n else relays[m].port}"\n' for m in SITES)
             config = tmp_path / f"{n}.toml"
-            config.write_text(settings + peers)
+            config.write_text(epochs_as_given(settings + peers))
             (tmp_path / n).mkdir()
             procs[n] = subprocess.Popen(
                 [sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", n,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from processes import ROOT, p2p_fl, small_shards
+from processes import ROOT, epochs_as_given, p2p_fl, small_shards
 
 from p2p_fl.launch import free_ports, node_env
 from p2p_fl.net import generate_keypair, load_public_key
@@ -47,12 +47,12 @@ def run_gossip(setup, out: Path, *, secure: bool, kill_after_round0: str | None 
                     f'public_key = "{load_public_key(tmp / "keys" / f"{n}.key")}"\n' for n in SITES)
     config = out / "topology.toml"
     out.mkdir(parents=True)
-    config.write_text(
+    config.write_text(epochs_as_given(
         'federation = "gossip-e2e"\nprotocol = "gossip"\n[training]\nrounds = 2\nlocal_epochs = 1\nbatch_size = 32\n'
         # SGD: a smooth step, so the sums' rounding is not blown up to Adam's step size.
         'optimizer = "sgd"\nlearning_rate = 0.05\n'
         f'[gossip]\nsecure = {str(secure).lower()}\nround_timeout_s = {ROUND_TIMEOUT_S}\n'
-        '[data]\ntest = ""\n' + peers)
+        '[data]\ntest = ""\n' + peers))
     env = node_env(len(SITES))
     procs = {
         n: subprocess.Popen([sys.executable, "-m", "p2p_fl", "node", "--config", str(config), "--name", n,

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
-from processes import ROOT, p2p_fl, small_dataset
+from processes import ROOT, p2p_fl, shipped_topology, small_dataset
 
 from p2p_fl import launch as launch_module
 from p2p_fl.launch import free_ports, host_addresses, node_env, site_groups
@@ -62,8 +62,8 @@ def test_a_run_prepared_for_hosts_finishes_with_each_group_started_by_hand(tmp_p
     out = tmp_path / "out"
     base = free_run_of_ports(3)
     hosts = f"127.0.0.1:{base},127.0.0.1:{base}"
-    proc = p2p_fl("launch", "topologies/gossip-3.toml", "--data", str(data), "--rounds", "2", "--out", str(out),
-                  "--hosts", hosts)
+    proc = p2p_fl("launch", str(shipped_topology(tmp_path, "gossip-3.toml")), "--data", str(data), "--rounds", "2",
+                  "--out", str(out), "--hosts", hosts)
     assert proc.returncode == 0, proc.stderr
     assert f"p2p-fl group {out} --group 1" in proc.stdout and not (out / "summary.json").exists()
     groups = json.loads((out / "groups.json").read_text())["groups"]

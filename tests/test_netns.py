@@ -13,7 +13,7 @@ import tomllib
 
 import numpy as np
 import pytest
-from processes import ROOT, small_dataset
+from processes import ROOT, epochs_as_given, small_dataset
 
 from p2p_fl import netns
 from p2p_fl.netns import NetnsError, network_hosts
@@ -92,12 +92,12 @@ def test_ring_finishes_on_every_node_after_a_link_is_cut_past_the_peer_timeout(t
     """Issue 5 (c): CWT on 3 namespaces; c's link is down for twice network.peer_timeout_s
     while the model comes its way, then restored; every node finishes with the final model."""
     topology, out = tmp_path / "ring.toml", tmp_path / "out"
-    topology.write_text(
+    topology.write_text(epochs_as_given(
         'federation = "netns-ring"\nprotocol = "cwt"\n[training]\nrounds = 2\nlocal_epochs = 1\nbatch_size = 32\n'
         '[ring]\norder = "listed"\n[data]\ntest = ""\n'
         '[network]\nheartbeat_interval_s = 0.2\npeer_timeout_s = 2.0\nack_timeout_s = 0.5\n'
         'handoff_timeout_s = 3.0\nrun_timeout_s = 150.0\n'
-        + "".join(f'[[peers]]\nname = "{n}"\n' for n in SITES))
+        + "".join(f'[[peers]]\nname = "{n}"\n' for n in SITES)))
     data = small_dataset(tmp_path / "small.npz", train=384, val=192, test=192)
     launch = subprocess.Popen(
         [sys.executable, "-m", "p2p_fl", "launch", str(topology), "--data", str(data), "--out", str(out),
@@ -169,8 +169,8 @@ def test_groups_of_sites_on_two_hosts_run_secure_gossip_to_one_model(tmp_path):
 
 def test_a_launch_stopped_by_sigterm_stops_its_nodes_and_deletes_its_namespaces(tmp_path):
     topology = tmp_path / "ring.toml"
-    topology.write_text('federation = "stopped"\nprotocol = "cwt"\n[data]\ntest = ""\n'
-                        + "".join(f'[[peers]]\nname = "{n}"\n' for n in SITES))
+    topology.write_text(epochs_as_given('federation = "stopped"\nprotocol = "cwt"\n[data]\ntest = ""\n'
+                                        + "".join(f'[[peers]]\nname = "{n}"\n' for n in SITES)))
     data = small_dataset(tmp_path / "small.npz", train=96, val=48, test=48)
     out = tmp_path / "out"
     launch = subprocess.Popen([sys.executable, "-m", "p2p_fl", "launch", str(topology), "--data", str(data),

@@ -94,10 +94,11 @@ def test_launch_into_a_finished_run_is_refused_and_leaves_it_as_it_was(tmp_path)
     assert (tmp_path / "site-1" / "metrics.jsonl").read_text() == "kept\n"
     assert not (tmp_path / "keys").exists() and not (tmp_path / "shards").exists()
     (tmp_path / "topology.toml").write_text("")  # a launch folder: --overwrite replaces it
-    from processes import small_dataset
+    from processes import shipped_topology, small_dataset
 
     data = small_dataset(tmp_path.parent / "small-overwrite.npz", train=64, val=16, test=16)
-    again = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
+    again = p2p_fl("launch", str(shipped_topology(tmp_path.parent / "local", "local-3.toml")), "--peers", "2",
+                   "--rounds", "1", "--engine", "inproc",
                    "--data", str(data), "--out", str(tmp_path), "--overwrite", timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished" not in (tmp_path / "summary.json").read_text() and not (tmp_path / "site-1").exists()

@@ -7,7 +7,7 @@ import tomllib
 import numpy as np
 import optax
 import pytest
-from processes import ROOT, p2p_fl, small_dataset
+from processes import p2p_fl, shipped_topology, small_dataset
 from routing import route
 from test_protocol_gossip import model, over_the_wire, secure_setups
 
@@ -104,11 +104,8 @@ def test_a_site_killed_inside_a_sum_resumes_its_outer_optimizer_from_the_checkpo
     restarts from its checkpoint a round later. The others never lost a member of their
     sums, so they end identical; the victim rejoins and ends with the federation."""
     data = small_dataset(tmp_path / "small.npz", train=400, val=80, test=120)
-    text = (ROOT / "topologies" / "gossip-10.toml").read_text()
-    text = text.replace('outer_optimizer = "momentum"', 'outer_optimizer = "adam"')
-    text = text.replace("outer_learning_rate = 1.0", "outer_learning_rate = 0.01")
-    topology = tmp_path / "gossip-adam.toml"
-    topology.write_text(text)
+    topology = shipped_topology(tmp_path, "gossip-10.toml", **{'outer_optimizer = "momentum"': 'outer_optimizer = "adam"',
+                                                              "outer_learning_rate = 1.0": "outer_learning_rate = 0.01"})
     out = tmp_path / "out"
     proc = p2p_fl("launch", str(topology), "--out", str(out), "--data", str(data), "--peers", "4", "--rounds", "4",
                   "--local-epochs", "1", "--engine", "inproc", "--kill", "hospital-03:1:sum:1")

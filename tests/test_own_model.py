@@ -4,7 +4,7 @@ package here is real files on PYTHONPATH (a module and its .dist-info), as pip w
 
 import json
 
-from processes import p2p_fl, small_dataset
+from processes import epochs_as_given, p2p_fl, small_dataset
 
 PLUGIN = '''
 import jax
@@ -37,9 +37,9 @@ def test_a_model_installed_at_the_sites_trains_in_a_federation(tmp_path):
     env = install_plugin(tmp_path / "site-packages")
     data = small_dataset(tmp_path / "small.npz", train=128, val=32, test=32)
     topology = tmp_path / "t.toml"
-    topology.write_text('federation = "own-model"\nprotocol = "cwt"\n[training]\nmodel = "tiny-net"\nrounds = 1\n'
+    topology.write_text(epochs_as_given('federation = "own-model"\nprotocol = "cwt"\n[training]\nmodel = "tiny-net"\nrounds = 1\n'
                         'batch_size = 32\n[data]\ndataset = "' + str(data) + '"\n'
-                        '[[peers]]\nname = "a"\n[[peers]]\nname = "b"\n')
+                        '[[peers]]\nname = "a"\n[[peers]]\nname = "b"\n'))
     missing = p2p_fl("launch", str(topology), "--engine", "inproc", "--out", str(tmp_path / "none"), timeout=300)
     assert missing.returncode == 2 and "training.model 'tiny-net' is not one of" in missing.stderr
     assert "install its package at every site" in missing.stderr

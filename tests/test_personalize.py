@@ -5,15 +5,12 @@ saves and what every other figure is about."""
 import json
 
 import numpy as np
-from processes import ROOT, p2p_fl, small_dataset
+from processes import p2p_fl, shipped_topology, small_dataset
 
 
 def test_sites_report_a_fine_tuned_auc_and_keep_the_federation_s_model(tmp_path):
     data = small_dataset(tmp_path / "small.npz", train=300, val=60, test=150)
-    text = (ROOT / "topologies" / "gossip-3.toml").read_text()
-    text = text.replace("augment = true", "augment = true\npersonalize_epochs = 2")
-    topology = tmp_path / "gossip-3.toml"
-    topology.write_text(text)
+    topology = shipped_topology(tmp_path, "gossip-3.toml", **{"augment = true": "augment = true\npersonalize_epochs = 2"})
     out = tmp_path / "out"
     proc = p2p_fl("launch", str(topology), "--out", str(out), "--data", str(data), "--rounds", "2",
                   "--engine", "inproc")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from processes import p2p_fl, small_dataset
+from processes import p2p_fl, shipped_topology, small_dataset
 
 from p2p_fl.data import load_dataset
 
@@ -18,7 +18,7 @@ def finished(tmp_path_factory):
     """(site folder, its data file) of one finished 2-site local run, for every test here."""
     tmp = tmp_path_factory.mktemp("finished")
     data_path = small_dataset(tmp / "small.npz", train=192, val=64, test=40)
-    run = p2p_fl("launch", "topologies/local-3.toml", "--peers", "2", "--rounds", "1", "--engine", "inproc",
+    run = p2p_fl("launch", str(shipped_topology(tmp, "local-3.toml")), "--peers", "2", "--rounds", "1", "--engine", "inproc",
                  "--data", str(data_path), "--out", str(tmp / "run"), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return sorted(p.parent for p in (tmp / "run").glob("*/result.json"))[0], data_path

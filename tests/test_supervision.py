@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from processes import ROOT, p2p_fl, small_dataset
+from processes import ROOT, epochs_as_given, p2p_fl, small_dataset
 
 from p2p_fl.launch import Supervision, after_exit
 
@@ -44,10 +44,10 @@ def test_no_restart_turns_supervision_off():
 
 def ring_topology(path, *, rounds: int) -> None:
     peers = "".join(f'[[peers]]\nname = "{n}"\n' for n in SITES)
-    path.write_text(
+    path.write_text(epochs_as_given(
         f'federation = "supervised"\nprotocol = "cwt"\n[training]\nrounds = {rounds}\nlocal_epochs = 1\n'
         'batch_size = 32\n[ring]\norder = "listed"\n[data]\ntest = ""\n'
-        '[network]\nack_timeout_s = 1.0\nhandoff_timeout_s = 60.0\nrun_timeout_s = 300.0\n' + peers)
+        '[network]\nack_timeout_s = 1.0\nhandoff_timeout_s = 60.0\nrun_timeout_s = 300.0\n' + peers))
 
 
 def wait_for(path, timeout_s: float = 120) -> str:
