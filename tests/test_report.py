@@ -36,7 +36,7 @@ epochs = 1
 label = "CWT"
 peers = [2]
 rounds = 1
-set = {{ "training.batch_size" = 32 }}
+set = {{ "training.batch_size" = 32, "training.min_local_steps" = 0 }}
 """)
     out = tmp / "out"
     proc = p2p_fl("experiment", str(sweep), "--out", str(out), timeout=300)
