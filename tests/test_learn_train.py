@@ -272,3 +272,18 @@ def test_set_weights_keeps_the_named_local_tensors(trained):
         other.set_weights(shared, keep=["bn9/mean"])
     with pytest.raises(ValueError, match="lacks tensor 'head/bias'"):
         other.set_weights({n: v for n, v in shared.items() if n != "head/bias"}, keep=local)
+
+
+def test_predictions_follow_the_weights_and_equal_models_score_alike(trained, data, shard):
+    """predict_proba answers a model it already scored on the same images from memory (the
+    sites of one process holding one average): the answer must be that model's, never a
+    stale one."""
+    learner, _ = trained
+    images = data.test.images[:100]
+    first = learner.predict_proba(images)
+    fresh = Learner("small-cnn", seed=1)
+    assert not np.allclose(fresh.predict_proba(images), first)
+    fresh.set_weights(learner.get_weights())  # the same model at another site
+    np.testing.assert_array_equal(fresh.predict_proba(images), first)
+    fresh.fit(*shard, epochs=1)  # its weights moved: a new answer
+    assert not np.array_equal(fresh.predict_proba(images), learner.predict_proba(images))
