@@ -5,7 +5,9 @@ never trains nor opens a running node's start window."""
 import subprocess
 import sys
 
-from processes import ROOT, finish_all, small_shards, write_federation
+from processes import ROOT, finish_all, small_shards, wait_listening, write_federation
+
+from p2p_fl.config import load_topology
 
 SETTINGS = ('protocol = "cwt"\n[training]\nrounds = 2\nlocal_epochs = 1\nbatch_size = 32\n'
             '[network]\nheartbeat_interval_s = 0.3\npeer_timeout_s = 3.0\n')
@@ -36,11 +38,15 @@ def test_a_silent_peer_and_a_peer_set_up_differently_are_told_apart(tmp_path):
     other = config.with_name("c.toml")
     other.write_text(config.read_text().replace("batch_size = 32", "batch_size = 64"))
     shards = small_shards(tmp_path, "abc", train=96, val=24, test=24)
-    # 20 s: the two checks start together, but on a busy machine one may need seconds more
-    # to load JAX and its data before it listens.
-    procs = {"a": check(config, "a", shards["a"], wait=20.0), "c": check(other, "c", shards["c"], wait=20.0)}
-    done = finish_all(procs)  # b never starts
-    code, stdout, stderr = done["a"]
+    # c's check listens before a's starts, so a needs only a short wait: c answers at once,
+    # and b (never started) stays silent for the whole of it.
+    c = check(other, "c", shards["c"], wait=120.0)
+    try:
+        wait_listening(int(load_topology(other).peer("c").address.rsplit(":", 1)[1]), [c])
+        code, stdout, stderr = finish_all({"a": check(config, "a", shards["a"], wait=6.0)})["a"]
+    finally:
+        c.kill()
+        c.communicate()
     assert code == 2, (stdout, stderr[-2000:])
     assert "peer c (" in stdout and "other setup: training.batch_size differ" in stdout
     assert "peer b (" in stdout and "no answer" in stdout
