@@ -133,6 +133,11 @@ class DataConfig:
     # "": each site's own test split is its headline. Never a default: a shared test set from
     # another source than a site's data scores a model of one dataset on another.
     test: str = ""
+    # With `test`: the models that start this many of the last trainings (a ring's last hops)
+    # are scored on it too; with the final model they give the swing over the last
+    # score_last_rounds + 1 rounds (result.json, experiment tables). Each is a pass over the
+    # test set per site: 0 (the final model only) for studies of hundreds of sites.
+    score_last_rounds: int = 2
     # The model's input, the same at every site: images are resized to image_size x image_size
     # with `channels` (1 gray, 3 RGB). 0: an .npz keeps its own; an image folder gets 28 x 28, gray.
     image_size: int = 0
@@ -448,6 +453,8 @@ def _check_data(d: DataConfig, fail) -> None:
         fail(f"data.partition: {err}")
     if d.train_images < 0:
         fail(f"data.train_images must be >= 0 (0: every training image), got {d.train_images}")
+    if d.score_last_rounds < 0:
+        fail(f"data.score_last_rounds must be >= 0 (0: the final model only), got {d.score_last_rounds}")
     if not 0 <= d.image_size <= MAX_IMAGE_SIZE:
         fail(f"data.image_size must be 1..{MAX_IMAGE_SIZE} pixels (or 0: the data's own), got {d.image_size}")
     if d.channels not in (0, 1, 3):

@@ -13,8 +13,8 @@ setting; the network settings every site's timing depends on; [data] image size,
 channels and classes, and the model each site actually built (input shape, number of
 classes, the names and shapes of its weights, and the package version of a model a site
 installed); the [[events]]. What may differ: where a site's data comes from
-(data.dataset, data.partition, data.train_images, data.test, and how its file names say the patient:
-data.patient_pattern) and how long it waits before
+(data.dataset, data.partition, data.train_images, data.test, how its file names say the patient:
+data.patient_pattern, and how many rounds it scores on its test set: data.score_last_rounds) and how long it waits before
 giving up (network.run_timeout_s, network.start_window_s: its own patience).
 """
 
@@ -33,7 +33,7 @@ from p2p_fl.config import Topology
 FIELD_HEX = 6
 HEADER_HEX = 16
 SITE_LOCAL = frozenset({"data.dataset", "data.partition", "data.train_images", "data.test", "data.patient_pattern",
-                        "network.run_timeout_s", "network.start_window_s"})
+                        "data.score_last_rounds", "network.run_timeout_s", "network.start_window_s"})
 
 
 @dataclass(frozen=True)

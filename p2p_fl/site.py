@@ -39,11 +39,6 @@ from p2p_fl.protocols.ring import ring_cycles
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict], None]
-# The rounds (a ring's cycles) at the end whose arriving model is scored on the common test
-# set: the last two trainings, whose models with the final one give the last three's swing.
-SCORED_ROUNDS = 2.5
-
-
 def learning_rate_at(topology: Topology, progress: float) -> float:
     """The learning rate for a step that starts at `progress` (0..1) of the whole run."""
     base = topology.training.learning_rate
@@ -327,12 +322,14 @@ class Site:
         if step.weights is not None:
             adopt_model(self.learner, step.weights, keep=self.local,
                         keep_optimizer_state=self.topology.training.keep_optimizer_state)
-            rounds = self.topology.training.rounds
-            if self.common_test is not None and len(self.common_test) and step.progress >= 1 - SCORED_ROUNDS / rounds:
+            rounds, scored = self.topology.training.rounds, self.topology.data.score_last_rounds
+            # + 0.5: a ring hop's progress lies within its cycle.
+            if (scored and self.common_test is not None and len(self.common_test)
+                    and step.progress >= 1 - (scored + 0.5) / rounds):
                 # The federation's model as this round got it, on the common test set: how
                 # the shared model moves from round to round (the swing in result.json).
-                # Only the last rounds (a ring site's last hops): earlier ones would cost a
-                # pass over the test set per site and round, a quarter of an in-process run.
+                # Only the last rounds (data.score_last_rounds): each is a pass over the
+                # test set per site.
                 self._start_test_auc = _plain(
                     self.learner.evaluate(self.common_test.images, self.common_test.labels)["auc"])
         return learning_rate_at(self.topology, step.progress)
@@ -440,8 +437,9 @@ class Site:
 
     def _last_rounds_swing(self, final_auc: float | None) -> float | None:
         """The largest change of the common-test AUC between consecutive rounds over the last
-        three models (the starts of the last two trainings, then the final one), read back
-        from metrics.jsonl so that a restart loses nothing; None without a common test set."""
+        models (the starts of the last `data.score_last_rounds` trainings, then the final
+        one), read back from metrics.jsonl so that a restart loses nothing; None without a
+        common test set or scored rounds."""
         if final_auc is None or self.common_test is None:
             return None
         aucs = []
@@ -449,7 +447,7 @@ class Site:
             auc = json.loads(line).get("start_test_auc")
             if auc is not None:
                 aucs.append(auc)
-        last = (aucs + [final_auc])[-3:]
+        last = (aucs + [final_auc])[-(self.topology.data.score_last_rounds + 1):]
         return max((abs(b - a) for a, b in zip(last, last[1:])), default=None)
 
     def _personalized(self, final: Finish) -> dict:
