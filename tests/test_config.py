@@ -80,6 +80,7 @@ def test_unknown_node_name_lists_the_peers(tmp_path):
     (MINIMAL + "[privacy]\nepsilon = 3\n", "unknown field privacy.epsilon"),
     (MINIMAL + "[data]\nimage_size = 5000\n", "data.image_size must be 1..1024"),
     (MINIMAL + "[data]\nchannels = 2\n", "data.channels must be 1"),
+    (MINIMAL + "[data]\nscore_last_rounds = -1\n", "data.score_last_rounds must be >= 0"),
     (MINIMAL + "[data]\nclasses = [\"normal\"]\n", "at least 2 classes"),
     (MINIMAL + "[data]\nclasses = [\"NORMAL\", \"normal\"]\n", "twice"),
     (MINIMAL + "[data]\nclasses = [\"a\", 3]\n", "data.classes must be a list of class names"),

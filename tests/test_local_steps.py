@@ -6,7 +6,7 @@ import math
 import re
 
 import pytest
-from processes import ROOT, p2p_fl, small_dataset
+from processes import ROOT, p2p_fl, shipped_topology, small_dataset
 
 from p2p_fl.config import ConfigError, TrainingConfig, parse_topology
 from p2p_fl.data import load_dataset
@@ -92,3 +92,25 @@ def test_small_sites_train_more_epochs_a_round_in_a_federation(tmp_path):
         assert len(aucs) == 2 and all(0.0 <= a <= 1.0 for a in aucs)
         assert node["test_auc_swing"] == pytest.approx(abs(aucs[1] - aucs[0]))
     assert len(seen) > 1, seen  # sites of different sizes trained different epochs in one round
+
+
+@pytest.mark.parametrize("scored", [1, 0])
+def test_data_score_last_rounds_sets_how_many_rounds_are_scored_for_the_swing(tmp_path, scored):
+    """A site scores the models that start its last `data.score_last_rounds` trainings on
+    the common test set; with the final model they give the swing. 0: the final model only."""
+    data = small_dataset(tmp_path / "small.npz", train=300, val=60, test=90)
+    topology = shipped_topology(tmp_path, "gossip-3.toml", **{'[data]': f'[data]\nscore_last_rounds = {scored}'})
+    out = tmp_path / "out"
+    proc = p2p_fl("launch", str(topology), "--out", str(out), "--data", str(data), "--rounds", "3",
+                  "--engine", "inproc")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for node in json.loads((out / "summary.json").read_text())["nodes"]:
+        rounds = [json.loads(line) for line in (out / node["name"] / "metrics.jsonl").read_text().splitlines()]
+        scored_rounds = [r["round"] for r in rounds if "start_test_auc" in r]
+        assert scored_rounds == [2][:scored], scored_rounds
+        if scored:
+            start = next(r["start_test_auc"] for r in rounds if "start_test_auc" in r)
+            assert node["test_auc_swing"] == pytest.approx(abs(node["test_auc"] - start))
+        else:
+            assert node["test_auc_swing"] is None
+
