@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import threading
 from typing import Callable, Iterable, NamedTuple
 
 import jax
@@ -48,6 +49,7 @@ _MIN_SECRET_BYTES = 16
 # same probabilities, so nothing but time changes.
 _PREDICTIONS: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
 _PREDICTIONS_KEPT = 32
+_PREDICTIONS_LOCK = threading.Lock()  # a group process scores from its training thread and its main one
 
 
 def make_optimizer(name: str = "adam", learning_rate: float = 1e-3,
@@ -717,9 +719,10 @@ class Learner:
             return np.zeros((0,) if self.num_classes == 2 else (0, self.num_classes),
                             np.float32)
         key = self._prediction_key(images, batch_size)
-        if key in _PREDICTIONS:
-            _PREDICTIONS.move_to_end(key)
-            return _PREDICTIONS[key].copy()
+        with _PREDICTIONS_LOCK:
+            if key in _PREDICTIONS:
+                _PREDICTIONS.move_to_end(key)
+                return _PREDICTIONS[key].copy()
         whole, rest = divmod(count, batch_size)
         batches = [images[i * batch_size:(i + 1) * batch_size] for i in range(whole)]
         if rest:
@@ -729,9 +732,10 @@ class Learner:
         probs = [predict_step(self._state.params, self._state.batch_stats, batch, graphdef=self._graphdef)
                  for batch in batches]
         result = np.asarray(jnp.concatenate(probs))[:count]
-        _PREDICTIONS[key] = result.copy()
-        while len(_PREDICTIONS) > _PREDICTIONS_KEPT:
-            _PREDICTIONS.popitem(last=False)
+        with _PREDICTIONS_LOCK:
+            _PREDICTIONS[key] = result.copy()
+            while len(_PREDICTIONS) > _PREDICTIONS_KEPT:
+                _PREDICTIONS.popitem(last=False)
         return result
 
     def _prediction_key(self, images: np.ndarray, batch_size: int) -> bytes:
