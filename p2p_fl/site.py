@@ -39,6 +39,8 @@ from p2p_fl.protocols.ring import ring_cycles
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict], None]
+
+
 def learning_rate_at(topology: Topology, progress: float) -> float:
     """The learning rate for a step that starts at `progress` (0..1) of the whole run."""
     base = topology.training.learning_rate
