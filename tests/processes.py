@@ -58,15 +58,17 @@ def epochs_as_given(settings: str) -> str:
 
 
 def shipped_topology(folder: Path, name: str, **replace: str) -> Path:
-    """A copy of topologies/NAME in folder, each `old=new` of `replace` applied (each must
-    occur), training the epochs it asks for (`epochs_as_given`)."""
+    """A copy of topologies/NAME in folder training the epochs it asks for (`epochs_as_given`),
+    then each `old=new` of `replace` applied (each must occur; "min_local_steps = 0" can be
+    replaced too)."""
     text = (ROOT / "topologies" / name).read_text()
+    text = epochs_as_given(re.sub(r"(?m)^min_local_steps\s*=\s*\d+", AS_GIVEN, text))
     for old, new in replace.items():
         assert old in text, old
         text = text.replace(old, new)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    path.write_text(epochs_as_given(re.sub(r"(?m)^min_local_steps\s*=\s*\d+", AS_GIVEN, text)))
+    path.write_text(text)
     return path
 
 

@@ -3,10 +3,9 @@ round, counted from its own shard, and under DP-SGD the noise is planned for tho
 
 import json
 import math
-import re
 
 import pytest
-from processes import ROOT, p2p_fl, shipped_topology, small_dataset
+from processes import p2p_fl, shipped_topology, small_dataset
 
 from p2p_fl.config import ConfigError, TrainingConfig, parse_topology
 from p2p_fl.data import load_dataset
@@ -69,9 +68,7 @@ def test_dp_noise_is_planned_for_the_extra_epochs_and_the_run_spends_the_target(
 
 def test_small_sites_train_more_epochs_a_round_in_a_federation(tmp_path):
     data = small_dataset(tmp_path / "small.npz", train=400, val=60, test=120)
-    topology = tmp_path / "gossip-3.toml"
-    topology.write_text(re.sub(r"(?m)^min_local_steps = \d+", "min_local_steps = 6",
-                               (ROOT / "topologies" / "gossip-3.toml").read_text()))
+    topology = shipped_topology(tmp_path, "gossip-3.toml", **{"min_local_steps = 0": "min_local_steps = 6"})
     out = tmp_path / "out"
     proc = p2p_fl("launch", str(topology), "--out", str(out), "--data", str(data), "--rounds", "2",
                   "--partition", "quantity:1.0", "--engine", "inproc")
