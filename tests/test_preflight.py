@@ -43,7 +43,7 @@ def test_a_silent_peer_and_a_peer_set_up_differently_are_told_apart(tmp_path):
     c = check(other, "c", shards["c"], wait=120.0)
     try:
         wait_listening(int(load_topology(other).peer("c").address.rsplit(":", 1)[1]), [c])
-        code, stdout, stderr = finish_all({"a": check(config, "a", shards["a"], wait=6.0)})["a"]
+        code, stdout, stderr = finish_all({"a": check(config, "a", shards["a"], wait=10.0)})["a"]
     finally:
         c.kill()
         c.communicate()
