@@ -215,6 +215,22 @@ def test_a_site_back_from_a_cut_link_takes_the_final_of_the_site_that_gave_up_on
         assert took_final(c.on_message(message(wire.FINAL, "b", 6, W), 0))
 
 
+def test_a_final_refused_for_want_of_a_vouch_is_taken_when_the_vouching_heartbeat_follows():
+    """Found on network namespaces (a slower machine): c's link came back with b's queued
+    finals just ahead of a's heartbeat saying a held the final; c refused them all, b had
+    given up resending, and c waited out the run timeout. The refused final is now held and
+    taken once a third site's heartbeats vouch for it; the sender's own word still is not."""
+    c = ring("c", ["a", "b", "c", "a", "b", "c"])
+    c.on_peers({"a", "b"}, set(), {}, 0.0)
+    c.on_peers(set(), {"a", "b"}, {"b": 6}, 1.0)  # b's word alone: not enough
+    with pytest.raises(wire.WireError, match="last holder"):
+        c.on_message(message(wire.FINAL, "b", 6, W), 1.0)
+    assert c.on_peers(set(), set(), {"b": 6}, 1.1) == [] and c.progress == 0
+    took = c.on_peers(set(), set(), {"a": 6}, 1.2)  # a holds it: the ring ended without c
+    assert took_final(took) and [a.to for a in took if isinstance(a, Send)] == ["b"]
+    assert c.progress == 6 and "none of its 2 hops" in c.shortfall()
+
+
 def test_a_hander_cannot_end_its_successor_s_run_before_the_last_cycle():
     b = ring("b", ["a", "m", "b", "a", "m", "b", "a", "m", "b"])
     b.on_message(message(wire.MODEL, "m", 2, W), 0)

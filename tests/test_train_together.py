@@ -9,7 +9,8 @@ exact arithmetic, so what each program computes is its own rounding noise,
 and Adam divides it by its own tiny RMS into steps of about the learning
 rate. With SGD (``test_fedprox_with_sgd_every_tensor_matches``) no step
 amplifies the noise and every tensor agrees to 1e-4. Test probabilities
-differ by at most 7e-4 and AUCs by less than 6e-4.
+differ by at most 7e-4 and AUCs by less than 6e-4 (on an AMD EPYC with AVX2 only:
+4.6e-4 and 1.2e-3, the AUC moved by near-tied pairs).
 """
 
 import jax
@@ -82,9 +83,20 @@ def test_together_equals_sequential_fit(adam_runs, data):
         assert second.learning_rate == pytest.approx(RATES[site])
         probs, other_probs = (learner.predict_proba(data.test.images)
                               for learner in (first, second))
-        assert np.max(np.abs(probs - other_probs)) < 5e-3, site  # observed <= 7e-4
-        assert roc_auc(data.test.labels, probs) == pytest.approx(
-            roc_auc(data.test.labels, other_probs), abs=1e-3), site
+        gap = float(np.max(np.abs(probs - other_probs)))
+        assert gap < 5e-3, site  # observed <= 7e-4
+        # The AUCs differ only by the pairs that gap can reorder (a fixed tolerance failed on
+        # an AVX2 machine: 1.2e-3 apart from probabilities 4.6e-4 apart, near-ties).
+        difference = abs(roc_auc(data.test.labels, probs) - roc_auc(data.test.labels, other_probs))
+        assert difference <= reorderable_pairs(data.test.labels, probs, 2 * gap) + 1e-12, site
+
+
+def reorderable_pairs(labels, probs, gap):
+    """The share of (positive, negative) pairs whose scores are within `gap`: the most by
+    which the AUC can move when no score moves by more than gap / 2."""
+    positives, negatives = probs[labels == 1], probs[labels == 0]
+    close = np.abs(positives[:, None] - negatives[None, :]) <= gap
+    return float(close.mean())
 
 
 def test_keys_advance_alike_so_later_training_matches(adam_runs):

@@ -23,7 +23,8 @@ listens) and hands on a hop the next site may already have: it is acknowledged a
 Trust: a hop is taken only from the site the schedule says hands it over (walking back over
 the sites this receiver itself sees dead, or was skipped at), and only if it is the
 receiver's next hop or another site's heartbeats put the ring within a cycle of it; a final
-model only from the last holder. Only the holder's own word moves a predecessor's repair
+model only from the last holder (one refused for want of another site's word is held, and
+taken if the heartbeats that follow give it). Only the holder's own word moves a predecessor's repair
 copy. So one site, whatever it sends, cannot inject a model, end a run early, or make a
 predecessor drop the copy that would repair the ring; it can still spoil the model while it
 legitimately holds it, which no ring can prevent.
@@ -144,6 +145,7 @@ class RingProtocol(Protocol):
         self._final: Weights | None = None  # the run's final model, once this site holds it
         self._final_meta: dict = {}
         self._final_at = 0.0  # when it came: we stay for the others until handoff_timeout_s after
+        self._unvouched_finals: dict[str, tuple[Weights, dict]] = {}  # sender -> a final _may_hand refused
         self._training: tuple[int, Weights | None] | None = None  # a hop accepted, not yet trained
         self._kept: _Pending | None = None  # our last hand-off, acknowledged, until a later hop is seen
         self._dead: set[str] = set()
@@ -189,19 +191,17 @@ class RingProtocol(Protocol):
             if msg.round != self.num_hops:
                 raise wire.WireError(f"final model for round {msg.round}, expected {self.num_hops}")
             if not self._may_hand(self.num_hops, msg.sender):
-                raise wire.WireError(f"final model from {msg.sender}, who is not the ring's last holder")
+                if self._final is None and msg.sender in self.schedule:
+                    # Held, not taken: a third site's heartbeats may vouch for it a moment
+                    # later (`on_peers`). A final coming back with a restored link arrived
+                    # just before the heartbeat that vouched for it; refused for good, it
+                    # left this site waiting for a resend its holder had given up.
+                    self._unvouched_finals[msg.sender] = (dict(msg.tensors), dict(msg.meta))
+                raise wire.WireError(f"final model from {msg.sender}, who is not the ring's last holder "
+                                     "(held until another site's heartbeats put the ring past our hops)")
             if self._final is not None:
                 return [ack]  # a resend: our ack was lost
-            self.received = True
-            self._final, self._final_meta, self._final_at = dict(msg.tensors), dict(msg.meta), now
-            # The run is over: a hand-off of ours still waiting (a site back from a cut, with
-            # the ring finished without it) or a repair copy has nowhere left to go. Kept, it
-            # held this site here (no majority to skip its dead addressee) until it gave up.
-            self._pending = [p for p in self._pending if p.type == wire.FINAL]
-            self._kept = None
-            # Ours once on disk; then we stay until every site holds it (our heartbeats vouch
-            # for the end of the run to a site that comes back: see `_finish_when_everyone_has_it`).
-            return [CHECKPOINT, ack, *self._finish_when_everyone_has_it(now)]
+            return self._take_final(msg.sender, dict(msg.tensors), dict(msg.meta), now)
         if msg.type in (wire.MODEL, wire.MODEL_AVERAGE):
             averaged = msg.meta.get("averaged", 0)
             if msg.type == wire.MODEL_AVERAGE and not (
@@ -231,6 +231,21 @@ class RingProtocol(Protocol):
             return [CHECKPOINT, ack, self._train(msg.round, model)]
         raise wire.WireError(f"unexpected {msg.type} message in a ring")
 
+    def _take_final(self, sender: str, weights: Weights, meta: dict, now: float) -> list[Action]:
+        """The run's final model, from a site `_may_hand` allowed to hand it to us."""
+        self.received = True
+        self._final, self._final_meta, self._final_at = weights, meta, now
+        self._unvouched_finals = {}
+        # The run is over: a hand-off of ours still waiting (a site back from a cut, with
+        # the ring finished without it) or a repair copy has nowhere left to go. Kept, it
+        # held this site here (no majority to skip its dead addressee) until it gave up.
+        self._pending = [p for p in self._pending if p.type == wire.FINAL]
+        self._kept = None
+        # Ours once on disk; then we stay until every site holds it (our heartbeats vouch
+        # for the end of the run to a site that comes back: see `_finish_when_everyone_has_it`).
+        ack = Send(sender, wire.ACK, self.num_hops, meta={"of": wire.FINAL})
+        return [CHECKPOINT, ack, *self._finish_when_everyone_has_it(now)]
+
     def on_trained(self, round: int, weights: Weights, now: float) -> list[Action]:
         """The local training of hop `round` finished with `weights`."""
         self._training = None
@@ -250,6 +265,9 @@ class RingProtocol(Protocol):
         kept = self._kept
         if kept is not None and self._peer_progress.get(kept.to, -1) > kept.round:
             self._kept = None  # its holder handed it on: the model moved on safely
+        for sender, (weights, meta) in sorted(self._unvouched_finals.items()):
+            if self._final is None and self._may_hand(self.num_hops, sender):
+                return self._take_final(sender, weights, meta, now)
         return self._past_the_dead(now) + self._finish_when_everyone_has_it(now)
 
     def on_tick(self, now: float) -> list[Action]:
