@@ -254,6 +254,10 @@ def test_secure_gossip_gives_the_plain_models_within_the_fixed_point_error(graph
             # Three rounds of rounding, each amplified at most by the (averaging) mixing.
             np.testing.assert_allclose(secure[site].weights[name], plain[site].weights[name], rtol=0, atol=3 * bound + 1e-6)
             assert secure[site].weights[name].dtype == np.float32
+    if samples:  # the complete graph: every site added the same integers, its own model's too
+        for site in graph:
+            for name in ("w", "b"):
+                np.testing.assert_array_equal(secure[site].weights[name], secure["a"].weights[name])
 
 
 def test_secure_gossip_with_a_silent_site_keeps_own_models_then_sums_the_survivors():

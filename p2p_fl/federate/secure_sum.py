@@ -17,7 +17,7 @@ and nothing about any single x_j. Socket-free steps, in protocol order:
 Choices (and why):
 
 * Who is in G: i's live topology neighbours, never i itself. i knows its own model, so
-  it adds w_ii * x_i in plain (`mix_with_own`); G needs >= 2 members so that even the
+  it adds w_ii * x_i itself, to the unmasked fixed-point sum (`mix_with_own`); G needs >= 2 members so that even the
   masked sum never equals one neighbour's model.
 * Threshold t: `default_threshold` = majority of |G|, floor(|G|/2) + 1.
 * How many may drop: at most `max_dropped(|G|, t)` = min(|G| - t, t - 2). |G| - t so the
@@ -125,15 +125,23 @@ class NeighbourhoodSum(NamedTuple):
     """The outcome of a successful secure sum.
 
     Attributes:
-        total: float32 vector, sum over survivors of w_ij * x_j.
+        encoded: the unmasked fixed-point sum over survivors of encode(w_ij * x_j), kept in
+            the integers so that `mix_with_own` adds the aggregator's own model exactly there.
+        fixed_point: the encoding it is in.
         weight: sum over survivors of w_ij.
         survivors, dropped: the announced partition of the group.
     """
 
-    total: np.ndarray
+    encoded: np.ndarray
+    fixed_point: FixedPoint
     weight: float
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
+
+    @property
+    def total(self) -> np.ndarray:
+        """float32 vector, sum over survivors of w_ij * x_j."""
+        return decode_sum(self.encoded, self.fixed_point)
 
 
 def default_threshold(group_size: int) -> int:
@@ -526,13 +534,14 @@ class AggregatorSession:
             seeds.append(seed)
         corrections = [valid[k].correction for k in survivors] if dropped else []
         encoded = masks.unmask(self.masked_total, seeds, corrections)
-        total = decode_sum(encoded, self.fixed_point)
-        return NeighbourhoodSum(total=total, weight=float(sum(self.weights[j] for j in survivors)),
+        return NeighbourhoodSum(encoded=encoded, fixed_point=self.fixed_point,
+                                weight=float(sum(self.weights[j] for j in survivors)),
                                 survivors=survivors, dropped=dropped)
 
 
 def start_sum(*, federation: str, round: int, me: str, members, weights: Mapping[str, float],
-              fixed_point: FixedPoint, length: int, threshold: int | None = None) -> AggregatorSession:
+              fixed_point: FixedPoint, length: int, threshold: int | None = None,
+              own_weight: float = 0.0) -> AggregatorSession:
     """Aggregator side, first step: opens a sum over my live neighbours.
 
     Args:
@@ -544,6 +553,8 @@ def start_sum(*, federation: str, round: int, me: str, members, weights: Mapping
         fixed_point: the federation's encoding; its capacity is checked for this group.
         length: length of the flat model vector.
         threshold: t, default `default_threshold(len(members))`.
+        own_weight: w_{me, me}, which `mix_with_own` adds to the sum in fixed point (its
+            capacity is checked with the sum's).
 
     Returns:
         The session; send `session.request` to every member.
@@ -565,8 +576,8 @@ def start_sum(*, federation: str, round: int, me: str, members, weights: Mapping
     t = default_threshold(len(members)) if threshold is None else threshold
     if not 2 <= t <= len(members):
         raise ValueError(f"threshold {t} outside [2, {len(members)}]")
-    check_capacity(fixed_point, num_contributions=len(members),
-                   total_weight=sum(abs(weights[m]) for m in members))
+    check_capacity(fixed_point, num_contributions=len(members) + (own_weight != 0),
+                   total_weight=sum(abs(weights[m]) for m in members) + abs(own_weight))
     return AggregatorSession(
         request=GroupRequest(federation, round, me, members, t),
         weights={m: float(weights[m]) for m in members}, fixed_point=fixed_point, length=int(length),
@@ -576,10 +587,20 @@ def start_sum(*, federation: str, round: int, me: str, members, weights: Mapping
 def mix_with_own(own: np.ndarray, own_weight: float, result: NeighbourhoodSum) -> np.ndarray:
     """The gossip step: (w_ii * x_i + sum_S w_ij x_j) / (w_ii + sum_S w_ij), as float32.
 
-    Dividing by the weight actually present renormalises over the survivors, so on the
-    complete graph every node that saw the same dropouts gets the same FedAvg model.
+    The own model joins the sum in fixed point, encoded (and clipped) as a member's would be:
+    where every aggregator's row holds the same weights (the complete graph with sample-count
+    weights) and saw the same survivors, every site adds the same integers and ends with the
+    same model to the last bit, as plain gossip's sites do. Dividing by the weight actually
+    present renormalises over the survivors.
+
+    Raises:
+        ValueError: the weights add up to nothing, or the own model holds NaN or infinity.
     """
     if not own_weight + result.weight > 0:
         raise ValueError(f"own weight {own_weight} plus survivors' weight {result.weight} must be positive")
-    numerator = own_weight * np.asarray(own, np.float64) + result.total.astype(np.float64)
-    return (numerator / (own_weight + result.weight)).astype(np.float32)
+    encoded = result.encoded
+    if own_weight:
+        mine, _ = encode(own, result.fixed_point, weight=own_weight)
+        encoded = encoded + mine  # modulo 2^bits, as the members' encodings were added
+    total = decode_sum(encoded, result.fixed_point).astype(np.float64)
+    return (total / (own_weight + result.weight)).astype(np.float32)

@@ -80,9 +80,10 @@ def mixing_weights(graph: Adjacency, samples: dict[str, int]) -> dict[str, dict[
 
 
 def secure_fixed_point(graph: Adjacency, clip: float) -> FixedPoint:
-    """The federation's encoding: the finest uint32 scale at which no neighbourhood sum wraps
-    (mixing weights of one sum add up to at most 1)."""
-    return fixed_point_for(clip=clip, num_contributions=max(len(n) for n in graph.values()), total_weight=1.0)
+    """The federation's encoding: the finest uint32 scale at which no neighbourhood sum wraps,
+    the aggregator's own model included (mixing weights of one row add up to 1)."""
+    return fixed_point_for(clip=clip, num_contributions=max(len(n) for n in graph.values()) + 1,
+                           total_weight=1.0)
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ class SecureMixer(Mixer):
         length = flatten(site.own if site.own is not None else site.start_model)[0].size
         session = start_sum(federation=self.setup.federation, round=site.round, me=site.me, members=members,
                             weights={m: site.row[m] for m in members}, fixed_point=self.setup.fixed_point,
-                            length=length)
+                            length=length, own_weight=site.row[site.me])
         self._aggregation = _Aggregation(session, now + site.round_timeout_s, rejoin_from=rejoin_from)
         return [messages.group(m, session.request) for m in members]
 
@@ -293,21 +293,24 @@ class SecureMixer(Mixer):
         record = {"members": len(session.request.members) if session else 0,
                   "survivors": len(session.survivors or ()) if session else 0,
                   "dropped": ",".join(session.dropped or ()) if session else "",
-                  "clipped": self._clipped(), "kept_own": result is None}
+                  "clipped": self._clipped()}
         if agg is not None and agg.rejoin_from is not None:
             record["rejoined_from"] = agg.rejoin_from
         own = site.own if site.own is not None else site.start_model
+        if result is not None:
+            flat, spec = flatten(own)
+            # Rejoining with nothing trained: the neighbours' mean alone.
+            own_weight = site.row[site.me] if site.own is not None else 0.0
+            try:
+                mixed = unflatten(mix_with_own(flat, own_weight, result), spec)
+            except ValueError as err:  # our own model diverged: it joins no sum, ours included
+                result, failure = None, f"my model cannot take part: {err}"
+        record["kept_own"] = result is None
         if result is None:
             record["failure"] = failure
             mixed = own
             if site.own is None:  # a rejoining sum failed: the skeleton does not retry this round
                 site.failed_rejoin = site.round
-        elif site.own is None:  # rejoining with nothing trained: the neighbours' mean alone
-            flat, spec = flatten(own)
-            mixed = unflatten(mix_with_own(flat, 0.0, result), spec)
-        else:
-            flat, spec = flatten(site.own)
-            mixed = unflatten(mix_with_own(flat, site.row[site.me], result), spec)
         self._aggregation = None
         return site.next_round(mixed, record, now)
 
