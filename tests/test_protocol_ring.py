@@ -231,6 +231,20 @@ def test_a_final_refused_for_want_of_a_vouch_is_taken_when_the_vouching_heartbea
     assert c.progress == 6 and "none of its 2 hops" in c.shortfall()
 
 
+def test_a_final_held_from_before_a_later_hop_is_never_taken():
+    """Found by the insider suite: m forged a final in the first cycle; b held it, then took
+    hop 5 from m, which made m the hander of b's last hop, and the held final passed the
+    end-of-run rule. A hop that comes after a held final shows the run was not over."""
+    b = ring("b", ["a", "m", "b"] * 3)
+    b.on_message(message(wire.MODEL, "m", 2, W), 0.0)
+    b.on_trained(2, W, 0.1)
+    with pytest.raises(wire.WireError, match="last holder"):
+        b.on_message(message(wire.FINAL, "m", 9, W), 0.2)  # forged: the ring is at hop 3
+    b.on_message(message(wire.ACK, "a", 3, of=wire.MODEL), 0.3)
+    assert isinstance(b.on_message(message(wire.MODEL, "m", 5, W), 1.0)[-1], Train)
+    assert moves(b.on_peers(set(), set(), {"a": 5, "m": 999}, 1.1)) == [] and b.progress == 5
+
+
 def test_a_hander_cannot_end_its_successor_s_run_before_the_last_cycle():
     b = ring("b", ["a", "m", "b", "a", "m", "b", "a", "m", "b"])
     b.on_message(message(wire.MODEL, "m", 2, W), 0)

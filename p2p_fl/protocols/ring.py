@@ -221,6 +221,10 @@ class RingProtocol(Protocol):
                 raise wire.WireError(f"hop {msg.round} from {msg.sender} is ahead of where the ring is")
             self.last_round_accepted = msg.round
             self._handed_by = msg.sender
+            # A final held from before this hop came was not the end of the run: a stale
+            # message or a lie. Judged later with the new hop's hander as `_handed_by`, the
+            # insider suite's final forged in the first cycle was taken in the last.
+            self._unvouched_finals = {}
             self.received = True
             self._kept = None  # the model came round again: our copy is history
             model, self._average = _split_average(msg.tensors)
