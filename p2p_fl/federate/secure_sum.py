@@ -17,8 +17,8 @@ and nothing about any single x_j. Socket-free steps, in protocol order:
 Choices (and why):
 
 * Who is in G: i's live topology neighbours, never i itself. i knows its own model, so
-  it adds w_ii * x_i itself, to the unmasked fixed-point sum (`mix_with_own`); G needs >= 2 members so that even the
-  masked sum never equals one neighbour's model.
+  it adds w_ii * x_i itself, to the unmasked fixed-point sum (`mix_with_own`); G needs
+  >= 2 members so that even the masked sum never equals one neighbour's model.
 * Threshold t: `default_threshold` = majority of |G|, floor(|G|/2) + 1.
 * How many may drop: at most `max_dropped(|G|, t)` = min(|G| - t, t - 2). |G| - t so the
   survivors hold t shares of every self-mask seed. t - 2 because corrections here are per

@@ -24,8 +24,9 @@ Trust: a hop is taken only from the site the schedule says hands it over (walkin
 the sites this receiver itself sees dead, or was skipped at), and only if it is the
 receiver's next hop or another site's heartbeats put the ring within a cycle of it; a final
 model only from the last holder (one refused for want of another site's word is held, and
-taken if the heartbeats that follow give it). Only the holder's own word moves a predecessor's repair
-copy. So one site, whatever it sends, cannot inject a model, end a run early, or make a
+taken if the heartbeats that follow give it). Only the holder's own word moves a
+predecessor's repair copy. So one site, whatever it sends, cannot inject a model, end a run
+early (but see the last cycle in docs/protocols.md, "What does not hold"), or make a
 predecessor drop the copy that would repair the ring; it can still spoil the model while it
 legitimately holds it, which no ring can prevent.
 
@@ -191,14 +192,15 @@ class RingProtocol(Protocol):
             if msg.round != self.num_hops:
                 raise wire.WireError(f"final model for round {msg.round}, expected {self.num_hops}")
             if not self._may_hand(self.num_hops, msg.sender):
-                if self._final is None and msg.sender in self.schedule:
+                held = self._final is None and msg.sender in self.schedule
+                if held:
                     # Held, not taken: a third site's heartbeats may vouch for it a moment
                     # later (`on_peers`). A final coming back with a restored link arrived
                     # just before the heartbeat that vouched for it; refused for good, it
                     # left this site waiting for a resend its holder had given up.
                     self._unvouched_finals[msg.sender] = (dict(msg.tensors), dict(msg.meta))
-                raise wire.WireError(f"final model from {msg.sender}, who is not the ring's last holder "
-                                     "(held until another site's heartbeats put the ring past our hops)")
+                raise wire.WireError(f"final model from {msg.sender}, who is not the ring's last holder"
+                                     + (" (held in case later heartbeats vouch for it)" if held else ""))
             if self._final is not None:
                 return [ack]  # a resend: our ack was lost
             return self._take_final(msg.sender, dict(msg.tensors), dict(msg.meta), now)
