@@ -200,13 +200,13 @@ def _setup_runtime() -> None:
 
 
 def _check_model(topology: Topology, source: Path) -> None:
-    from p2p_fl.learn.models import available_models, has_batchnorm
+    from p2p_fl.learn.catalog import model_has_batchnorm, model_names
 
-    model, models = topology.training.model, available_models()
+    model, models = topology.training.model, model_names()
     if model not in models:
         raise ConfigError(f"{source}: training.model {model!r} is not one of {', '.join(models)} (a model of "
                           "your own: install its package at every site, docs/deploying.md)")
-    if topology.training.fedbn and not has_batchnorm(model):
+    if topology.training.fedbn and not model_has_batchnorm(model):
         raise ConfigError(f"{source}: training.fedbn needs a model with BatchNorm; {model} has none")
 
 

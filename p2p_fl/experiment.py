@@ -207,10 +207,10 @@ def _load_base(sweep: Path, relative: str, field: str, fail) -> Topology:
     path = (sweep.parent / relative) if not Path(relative).is_absolute() else Path(relative)
     if not path.exists():
         fail(f"{field}: no such topology file {path}")
-    from p2p_fl.learn.models import available_models  # checked here so a typo fails before hours of runs
+    from p2p_fl.learn.catalog import model_names  # checked here so a typo fails before hours of runs
 
     topology = load_topology(path)
-    models = available_models()
+    models = model_names()
     if topology.training.model not in models:
         fail(f"{field}: training.model {topology.training.model!r} is not one of {', '.join(models)}")
     return topology

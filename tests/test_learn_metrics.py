@@ -38,6 +38,7 @@ def test_auc_perfect_inverted_and_one_class():
     assert roc_auc(labels, -scores) == 0.0
     assert np.isnan(roc_auc(np.ones(4), np.arange(4.0)))
     assert np.isnan(roc_auc(np.zeros(4), np.arange(4.0)))
+    assert np.isnan(roc_auc(np.array([0, 1, 1, 0]), np.array([0.1, np.nan, 0.3, 0.2])))  # a diverged model
 
 
 def test_auc_matches_pairwise_definition_with_ties():

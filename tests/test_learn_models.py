@@ -142,3 +142,29 @@ def test_max_pool_matches_reduce_window(side):
     images = np.random.default_rng(0).normal(size=(2, side, side + 1, 3)).astype(np.float32)
     expected = nnx.max_pool(images, (2, 2), strides=(2, 2), padding="SAME")
     np.testing.assert_array_equal(max_pool_2x2(images), expected)
+
+
+def test_the_jax_free_catalogue_names_every_builtin_and_its_batchnorm():
+    """`launch` checks a topology's model from learn/catalog.py, without JAX: its table must
+    be the builtins' own, BatchNorm flags included (FedBN is refused on its word)."""
+    from p2p_fl.learn.catalog import BUILTIN_MODELS, model_names
+    from p2p_fl.learn.models import has_batchnorm
+
+    assert list(BUILTIN_MODELS) == list(MODELS)
+    assert {name: has_batchnorm(name) for name in MODELS} == BUILTIN_MODELS
+    assert set(model_names()) >= set(MODELS)
+
+
+def test_checking_a_topology_s_model_imports_no_jax():
+    """`launch` is in front of every node's start: its checks must not import JAX (~3 s here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from p2p_fl.cli import _check_model; from p2p_fl.config import load_topology; "
+            "from pathlib import Path; p = Path('topologies/ring-3.toml'); _check_model(load_topology(p), p); "
+            "import p2p_fl.learn.metrics; print('jax' in sys.modules)")
+    from processes import ROOT
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pydicom
+
+if TYPE_CHECKING:  # pydicom is imported where a file is read: most sites never read DICOM
+    import pydicom
 
 # A DICOM Part 10 file: a 128-byte preamble, then the magic b"DICM".
 _PREAMBLE_LENGTH = 128
@@ -62,6 +65,8 @@ def _one_line(exc: Exception) -> str:
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:
+    import pydicom
+
     try:
         dataset = pydicom.dcmread(path)
     # pydicom reports garbage with many exception types (struct.error, KeyError, ...).
@@ -96,8 +101,10 @@ def _first_frame(pixels: np.ndarray, dataset: pydicom.Dataset) -> np.ndarray:
 
 def _first_number(dataset: pydicom.Dataset, keyword: str) -> float | None:
     """The element's value as a float (the first one if multi-valued), or None if absent/empty."""
+    from pydicom.multival import MultiValue
+
     value = dataset.get(keyword)
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+    if isinstance(value, (list, tuple, MultiValue)):
         value = value[0] if len(value) else None
     try:
         number = float(value) if value not in (None, "") else None

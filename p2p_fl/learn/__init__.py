@@ -3,35 +3,26 @@
 Knows JAX, Flax and Optax; knows nothing about peers, sockets or files.
 Weights cross into the federation as flat ``dict[str, np.ndarray]``
 (``Learner.get_weights`` / ``Learner.set_weights``).
+
+The names below load their module on first use (PEP 562), so that the JAX-free parts
+(``metrics``, ``catalog``) can be imported without paying JAX's start-up.
 """
 
-from p2p_fl.learn.metrics import (
-    choose_threshold,
-    classification_metrics,
-    evaluation_report,
-    roc_auc,
-    roc_curve,
-)
-from p2p_fl.learn.models import MODELS, build_model, count_params
-from p2p_fl.learn.privacy import DPConfig, noise_for_target, privacy_spent
-from p2p_fl.learn.runtime import configure_jax, describe_backend
-from p2p_fl.learn.train import Learner, TrainState, make_optimizer
+import importlib
 
-__all__ = [
-    "MODELS",
-    "DPConfig",
-    "Learner",
-    "TrainState",
-    "build_model",
-    "choose_threshold",
-    "classification_metrics",
-    "configure_jax",
-    "count_params",
-    "describe_backend",
-    "evaluation_report",
-    "make_optimizer",
-    "noise_for_target",
-    "privacy_spent",
-    "roc_auc",
-    "roc_curve",
-]
+_HOME = {
+    "choose_threshold": "metrics", "classification_metrics": "metrics", "evaluation_report": "metrics",
+    "roc_auc": "metrics", "roc_curve": "metrics",
+    "MODELS": "models", "build_model": "models", "count_params": "models",
+    "DPConfig": "privacy", "noise_for_target": "privacy", "privacy_spent": "privacy",
+    "configure_jax": "runtime", "describe_backend": "runtime",
+    "Learner": "train", "TrainState": "train", "make_optimizer": "train",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'p2p_fl.learn' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"p2p_fl.learn.{_HOME[name]}"), name)

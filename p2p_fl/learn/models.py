@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from p2p_fl.learn.catalog import installed_models
 from p2p_fl.learn.conv import conv_general_dilated, max_pool_2x2
 
 # 0.99 (the Flax default) leaves the running statistics of a small site's
@@ -245,18 +246,9 @@ MODELS: dict[str, type[nnx.Module]] = {
 }
 
 
-# Models a site installs: a package lists its Flax NNX model classes under this entry-point
-# group (pyproject: [project.entry-points."p2p_fl.models"] my-cnn = "mypkg.models:MyCNN").
-# A topology names the model; nothing a topology says is imported as code.
-MODEL_ENTRY_POINTS = "p2p_fl.models"
-
-
 def available_models() -> dict[str, object]:
     """Model name -> class (builtin) or entry point (installed, loaded when built)."""
-    import importlib.metadata
-
-    installed = {ep.name: ep for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINTS)}
-    return {**installed, **MODELS}  # a builtin name cannot be taken over
+    return {**installed_models(), **MODELS}
 
 
 def model_code(name: str) -> str:

@@ -48,11 +48,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
-from dp_accounting.rdp import rdp_privacy_accountant
-from scipy import stats
 
 # Bisection for noise_for_target stops when the bracket is this narrow (relative).
 _NOISE_RELATIVE_TOLERANCE = 1e-4
@@ -220,6 +217,8 @@ def poisson_capacity(num_examples: int, sample_rate: float,
 
     E.g. N = 470, q = 64 / 470: 102 slots (batch 64 +- 7.4).
     """
+    from scipy import stats  # here, not at the top: only DP runs pay its import time
+
     capacity = int(stats.binom.isf(overflow_probability, num_examples, sample_rate))
     while stats.binom.sf(capacity, num_examples, sample_rate) > overflow_probability:
         capacity += 1  # isf is a float inversion: make the bound hold exactly
@@ -276,6 +275,9 @@ def epsilon_of_rounds(noise_multiplier: float, rounds: list[tuple[float, int]],
         return 0.0
     if noise_multiplier == 0:
         return float("inf")
+    import dp_accounting  # here, not at the top: only DP runs pay its import time
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     accountant = rdp_privacy_accountant.RdpAccountant()
     for sample_rate, steps in rounds:
         accountant.compose(dp_accounting.SelfComposedDpEvent(
