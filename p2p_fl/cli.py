@@ -256,10 +256,10 @@ def _listen_error(topology: Topology, name: str, err: zmq.ZMQError) -> str | Non
 
 
 def cmd_node(args) -> int:
+    topology = _site_topology(args)  # a bad topology or name is told before JAX's seconds of start-up
     _setup_runtime()
     from p2p_fl.node import run_node
 
-    topology = _site_topology(args)
     out = args.out or Path("runs") / args.name
     out.mkdir(parents=True, exist_ok=True)
     _hold_out_folder(out, args.name)
@@ -394,13 +394,13 @@ def _run_hosted(topology: Topology, outs: dict[str, Path], run) -> int:
 
 def cmd_check(args) -> int:
     """Preflight: what `node` would refuse, then a CURVE heartbeat exchange with every peer."""
+    topology = _site_topology(args)  # a bad topology or name is told before JAX's seconds of start-up
     _setup_runtime()
     from p2p_fl.fingerprint import federation_fingerprint
     from p2p_fl.learn.models import model_code
     from p2p_fl.preflight import check_peers
     from p2p_fl.site import make_learner
 
-    topology = _site_topology(args)
     _log_to_stderr(args.name)
     data, curve, _ = _site_inputs(args, topology)
     print(f"config: {args.config}: {topology.federation}, {topology.protocol}, {len(topology.peers)} sites; "
