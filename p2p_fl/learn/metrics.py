@@ -1,4 +1,4 @@
-"""Classification metrics on host arrays (numpy/scipy only, no JAX).
+"""Classification metrics on host arrays (numpy only, no JAX: launch and reports import it).
 
 Binary problems take ``probs`` of shape (N,), the probability of class 1
 (the positive class, e.g. pneumonia); multiclass problems take (N, K) class
