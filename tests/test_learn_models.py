@@ -1,4 +1,8 @@
-"""Models: output shapes, parameter counts derived from the architectures, errors."""
+"""Models: output shapes, parameter counts derived from the architectures, errors, and the
+JAX-free catalogue and imports that keep every launch and node start short."""
+
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import lax
+from processes import ROOT
 
+from p2p_fl.learn.catalog import BUILTIN_MODELS, model_names
 from p2p_fl.learn.conv import conv_general_dilated, max_pool_2x2
-from p2p_fl.learn.models import MODELS, build_model, count_params
+from p2p_fl.learn.models import MODELS, build_model, count_params, has_batchnorm
 
 
 def conv(k, cin, cout, bias=True):
@@ -147,9 +153,6 @@ def test_max_pool_matches_reduce_window(side):
 def test_the_jax_free_catalogue_names_every_builtin_and_its_batchnorm():
     """`launch` checks a topology's model from learn/catalog.py, without JAX: its table must
     be the builtins' own, BatchNorm flags included (FedBN is refused on its word)."""
-    from p2p_fl.learn.catalog import BUILTIN_MODELS, model_names
-    from p2p_fl.learn.models import has_batchnorm
-
     assert list(BUILTIN_MODELS) == list(MODELS)
     assert {name: has_batchnorm(name) for name in MODELS} == BUILTIN_MODELS
     assert set(model_names()) >= set(MODELS)
@@ -157,14 +160,9 @@ def test_the_jax_free_catalogue_names_every_builtin_and_its_batchnorm():
 
 def test_checking_a_topology_s_model_imports_no_jax():
     """`launch` is in front of every node's start: its checks must not import JAX (~3 s here)."""
-    import subprocess
-    import sys
-
     code = ("import sys; from p2p_fl.cli import _check_model; from p2p_fl.config import load_topology; "
             "from pathlib import Path; p = Path('topologies/ring-3.toml'); _check_model(load_topology(p), p); "
             "import p2p_fl.learn.metrics; print('jax' in sys.modules)")
-    from processes import ROOT
-
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -173,11 +171,6 @@ def test_checking_a_topology_s_model_imports_no_jax():
 def test_a_node_imports_only_what_every_run_uses():
     """What only DP runs (dp-accounting, scipy.stats) or DICOM folders (pydicom) need is
     imported where they need it: each was ~0.2-1.1 s of every node's start on 2 cores."""
-    import subprocess
-    import sys
-
-    from processes import ROOT
-
     code = ("import sys, p2p_fl.node, p2p_fl.cli; "
             "print(sorted(m for m in ('scipy.stats', 'pydicom', 'dp_accounting') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
