@@ -62,6 +62,11 @@ class TrainingConfig:
     prox_mu: float = 0.0
     # FedBN: BatchNorm scale, bias and running statistics stay at each site, never sent.
     fedbn: bool = False
+    # Logit adjustment: training adds log(positives / negatives) of the site's own shard to
+    # its logits, so a site's class mix does not pull the shared model towards its base
+    # rate (predictions use the raw logit: probabilities as for equally common classes).
+    # Not with DP-SGD: the shift depends on label counts the privacy accounting leaves out.
+    logit_adjustment: bool = False
     # false: a site's optimizer restarts (fresh Adam moments / SGD momentum) on every model
     # that arrives, shaped by other sites. true: its state carries over from its own last
     # fit. With DP-SGD keep it: a site's 1 to 10 noisy steps per round never build up SGD
@@ -403,6 +408,9 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"training.personalize_epochs must be >= 0 (0: none), got {tr.personalize_epochs}")
     if not tr.prox_mu >= 0:
         fail(f"training.prox_mu must be >= 0, got {tr.prox_mu}")
+    if tr.logit_adjustment and t.privacy.enabled:
+        fail("training.logit_adjustment is not allowed with privacy.enabled: the shift "
+             "depends on label counts that DP-SGD's accounting does not cover")
     if tr.fedbn and t.protocol == "ensemble":
         fail("training.fedbn does not apply to protocol ensemble: its members travel as whole models")
     _check_privacy(t.privacy, fail)

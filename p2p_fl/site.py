@@ -63,6 +63,7 @@ def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, .
         t.model, num_classes=num_classes, image_shape=image_shape, optimizer=t.optimizer,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, batch_size=t.batch_size,
         augment=t.augment, seed=topology.seed, dp=dp, prox_mu=t.prox_mu,
+        logit_adjustment=t.logit_adjustment,
         training_secret=None if dp is None else secrets.token_bytes(32),
     )
 
@@ -407,6 +408,7 @@ class Site:
             "rejoined": self.protocol.rejoined,
             "prox_mu": topology.training.prox_mu,
             "fedbn": topology.training.fedbn,
+            "logit_adjustment": topology.training.logit_adjustment,
             "keep_optimizer_state": topology.training.keep_optimizer_state,
             "epochs_per_round": self.local_epochs,
             **({} if dp is None else {

@@ -72,6 +72,8 @@ def test_unknown_node_name_lists_the_peers(tmp_path):
 @pytest.mark.parametrize("text, field", [
     (MINIMAL + "[training]\nprox_mu = -0.1\n", "training.prox_mu must be >= 0"),
     (MINIMAL.replace('"cwt"', '"ensemble"') + "[training]\nfedbn = true\n", "training.fedbn"),
+    (MINIMAL + "[training]\nlogit_adjustment = true\n[privacy]\nenabled = true\nnoise_multiplier = 1.0\n",
+     "training.logit_adjustment is not allowed with privacy.enabled"),
     (MINIMAL + "[privacy]\nenabled = true\n", "privacy.target_epsilon or privacy.noise_multiplier"),
     (MINIMAL + "[privacy]\nenabled = true\ntarget_epsilon = -1\n", "privacy.target_epsilon must be > 0"),
     (MINIMAL + "[privacy]\nnoise_multiplier = nan\n", "privacy.noise_multiplier must be > 0"),

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from p2p_fl.data.sources import load_dataset
-from p2p_fl.learn.train import Learner, cross_entropy, make_optimizer
+from p2p_fl.learn.privacy import DPConfig
+from p2p_fl.learn.train import Learner, cross_entropy, label_log_prior, make_optimizer
 
 SHARD = 512
 
@@ -287,3 +288,33 @@ def test_predictions_follow_the_weights_and_equal_models_score_alike(trained, da
     np.testing.assert_array_equal(fresh.predict_proba(images), first)
     fresh.fit(*shard, epochs=1)  # its weights moved: a new answer
     assert not np.array_equal(fresh.predict_proba(images), learner.predict_proba(images))
+
+
+def test_label_log_prior_is_the_smoothed_log_odds_of_the_shard():
+    np.testing.assert_allclose(label_log_prior(np.array([1] * 9 + [0] * 3), 2),
+                               [np.log(10 / 4)], rtol=1e-6)
+    np.testing.assert_allclose(label_log_prior(np.array([0, 0, 2]), 3),
+                               np.log(np.array([3, 1, 2]) / 6), rtol=1e-6)
+
+
+def test_logit_adjustment_keeps_a_skewed_site_s_base_rate_out_of_its_model(data):
+    """A site with 9 pneumonia images to 1 normal: trained plainly, its model learns that
+    base rate and calls a balanced test set mostly pneumonia; with logit adjustment the
+    shard's log-odds explain the base rate and the model's own scores stay near even."""
+    labels = data.train.labels
+    chosen = np.concatenate([np.flatnonzero(labels == 1)[:460], np.flatnonzero(labels == 0)[:52]])
+    test_labels = data.test.labels
+    balanced = np.concatenate([np.flatnonzero(test_labels == 1)[:100],
+                               np.flatnonzero(test_labels == 0)[:100]])
+    mean_probability = {}
+    for adjusted in (False, True):
+        learner = Learner("small-cnn", seed=0, logit_adjustment=adjusted)
+        learner.fit(data.train.images[chosen], labels[chosen], epochs=3)
+        mean_probability[adjusted] = float(learner.predict_proba(data.test.images[balanced]).mean())
+    assert mean_probability[False] > 0.65  # the base rate, learnt
+    assert mean_probability[True] < mean_probability[False] - 0.1
+
+
+def test_logit_adjustment_is_refused_with_dp():
+    with pytest.raises(ValueError, match="not allowed with DP-SGD"):
+        Learner("small-cnn", dp=DPConfig(noise_multiplier=1.0), logit_adjustment=True)

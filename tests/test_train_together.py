@@ -160,6 +160,30 @@ def test_fedprox_with_sgd_every_tensor_matches(data):
         assert max_difference(first.get_state(), second.get_state()) < TOLERANCE
 
 
+def test_logit_adjustment_each_site_with_its_own_prior(data):
+    """Logit adjustment trains batched, each site shifted by its own shard's label
+    counts (one all but one class, one mixed), and lands where each fit would."""
+    labels = data.train.labels
+    skewed = np.concatenate([np.flatnonzero(labels == 1)[:120], np.flatnonzero(labels == 0)[:10]])
+    shards = [(data.train.images[skewed], labels[skewed])] + shards_of(data, (130,), start=900)
+
+    def learners(adjusted=True):
+        return [Learner("small-cnn", seed=site, optimizer="sgd", learning_rate=0.05,
+                        logit_adjustment=adjusted) for site in range(2)]
+
+    alone, together, plain = learners(), learners(), learners(adjusted=False)
+    rates = [0.05, 0.02]
+    alone_losses = [learner.fit(*shard, epochs=EPOCHS, learning_rate=rate)
+                    for learner, shard, rate in zip(alone, shards, rates)]
+    together_losses = fit_together(together, shards, epochs=EPOCHS, learning_rates=rates)
+    fit_together(plain, shards, epochs=EPOCHS, learning_rates=rates)
+    np.testing.assert_allclose(together_losses, alone_losses, rtol=1e-5)
+    for first, second in zip(alone, together):
+        assert max_difference(first.get_weights(), second.get_weights()) < TOLERANCE
+    # The skewed site's shift changed its training; without it the same call differs.
+    assert max_difference(plain[0].get_weights(), together[0].get_weights()) > 100 * TOLERANCE
+
+
 def test_dp_and_small_sites_mixed_in(data):
     """A DP learner trains by its own fit (bit for bit); two sites smaller
     than a batch train together, in batches of their shard size as fit does."""

@@ -56,7 +56,7 @@ DEFAULT_MAX_STEP_IMAGES = 1024
 def train_epoch_together(states: TrainState, images: jax.Array, labels: jax.Array,
                          num_valid: jax.Array, num_batches: jax.Array, *, graphdef, tx,
                          batch_size: int, augment: bool, prox_mu: float = 0.0,
-                         anchors=None) -> tuple[TrainState, jax.Array]:
+                         anchors=None, logit_shifts=None) -> tuple[TrainState, jax.Array]:
     """One epoch of S sites at once: ``plain_epoch`` vmapped over the leading axis.
 
     Args:
@@ -66,16 +66,18 @@ def train_epoch_together(states: TrainState, images: jax.Array, labels: jax.Arra
       num_valid: (S,) int32 real examples per site.
       num_batches: (S,) int32 steps per site (0: an inert padding row).
       anchors: stacked FedProx anchors (with ``prox_mu`` > 0), else None.
+      logit_shifts: (S, L) each site's logit adjustment, else None.
 
     Returns:
       (stacked new states, (S,) mean losses).
     """
-    def one_site(state, site_images, site_labels, site_valid, site_batches, anchor):
+    def one_site(state, site_images, site_labels, site_valid, site_batches, anchor, shift):
         return plain_epoch(state, site_images, site_labels, site_valid, site_batches,
                            graphdef=graphdef, tx=tx, batch_size=batch_size, augment=augment,
-                           prox_mu=prox_mu, anchor=anchor)
+                           prox_mu=prox_mu, anchor=anchor, logit_shift=shift)
 
-    return jax.vmap(one_site)(states, images, labels, num_valid, num_batches, anchors)
+    return jax.vmap(one_site)(states, images, labels, num_valid, num_batches, anchors,
+                              logit_shifts)
 
 
 @jax.jit
@@ -126,7 +128,8 @@ def fit_together(learners: Sequence[Learner],
     Learners train together when they share the model structure, optimizer,
     effective batch size (``min(batch_size, len(shard))``, as ``fit`` uses),
     augmentation, FedProx mu (each site's anchor is its own weights at the
-    start, as in ``fit``), image shape and image dtype. Within such a group
+    start, as in ``fit``), logit adjustment (each site's shift from its own
+    shard's labels), image shape and image dtype. Within such a group
     sites are sorted by shard size and run in calls of at most
     ``max_sites_per_call`` sites whose padded images stay under
     ``max_image_bytes`` and whose vmapped step holds at most
@@ -189,7 +192,7 @@ def fit_together(learners: Sequence[Learner],
             continue
         config = (learner.model_name, learner.num_classes, learner._graphdef, learner._tx,
                   min(learner.batch_size, len(images)), learner.augment, learner.prox_mu,
-                  images.shape[1:], images.dtype)
+                  learner.logit_adjustment, images.shape[1:], images.dtype)
         groups.setdefault(config, []).append(index)
 
     losses: list[list[float] | None] = [None] * len(learners)
@@ -263,6 +266,9 @@ def _fit_call(learners: list[Learner], shards: list[tuple[np.ndarray, np.ndarray
     stacked = _stack(states + [states[0]] * (rows - count))
     # A copy: the stacked parameters are donated to the first epoch.
     anchors = (jax.tree_util.tree_map(jnp.copy, stacked.params) if first.prox_mu else None)
+    shifts = [learner.logit_shift(site_labels) for learner, (_, site_labels) in zip(learners, shards)]
+    # Padding rows train nothing; any shift of the right shape will do.
+    logit_shifts = None if shifts[0] is None else jnp.stack(shifts + [shifts[0]] * (rows - count))
     images, labels = jnp.asarray(images), jnp.asarray(labels)
     num_valid, num_batches = jnp.asarray(num_valid), jnp.asarray(num_batches)
     epoch_losses = []
@@ -270,7 +276,7 @@ def _fit_call(learners: list[Learner], shards: list[tuple[np.ndarray, np.ndarray
         stacked, loss = train_epoch_together(
             stacked, images, labels, num_valid, num_batches, graphdef=first._graphdef,
             tx=first._tx, batch_size=batch_size, augment=first.augment,
-            prox_mu=first.prox_mu, anchors=anchors)
+            prox_mu=first.prox_mu, anchors=anchors, logit_shifts=logit_shifts)
         epoch_losses.append(loss)
     for learner, state in zip(learners, _unstack(stacked, count)):
         learner._state = state

@@ -139,9 +139,29 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def label_log_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The logit shift of logit adjustment for one shard's labels (add-one smoothed).
+
+    Binary models have one logit: ``[log((positives + 1) / (negatives + 1))]``;
+    K classes: ``log((count_k + 1) / (N + K))`` per class. Added to the
+    training logits, the shift explains the shard's own class mix, so the
+    gradients fit the features rather than the site's base rate (Menon et
+    al. 2021, "Long-tail learning via logit adjustment"; FedLC, Zhang et
+    al. 2022, for label-skewed sites). Prediction uses the raw logits: a
+    model trained so scores as if the classes were equally common.
+
+    Returns:
+      float32 of shape (1,) for ``num_classes`` 2, else (num_classes,).
+    """
+    counts = np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes)[:num_classes]
+    if num_classes == 2:
+        return np.array([np.log((counts[1] + 1.0) / (counts[0] + 1.0))], np.float32)
+    return np.log((counts + 1.0) / (counts.sum() + num_classes)).astype(np.float32)
+
+
 def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
-            images: jax.Array, labels: jax.Array, dropout_key: jax.Array
-            ) -> tuple[jax.Array, nnx.State]:
+            images: jax.Array, labels: jax.Array, dropout_key: jax.Array,
+            logit_shift: jax.Array | None = None) -> tuple[jax.Array, nnx.State]:
     """Training loss of one batch and the BatchNorm statistics it updates.
 
     Args:
@@ -151,6 +171,8 @@ def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
       images: (B, H, W, C) float32 images.
       labels: (B,) int32 labels.
       dropout_key: PRNG key for dropout.
+      logit_shift: added to every example's logits before the loss
+        (``label_log_prior``), or None.
 
     Returns:
       (loss, batch statistics after the batch).
@@ -159,6 +181,8 @@ def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
     # into Variables created outside the gradient's trace.
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     logits = model(images, train=True, rngs=nnx.Rngs(dropout=dropout_key))
+    if logit_shift is not None:
+        logits = logits + logit_shift
     return cross_entropy(logits, labels), nnx.state(model, nnx.BatchStat)
 
 
@@ -178,14 +202,14 @@ def example_loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.Gra
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                step_key: jax.Array, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, augment: bool,
-               prox_mu: float = 0.0, anchor: nnx.State | None = None
-               ) -> tuple[TrainState, jax.Array]:
+               prox_mu: float = 0.0, anchor: nnx.State | None = None,
+               logit_shift: jax.Array | None = None) -> tuple[TrainState, jax.Array]:
     """One optimizer step on one batch of raw (uint8 or float) images, without DP
     (DP-SGD samples its own batches: ``dp_train_step``).
 
     With ``prox_mu`` > 0 (FedProx), the gradient of
     (mu / 2) * ||params - anchor||^2 is added; the returned loss is the data
-    loss alone.
+    loss alone. ``logit_shift``: see ``loss_fn``.
 
     Returns:
       (new state, batch loss). ``state.key`` is left alone: the epoch owns it.
@@ -195,7 +219,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
     if augment:
         images = random_shift(images, shift_key)
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, graphdef, images, labels, dropout_key)
+        state.params, state.batch_stats, graphdef, images, labels, dropout_key, logit_shift)
     if prox_mu:  # a static float: mu = 0 compiles the plain step, bit for bit
         grads = prox_gradient(grads, state.params, anchor, prox_mu)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -316,8 +340,8 @@ def dp_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
 def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
                 graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 batch_size: int, augment: bool, dp: DPConfig | None = None,
-                prox_mu: float = 0.0, anchor: nnx.State | None = None
-                ) -> tuple[TrainState, jax.Array]:
+                prox_mu: float = 0.0, anchor: nnx.State | None = None,
+                logit_shift: jax.Array | None = None) -> tuple[TrainState, jax.Array]:
     """One pass over device-resident data, as a single compiled program.
 
     Plain training (``plain_epoch``) shuffles and drops the last
@@ -338,12 +362,17 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
       dp: DP-SGD settings, or None for plain training.
       prox_mu: FedProx's mu (0: no proximal term).
       anchor: the parameters the proximal term pulls towards (with prox_mu > 0).
+      logit_shift: the shard's ``label_log_prior`` for logit adjustment, or
+        None (plain training only: the shift depends on the labels, which
+        DP-SGD's accounting does not cover).
 
     Returns:
       (new state with an advanced key, mean training loss over the steps).
     """
     num_examples = images.shape[0]
     if dp is not None:
+        if logit_shift is not None:
+            raise ValueError("logit adjustment is not allowed with DP-SGD")
         # The middle key (the plain path's shuffle key) goes unused.
         key, _, steps_key = jax.random.split(state.key, 3)
         # Shapes are static here, so these are Python numbers fixed at tracing.
@@ -360,7 +389,7 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
 
     return plain_epoch(state, images, labels, num_examples, num_examples // batch_size,
                        graphdef=graphdef, tx=tx, batch_size=batch_size, augment=augment,
-                       prox_mu=prox_mu, anchor=anchor)
+                       prox_mu=prox_mu, anchor=anchor, logit_shift=logit_shift)
 
 
 def shuffled_order(shuffle_key: jax.Array, num_valid: int | jax.Array, size: int
@@ -394,7 +423,8 @@ def plain_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
                 num_valid: int | jax.Array, num_batches: int | jax.Array, *,
                 graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 batch_size: int, augment: bool, prox_mu: float = 0.0,
-                anchor: nnx.State | None = None) -> tuple[TrainState, jax.Array]:
+                anchor: nnx.State | None = None, logit_shift: jax.Array | None = None
+                ) -> tuple[TrainState, jax.Array]:
     """One epoch of plain (non-DP) training of one site, padding-aware: the
     one definition behind ``train_epoch`` and ``together.fit_together``
     (which ``jax.vmap``s it over sites whose shards are padded to one size).
@@ -437,7 +467,7 @@ def plain_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
         step, indices, step_key = batch
         new, loss = train_step(state, images[indices], labels[indices], step_key,
                                graphdef=graphdef, tx=tx, augment=augment,
-                               prox_mu=prox_mu, anchor=anchor)
+                               prox_mu=prox_mu, anchor=anchor, logit_shift=logit_shift)
         if every_step_trains:
             return new, loss
         trains = step < num_batches
@@ -560,6 +590,10 @@ class Learner:
       prox_mu: FedProx's mu: each ``fit`` adds (mu / 2) * ||w - w0||^2 over
         the trainable parameters to the loss, w0 being the parameters at the
         start of that fit (the model that arrived). 0: plain training.
+      logit_adjustment: each ``fit`` adds the shard's ``label_log_prior`` to
+        the training logits, so a site's class mix does not pull the shared
+        model towards its own base rate. Not with DP-SGD (the shift depends
+        on the labels, outside the privacy accounting).
     """
 
     def __init__(self, model: str = "small-cnn", *, num_classes: int = 2,
@@ -567,10 +601,13 @@ class Learner:
                  learning_rate: float = 1e-3, weight_decay: float = 0.0,
                  batch_size: int = 64, augment: bool = True, seed: int = 0,
                  training_secret: bytes | None = None, dp: DPConfig | None = None,
-                 prox_mu: float = 0.0):
+                 prox_mu: float = 0.0, logit_adjustment: bool = False):
         height, width, channels = image_shape
         if not prox_mu >= 0:
             raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
+        if logit_adjustment and dp is not None:
+            raise ValueError("logit_adjustment is not allowed with DP-SGD: the shift "
+                             "depends on the labels, outside the privacy accounting")
         if height != width:
             raise ValueError(f"images must be square, got image_shape={image_shape}")
         if batch_size < 1:
@@ -582,6 +619,7 @@ class Learner:
         self.augment = augment
         self.dp = dp
         self.prox_mu = float(prox_mu)
+        self.logit_adjustment = bool(logit_adjustment)
         # (sample_rate, steps) of each fit with DP, for the accountant.
         self._dp_rounds: list[tuple[float, int]] = []
         initial = _initial_model(model, num_classes, channels, height, seed)
@@ -631,6 +669,7 @@ class Learner:
         labels = self._checked_labels(labels, len(images))
         if len(images) == 0:
             raise ValueError("fit needs at least one image")
+        logit_shift = self.logit_shift(labels)
         # One transfer per fit; every epoch reads the data on the device.
         images, labels = jnp.asarray(images), jnp.asarray(labels)
         if learning_rate is not None:
@@ -648,13 +687,20 @@ class Learner:
             self._state, loss = train_epoch(
                 self._state, images, labels, graphdef=self._graphdef, tx=self._tx,
                 batch_size=batch_size, augment=self.augment, dp=self.dp,
-                prox_mu=self.prox_mu, anchor=anchor)
+                prox_mu=self.prox_mu, anchor=anchor, logit_shift=logit_shift)
             if self.dp is not None:
                 self._dp_rounds.append((sample_rate, steps))
             losses.append(float(loss))
             if on_epoch is not None:
                 on_epoch(epoch, losses[-1])
         return losses
+
+    def logit_shift(self, labels: np.ndarray) -> jax.Array | None:
+        """What ``fit`` adds to the training logits for this shard's labels: its
+        ``label_log_prior`` with ``logit_adjustment``, else None."""
+        if not self.logit_adjustment:
+            return None
+        return jnp.asarray(label_log_prior(labels, self.num_classes))
 
     def steps_per_epoch(self, num_examples: int) -> int:
         """Optimizer steps of one epoch over ``num_examples`` examples: whole batches (at
