@@ -525,6 +525,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "prox_mu": topology.training.prox_mu,
         "outer_optimizer": topology.gossip.outer_optimizer if topology.protocol == "gossip" else "avg",
         "fedbn": topology.training.fedbn,
+        "logit_adjustment": topology.training.logit_adjustment,
         "keep_optimizer_state": topology.training.keep_optimizer_state,
         "privacy": dataclasses.asdict(topology.privacy),
         # Each site's own (epsilon, delta) for its own shard; they do not add up across sites.
@@ -564,11 +565,12 @@ def _mean(values):
 
 
 def _options(summary: dict) -> str:
-    """' · FedProx mu=0.01 · FedBN · optimizer state kept · DP' for the options a run used ('' for none)."""
+    """' · FedProx mu=0.01 · FedBN · logit adjustment · optimizer state kept · DP' for the options a run used ('' for none)."""
     options = [f"FedProx mu={summary['prox_mu']:g}"] if summary.get("prox_mu") else []
     outer = summary.get("outer_optimizer", "avg")
     options += [] if outer == "avg" else [{"momentum": "FedAvgM", "adam": "FedAdam"}[outer]]
     options += ["FedBN"] if summary.get("fedbn") else []
+    options += ["logit adjustment"] if summary.get("logit_adjustment") else []
     options += ["optimizer state kept"] if summary.get("keep_optimizer_state") else []
     options += ["DP"] if summary.get("privacy", {}).get("enabled") else []
     return "".join(f" · {option}" for option in options)
