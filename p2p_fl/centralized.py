@@ -43,6 +43,7 @@ def run_centralized(topology: Topology, out: Path, *, dataset: str | None = None
     summary = {
         "protocol": "centralized", "peers": 1, "model": topology.training.model, "epochs": epochs,
         "seed": topology.seed, "samples": len(data.train), "wall_s": wall_s,
+        "logit_adjustment": learner.logit_adjustment,
         "final": {f"test_{k}": float(v) for k, v in report.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -62,11 +62,14 @@ class TrainingConfig:
     prox_mu: float = 0.0
     # FedBN: BatchNorm scale, bias and running statistics stay at each site, never sent.
     fedbn: bool = False
-    # Logit adjustment: training adds log(positives / negatives) of the site's own shard to
-    # its logits, so a site's class mix does not pull the shared model towards its base
-    # rate (predictions use the raw logit: probabilities as for equally common classes).
-    # Not with DP-SGD: the shift depends on label counts the privacy accounting leaves out.
-    logit_adjustment: bool = False
+    # Logit adjustment: training adds the log-odds of the site's own shard's labels to its
+    # logits, so a site's class mix does not pull the shared model towards its base rate
+    # (predictions use the raw logit: probabilities as for equally common classes). On 10
+    # label-skewed sites +0.002 test AUC for FedAvgM and +0.006 for CWT on every seed; on
+    # IID sites no change (docs/results.md). Off under DP whatever it says here
+    # (`logit_adjustment_applies`): the shift depends on label counts that the privacy
+    # accounting does not cover.
+    logit_adjustment: bool = True
     # false: a site's optimizer restarts (fresh Adam moments / SGD momentum) on every model
     # that arrives, shaped by other sites. true: its state carries over from its own last
     # fit. With DP-SGD keep it: a site's 1 to 10 noisy steps per round never build up SGD
@@ -408,9 +411,6 @@ def _check_semantics(t: Topology, fail) -> None:
         fail(f"training.personalize_epochs must be >= 0 (0: none), got {tr.personalize_epochs}")
     if not tr.prox_mu >= 0:
         fail(f"training.prox_mu must be >= 0, got {tr.prox_mu}")
-    if tr.logit_adjustment and t.privacy.enabled:
-        fail("training.logit_adjustment is not allowed with privacy.enabled: the shift "
-             "depends on label counts that DP-SGD's accounting does not cover")
     if tr.fedbn and t.protocol == "ensemble":
         fail("training.fedbn does not apply to protocol ensemble: its members travel as whole models")
     _check_privacy(t.privacy, fail)
@@ -586,6 +586,12 @@ def _typed(table: dict, key: str, kind: type, prefix: str, fail):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         fail(f"{prefix}{key} must be {kind.__name__}, got {value!r}")
     return value
+
+
+def logit_adjustment_applies(t: Topology) -> bool:
+    """Whether the sites (and centralized training) train with logit adjustment: as
+    `training.logit_adjustment` says, except under DP (see TrainingConfig)."""
+    return t.training.logit_adjustment and not t.privacy.enabled
 
 
 def dump_topology(t: Topology) -> str:

@@ -14,6 +14,7 @@ partitions and seeds; an optional centralized reference is trained once per seed
     [centralized]                    # optional: the reference, model and optimiser from topology
     topology = "../../topologies/ring-3.toml"
     epochs = 5                       # or a list, [5, 40]: after the first, centralized-40ep
+    set = { "training.logit_adjustment" = false }  # optional, the reference's own (not the sweep's set)
 
     [[federations]]
     label = "CWT"                    # names the rows and the run folders
@@ -55,7 +56,7 @@ from p2p_fl.launch import INCOMPLETE_EXIT, run_launch, with_overrides
 _TOP_FIELDS = {"seeds", "peers", "partitions", "topology", "dataset", "train_images", "rounds", "local_epochs",
                "set", "centralized", "federations"}
 _FEDERATION_FIELDS = {"label", "topology", "protocol", "seeds", "peers", "partitions", "rounds", "local_epochs", "set"}
-_CENTRALIZED_FIELDS = {"topology", "epochs"}
+_CENTRALIZED_FIELDS = {"topology", "epochs", "set"}
 # Figures averaged over seeds, in the tables' order: (column, key in a run's row).
 METRICS = (("test loss", "test_loss"), ("accuracy", "test_acc"), ("AUC", "test_auc"),
            ("worst site AUC", "worst_site_auc"), ("worst site AUC, worst seed", "worst_site_auc_min"),
@@ -128,6 +129,14 @@ def parse_sweep(raw: dict, path: Path) -> list[Run]:
         if base is None:
             fail("centralized.topology is missing (and there is no top-level topology)")
         topology = _load_base(path, base, "centralized.topology", fail)
+        central_set = central.get("set", {})  # its own only: the sweep's `set` is the federations'
+        if not isinstance(central_set, dict):
+            fail("centralized.set must be a table of dotted topology fields, like { \"training.batch_size\" = 32 }")
+        if central_set:
+            raw_topology = tomllib.loads(dump_topology(topology))
+            for key, value in central_set.items():
+                _set_dotted(raw_topology, key, value, "centralized.set", fail)
+            topology = parse_topology(raw_topology, source=f"{path}: centralized")
         if isinstance(central.get("epochs"), list):  # more references: centralized-<E>ep after the first
             epochs_list = _int_list(central, "epochs", "centralized.epochs", fail, default=None)
         else:

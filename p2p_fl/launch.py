@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from p2p_fl.config import RING_PROTOCOLS, PeerConfig, Topology, data_options, dump_topology, parse_topology
+from p2p_fl.config import RING_PROTOCOLS, PeerConfig, Topology, data_options, dump_topology, logit_adjustment_applies, parse_topology
 from p2p_fl.data import load_dataset, load_test_like, partition_dataset, save_npz, subsample
 from p2p_fl.files import write_json
 from p2p_fl.net import generate_keypair, load_public_key
@@ -525,7 +525,7 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "prox_mu": topology.training.prox_mu,
         "outer_optimizer": topology.gossip.outer_optimizer if topology.protocol == "gossip" else "avg",
         "fedbn": topology.training.fedbn,
-        "logit_adjustment": topology.training.logit_adjustment,
+        "logit_adjustment": logit_adjustment_applies(topology),
         "keep_optimizer_state": topology.training.keep_optimizer_state,
         "privacy": dataclasses.asdict(topology.privacy),
         # Each site's own (epsilon, delta) for its own shard; they do not add up across sites.

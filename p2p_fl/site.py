@@ -20,7 +20,7 @@ import numpy as np
 
 from p2p_fl.checkpoint import FILENAME as CHECKPOINT_FILE
 from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefixed
-from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, TrainingConfig, gossip_graph
+from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, TrainingConfig, gossip_graph, logit_adjustment_applies
 from p2p_fl.data import Dataset, Split
 from p2p_fl.federate import shared_secrets_with
 from p2p_fl.files import write_json, write_npz
@@ -63,7 +63,7 @@ def make_learner(topology: Topology, num_classes: int, image_shape: tuple[int, .
         t.model, num_classes=num_classes, image_shape=image_shape, optimizer=t.optimizer,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, batch_size=t.batch_size,
         augment=t.augment, seed=topology.seed, dp=dp, prox_mu=t.prox_mu,
-        logit_adjustment=t.logit_adjustment,
+        logit_adjustment=logit_adjustment_applies(topology),
         training_secret=None if dp is None else secrets.token_bytes(32),
     )
 
@@ -408,7 +408,7 @@ class Site:
             "rejoined": self.protocol.rejoined,
             "prox_mu": topology.training.prox_mu,
             "fedbn": topology.training.fedbn,
-            "logit_adjustment": topology.training.logit_adjustment,
+            "logit_adjustment": self.learner.logit_adjustment,
             "keep_optimizer_state": topology.training.keep_optimizer_state,
             "epochs_per_round": self.local_epochs,
             **({} if dp is None else {

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from p2p_fl.config import ConfigError, dump_topology, load_topology, parse_topology
+from p2p_fl.config import ConfigError, dump_topology, load_topology, logit_adjustment_applies, parse_topology
 
 TOPOLOGIES = sorted((Path(__file__).parent.parent / "topologies").glob("*.toml"))
 MINIMAL = 'federation = "f"\nprotocol = "cwt"\n[[peers]]\nname = "a"\n[[peers]]\nname = "b"\n'
@@ -72,8 +72,6 @@ def test_unknown_node_name_lists_the_peers(tmp_path):
 @pytest.mark.parametrize("text, field", [
     (MINIMAL + "[training]\nprox_mu = -0.1\n", "training.prox_mu must be >= 0"),
     (MINIMAL.replace('"cwt"', '"ensemble"') + "[training]\nfedbn = true\n", "training.fedbn"),
-    (MINIMAL + "[training]\nlogit_adjustment = true\n[privacy]\nenabled = true\nnoise_multiplier = 1.0\n",
-     "training.logit_adjustment is not allowed with privacy.enabled"),
     (MINIMAL + "[privacy]\nenabled = true\n", "privacy.target_epsilon or privacy.noise_multiplier"),
     (MINIMAL + "[privacy]\nenabled = true\ntarget_epsilon = -1\n", "privacy.target_epsilon must be > 0"),
     (MINIMAL + "[privacy]\nnoise_multiplier = nan\n", "privacy.noise_multiplier must be > 0"),
@@ -139,3 +137,11 @@ def test_launch_data_override_moves_a_shared_test_set_that_was_the_datasets_own(
     assert moved.data.dataset == moved.data.test == "other.npz"  # never scored on PneumoniaMNIST's test set
     other_test = load_text(tmp_path, MINIMAL + '[data]\ndataset = "a.npz"\ntest = "b.npz"\n')
     assert with_overrides(other_test, dataset="c.npz").data.test == "b.npz"  # named on purpose: kept
+
+
+def test_logit_adjustment_is_on_by_default_and_off_under_dp(tmp_path):
+    assert logit_adjustment_applies(load_text(tmp_path, MINIMAL))
+    assert not logit_adjustment_applies(load_text(tmp_path, MINIMAL + "[training]\nlogit_adjustment = false\n"))
+    # DP turns it off: the shift would depend on label counts outside the accounting.
+    assert not logit_adjustment_applies(load_text(
+        tmp_path, MINIMAL + "[training]\nlogit_adjustment = true\n[privacy]\nenabled = true\nnoise_multiplier = 1.0\n"))

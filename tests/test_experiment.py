@@ -88,6 +88,20 @@ set = {{ "training.batch_size" = 16 }}
     assert [(r.topology.training.min_local_steps, r.topology.training.batch_size) for r in runs] == [(4, 32), (4, 16)]
 
 
+def test_the_centralized_reference_takes_its_own_set_not_the_sweep_s(tmp_path):
+    runs = load_sweep(write(tmp_path, f"""
+seeds = [0]
+topology = "{RING}"
+set = {{ "training.batch_size" = 32 }}
+[centralized]
+set = {{ "training.logit_adjustment" = false }}
+[[federations]]
+label = "a"
+"""))
+    assert [(r.label, r.topology.training.batch_size, r.topology.training.logit_adjustment) for r in runs] == [
+        ("centralized", 64, False), ("a", 32, True)]
+
+
 def test_an_entry_may_run_fewer_seeds_than_the_sweep(tmp_path):
     runs = load_sweep(write(tmp_path, f'seeds = [0, 1, 2]\ntopology = "{RING}"\n[[federations]]\nlabel = "all"\n'
                                       '[[federations]]\nlabel = "screen"\nseeds = [0]\n'))
@@ -105,6 +119,7 @@ def test_a_list_of_centralized_epochs_adds_references_after_the_first(tmp_path):
     ("seeds = [0]\nbogus = 1\n[centralized]\n", "unknown field bogus"),
     (f'topology = "{RING}"\n[centralized]\nepochs = [5, 0]\n', "centralized.epochs must be >= 1"),
     (f'set = 3\n[[federations]]\nlabel = "a"\ntopology = "{RING}"\n', "set must be a table"),
+    (f'topology = "{RING}"\n[centralized]\nset = {{ "training.modle" = 1 }}\n', "training.modle"),
     ("seeds = 0\n[centralized]\n", "seeds must be a non-empty list of integers"),
     (f'[[federations]]\nlabel = "a"\ntopology = "{RING}"\npeers = ["3"]\n', "federations[0].peers"),
     (f'[[federations]]\nlabel = "a b"\ntopology = "{RING}"\n', "federations[0].label"),
