@@ -451,6 +451,7 @@ def plain_epoch(state: TrainState, images: jax.Array, labels: jax.Array,
       num_batches: steps that train, ``num_valid // batch_size``, at least 1
         for a real site (0 for an inert padding row: nothing changes).
       batch_size: examples per step, at most ``num_valid``.
+      logit_shift: the site's logit adjustment (``loss_fn``), or None.
 
     Returns:
       (new state with an advanced key, mean loss over the ``num_batches`` steps).
