@@ -29,7 +29,7 @@ from p2p_fl.learn import Learner
 from p2p_fl.learn.ensemble import evaluate_ensemble
 from p2p_fl.learn.models import model_code
 from p2p_fl.learn.outer import OuterOptimizer
-from p2p_fl.learn.privacy import BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
+from p2p_fl.learn.privacy import LABEL_PRIOR_SHARE, BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
 from p2p_fl.net import Curve, load_secret_key
 from p2p_fl.protocols import EnsembleProtocol, Finish, GossipProtocol, LocalProtocol, RingProtocol, Train, Weights
 from p2p_fl.protocols.base import Protocol
@@ -80,21 +80,26 @@ def dp_config(topology: Topology, num_train: int) -> DPConfig | None:
     With a target epsilon and no noise multiplier, the noise is the smallest whose planned
     run spends at most the target: training.rounds fits of `epochs_per_round` epochs on this
     shard, the most any protocol asks of a site (a ring: one hop per cycle). The target is
-    the site's budget either way; ConfigError if no noise up to 1000 meets it.
+    the site's budget either way; ConfigError if no noise up to 1000 meets it. With logit
+    adjustment, LABEL_PRIOR_SHARE of the target goes to the shard's noisy class counts,
+    planned and counted beside the steps.
     """
     p, t = topology.privacy, topology.training
     if not p.enabled:
         return None
     delta = p.delta or default_delta(num_train)
     budget = p.target_epsilon or None
+    label_prior_epsilon = LABEL_PRIOR_SHARE * budget if logit_adjustment_applies(topology) else 0.0
     noise = p.noise_multiplier
     if not noise:
         sample_rate, steps = batch_sampling(num_train, t.batch_size)
         try:
-            noise = noise_for_target(budget, delta, sample_rate, t.rounds * epochs_per_round(t, steps) * steps)
+            noise = noise_for_target(budget, delta, sample_rate, t.rounds * epochs_per_round(t, steps) * steps,
+                                     label_prior_epsilon)
         except ValueError as err:
             raise ConfigError(f"privacy.target_epsilon: {err} on {num_train} training samples") from None
-    return DPConfig(clip_norm=p.clip_norm, noise_multiplier=noise, target_epsilon=budget, delta=delta)
+    return DPConfig(clip_norm=p.clip_norm, noise_multiplier=noise, target_epsilon=budget, delta=delta,
+                    label_prior_epsilon=label_prior_epsilon)
 
 
 def adopt_model(learner: Learner, weights: dict[str, np.ndarray], *, keep: frozenset,

@@ -139,9 +139,11 @@ def test_launch_data_override_moves_a_shared_test_set_that_was_the_datasets_own(
     assert with_overrides(other_test, dataset="c.npz").data.test == "b.npz"  # named on purpose: kept
 
 
-def test_logit_adjustment_is_on_by_default_and_off_under_dp(tmp_path):
+def test_logit_adjustment_is_on_by_default_and_under_dp_only_with_a_target(tmp_path):
     assert logit_adjustment_applies(load_text(tmp_path, MINIMAL))
     assert not logit_adjustment_applies(load_text(tmp_path, MINIMAL + "[training]\nlogit_adjustment = false\n"))
-    # DP turns it off: the shift would depend on label counts outside the accounting.
+    # Under DP the noisy counts take a share of the target epsilon: without one, it is off.
     assert not logit_adjustment_applies(load_text(
         tmp_path, MINIMAL + "[training]\nlogit_adjustment = true\n[privacy]\nenabled = true\nnoise_multiplier = 1.0\n"))
+    assert logit_adjustment_applies(load_text(
+        tmp_path, MINIMAL + "[privacy]\nenabled = true\ntarget_epsilon = 3.0\n"))

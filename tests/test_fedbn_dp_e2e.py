@@ -20,7 +20,7 @@ from p2p_fl.config import parse_topology
 from p2p_fl.data.sources import load_dataset
 from p2p_fl.launch import free_ports, node_env
 from p2p_fl.learn import Learner
-from p2p_fl.learn.privacy import batch_sampling, default_delta, privacy_spent
+from p2p_fl.learn.privacy import LABEL_PRIOR_SHARE, batch_sampling, default_delta, privacy_spent
 from p2p_fl.site import adopt_model, dp_config
 
 SITES = ["a", "b", "c"]
@@ -155,7 +155,7 @@ def test_dp_ring_reports_epsilon_and_stops_training_at_its_budget(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fedbn"] is True and summary["prox_mu"] == 0.01 and summary["privacy"]["enabled"]
-    assert "FedProx mu=0.01 · FedBN · DP" in proc.stdout and "epsilon" in proc.stdout
+    assert "FedProx mu=0.01 · FedBN · logit adjustment · DP" in proc.stdout and "epsilon" in proc.stdout
     for node in summary["nodes"]:
         name = node["name"]
         assert node["samples"] == train_per_site
@@ -163,10 +163,13 @@ def test_dp_ring_reports_epsilon_and_stops_training_at_its_budget(tmp_path):
         assert [line["round"] for line in lines] == ([0, 2, 4] if name == "a" else [1, 3, 5])
         assert [line.get("budget_reached", False) for line in lines] == [False, False, True]
         assert lines[2]["train_loss"] is None  # the third hop was handed on untrained
+        # Logit adjustment (the default) released the class counts at a share of the budget.
+        released = LABEL_PRIOR_SHARE * budget
+        spent = privacy_spent(1.0, rate, 2 * epochs * steps, delta, released)
         assert [line["epsilon"] for line in lines] == pytest.approx([
-            privacy_spent(1.0, rate, steps, delta), two_hops, two_hops])
+            privacy_spent(1.0, rate, steps, delta, released), spent, spent])
         assert all(line["delta"] == delta for line in lines)
-        assert node["epsilon"] == pytest.approx(two_hops) and node["epsilon"] <= budget
+        assert node["epsilon"] == pytest.approx(spent) and node["epsilon"] <= budget
         assert node["budget_reached_round"] == lines[2]["round"]
         assert summary["epsilon"][name] == node["epsilon"]
         assert "privacy budget exceeded" in (out / name / "node.log").read_text()
@@ -182,7 +185,8 @@ def test_a_target_epsilon_alone_plans_noise_spending_it_exactly(target):
     dp = dp_config(topology, 470)
     rate, steps = batch_sampling(470, 64)
     assert dp.delta == 1e-5 and dp.target_epsilon == target
-    spent = privacy_spent(dp.noise_multiplier, rate, 5 * 2 * steps, dp.delta)
+    assert dp.label_prior_epsilon == 0.05 * target  # logit adjustment's noisy counts (the default)
+    spent = privacy_spent(dp.noise_multiplier, rate, 5 * 2 * steps, dp.delta, dp.label_prior_epsilon)
     assert spent <= target and spent == pytest.approx(target, rel=1e-3)
 
 

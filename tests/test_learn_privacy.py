@@ -10,16 +10,20 @@ from flax import nnx
 
 from p2p_fl.data.sources import load_dataset
 from p2p_fl.learn.privacy import (
+    BudgetExceeded,
     DPConfig,
+    batch_sampling,
     clip_per_example,
     clipped_sum,
+    epsilon_of_rounds,
     noise_for_target,
+    noisy_class_counts,
     noisy_mean,
     per_example_grads,
     per_example_norms,
     privacy_spent,
 )
-from p2p_fl.learn.train import Learner, cross_entropy, example_loss_fn
+from p2p_fl.learn.train import Learner, class_counts, cross_entropy, example_loss_fn, label_log_prior
 
 SHARD = 256
 
@@ -215,9 +219,80 @@ def test_fedprox_under_dp_pulls_towards_the_anchor_at_no_privacy_cost(shard):
 
 
 def test_batch_sampling_and_default_delta():
-    from p2p_fl.learn.privacy import batch_sampling, default_delta
+    from p2p_fl.learn.privacy import default_delta
 
     assert batch_sampling(100, 32) == (0.32, 3)
     assert batch_sampling(10, 64) == (1.0, 1)  # the batch is at most the shard
     assert default_delta(470) == 1e-5
     assert default_delta(1_000_000) == pytest.approx(1e-7)
+
+
+def test_noisy_class_counts_are_the_geometric_mechanism():
+    """Each count gets discrete Laplace noise, P(k) ~ exp(-epsilon |k|): unbiased, with its
+    variance, and for two shards one example apart every output is at most e^epsilon times
+    as likely under one as under the other (20,000 classes: 20,000 draws per count)."""
+    epsilon, classes = 0.5, 20_000
+
+    def released(count, key):
+        return noisy_class_counts(np.repeat(np.arange(classes), count), classes, epsilon,
+                                  jax.random.key(key))
+
+    fifty, forty_nine = released(50, 1), released(49, 2)
+    noise = fifty - 50
+    assert abs(noise.mean()) < 0.1
+    variance = 2 * np.exp(-epsilon) / np.expm1(-epsilon) ** 2
+    assert noise.var() == pytest.approx(variance, rel=0.05)
+    for value in range(47, 54):  # the outputs drawn often enough to compare (>= 1,000 times)
+        ratio = np.mean(fifty == value) / np.mean(forty_nine == value)
+        assert np.exp(-epsilon) / 1.15 < ratio < np.exp(epsilon) * 1.15, value
+    assert released(0, 3).min() == 0  # never a negative count
+    np.testing.assert_array_equal(released(50, 1), fifty)  # keyed: one key, one release
+
+
+def test_a_released_count_composes_with_the_steps():
+    steps_only = epsilon_of_rounds(1.0, [(0.1, 100)], 1e-5)
+    both = epsilon_of_rounds(1.0, [(0.1, 100)], 1e-5, released_epsilon=0.2)
+    assert steps_only < both <= steps_only + 0.2
+    assert epsilon_of_rounds(1.0, [], 1e-5, released_epsilon=0.2) == 0.2
+    assert noise_for_target(3.0, 1e-5, 0.1, 100, 0.15) > noise_for_target(3.0, 1e-5, 0.1, 100)
+
+
+def test_dp_logit_adjustment_releases_the_counts_once_and_counts_them(shard):
+    images, labels = shard
+    dp = DPConfig(noise_multiplier=1.0, label_prior_epsilon=0.1)
+
+    def learner(secret, adjusted=True, dp=dp):
+        return Learner("small-cnn-dp", seed=4, dp=dp, optimizer="sgd", learning_rate=0.02,
+                       logit_adjustment=adjusted, training_secret=secret * 32)
+
+    adjusted, plain = learner(b"a"), learner(b"a", adjusted=False)
+    adjusted.fit(images, labels, epochs=1)
+    plain.fit(images, labels, epochs=1)
+    assert plain.privacy_spent() < adjusted.privacy_spent() <= plain.privacy_spent() + 0.1
+    shift = np.asarray(adjusted.logit_shift(labels))
+    exact = label_log_prior(class_counts(labels, 2))
+    assert not np.array_equal(shift, exact) and np.all(np.abs(shift - exact) < 1.0)  # noisy, near
+    adjusted.fit(images, labels, epochs=1)
+    np.testing.assert_array_equal(adjusted.logit_shift(labels), shift)  # drawn once
+    state = adjusted.get_state()
+    assert state["label_counts"].shape == (2,)
+    resumed = learner(b"b")
+    resumed.set_state(state)  # a restart keeps the release: no second draw, the same epsilon
+    np.testing.assert_array_equal(resumed.logit_shift(labels), shift)
+    assert resumed.privacy_spent() == adjusted.privacy_spent()
+    other = learner(b"c")  # another site's secret: another draw
+    assert not np.array_equal(np.asarray(other.logit_shift(labels)), shift)
+    with pytest.raises(ValueError, match="without DP logit adjustment"):
+        learner(b"a", adjusted=False).set_state(state)
+
+
+def test_the_release_is_counted_before_any_training(shard):
+    images, labels = shard
+    rate, steps = batch_sampling(len(images), 64)
+    steps_only = epsilon_of_rounds(1.0, [(rate, steps)], 1e-5)
+    dp = DPConfig(noise_multiplier=1.0, label_prior_epsilon=0.2, target_epsilon=steps_only * 1.001)
+    learner = Learner("small-cnn-dp", dp=dp, optimizer="sgd", logit_adjustment=True,
+                      training_secret=b"d" * 32)
+    with pytest.raises(BudgetExceeded):  # the steps alone would fit; with the counts they do not
+        learner.fit(images, labels, epochs=1)
+    assert learner.get_state()["label_counts"].shape == (0,)  # nothing was released

@@ -10,7 +10,7 @@ import pytest
 
 from p2p_fl.data.sources import load_dataset
 from p2p_fl.learn.privacy import DPConfig
-from p2p_fl.learn.train import Learner, cross_entropy, label_log_prior, make_optimizer
+from p2p_fl.learn.train import Learner, class_counts, cross_entropy, label_log_prior, make_optimizer
 
 SHARD = 512
 
@@ -291,9 +291,9 @@ def test_predictions_follow_the_weights_and_equal_models_score_alike(trained, da
 
 
 def test_label_log_prior_is_the_smoothed_log_odds_of_the_shard():
-    np.testing.assert_allclose(label_log_prior(np.array([1] * 9 + [0] * 3), 2),
+    np.testing.assert_allclose(label_log_prior(class_counts(np.array([1] * 9 + [0] * 3), 2)),
                                [np.log(10 / 4)], rtol=1e-6)
-    np.testing.assert_allclose(label_log_prior(np.array([0, 0, 2]), 3),
+    np.testing.assert_allclose(label_log_prior(class_counts(np.array([0, 0, 2]), 3)),
                                np.log(np.array([3, 1, 2]) / 6), rtol=1e-6)
 
 
@@ -315,6 +315,6 @@ def test_logit_adjustment_keeps_a_skewed_site_s_base_rate_out_of_its_model(data)
     assert mean_probability[True] < mean_probability[False] - 0.1
 
 
-def test_logit_adjustment_is_refused_with_dp():
-    with pytest.raises(ValueError, match="not allowed with DP-SGD"):
+def test_logit_adjustment_under_dp_needs_a_noisy_release_of_the_counts():
+    with pytest.raises(ValueError, match="label_prior_epsilon > 0"):
         Learner("small-cnn", dp=DPConfig(noise_multiplier=1.0), logit_adjustment=True)

@@ -56,7 +56,8 @@ def test_dp_noise_is_planned_for_the_extra_epochs_and_the_run_spends_the_target(
     assert dp.noise_multiplier > plain_plan.noise_multiplier  # 3 epochs a round cost more noise
     train = load_dataset("builtin:pneumoniamnist").train
     learner = Learner("small-cnn-dp", num_classes=2, image_shape=(28, 28, 1), batch_size=64, dp=dp,
-                      optimizer="sgd", learning_rate=0.02, training_secret=b"k" * 32)
+                      optimizer="sgd", learning_rate=0.02, training_secret=b"k" * 32,
+                      logit_adjustment=True)  # as a site of this topology trains
     epochs = epochs_per_round(topology.training, learner.steps_per_epoch(shard))
     assert epochs == 3
     for _ in range(topology.training.rounds):  # every round as planned, within the budget

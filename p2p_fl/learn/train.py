@@ -139,10 +139,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def label_log_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """The logit shift of logit adjustment for one shard's labels (add-one smoothed).
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """How many of ``labels`` fall in each of the ``num_classes`` classes."""
+    return np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes)[:num_classes]
 
-    Binary models have one logit: ``[log((positives + 1) / (negatives + 1))]``;
+
+def label_log_prior(counts: np.ndarray) -> np.ndarray:
+    """The logit shift of logit adjustment for a shard's class counts (add-one smoothed).
+
+    Binary models (2 counts) have one logit: ``[log((positives + 1) / (negatives + 1))]``;
     K classes: ``log((count_k + 1) / (N + K))`` per class. Added to the
     training logits, the shift explains the shard's own class mix, so the
     gradients fit the features rather than the site's base rate (Menon et
@@ -153,10 +158,10 @@ def label_log_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
     Returns:
       float32 of shape (1,) for ``num_classes`` 2, else (num_classes,).
     """
-    counts = np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes)[:num_classes]
-    if num_classes == 2:
+    counts = np.asarray(counts, np.float64)
+    if len(counts) == 2:
         return np.array([np.log((counts[1] + 1.0) / (counts[0] + 1.0))], np.float32)
-    return np.log((counts + 1.0) / (counts.sum() + num_classes)).astype(np.float32)
+    return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
 
 
 def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
@@ -187,15 +192,19 @@ def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
 
 
 def example_loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
-                    image: jax.Array, label: jax.Array) -> jax.Array:
+                    image: jax.Array, label: jax.Array,
+                    logit_shift: jax.Array | None = None) -> jax.Array:
     """Loss of ONE example (no batch axis) for DP-SGD's per-example gradients.
 
     The model runs in inference mode: BatchNorm uses its running statistics
     as constants, so the loss depends on this example alone (see
-    ``privacy``'s module docstring); dropout is off.
+    ``privacy``'s module docstring); dropout is off. ``logit_shift``: as in
+    ``loss_fn`` (under DP, from the released noisy counts: a constant here).
     """
     model = nnx.merge(graphdef, params, batch_stats)
     logits = model(image[None], train=False)
+    if logit_shift is not None:
+        logits = logits + logit_shift
     return cross_entropy(logits, label[None])
 
 
@@ -242,7 +251,8 @@ def prox_gradient(grads: nnx.State, params: nnx.State, anchor: nnx.State,
 
 def clipped_gradient_sum(params: nnx.State, batch_stats: nnx.State,
                          images: jax.Array, labels: jax.Array, valid: jax.Array, *,
-                         graphdef: nnx.GraphDef, clip_norm: float
+                         graphdef: nnx.GraphDef, clip_norm: float,
+                         logit_shift: jax.Array | None = None
                          ) -> tuple[jax.Array, nnx.State]:
     """Sums of the losses and of the clipped per-example gradients of one chunk.
 
@@ -255,12 +265,13 @@ def clipped_gradient_sum(params: nnx.State, batch_stats: nnx.State,
         whatever they hold.
       graphdef: the model's structure.
       clip_norm: C.
+      logit_shift: see ``example_loss_fn``.
 
     Returns:
       (sum of the valid examples' losses, sum of their clipped gradients).
     """
     def example_loss(params, image, label):
-        return example_loss_fn(params, batch_stats, graphdef, image, label)
+        return example_loss_fn(params, batch_stats, graphdef, image, label, logit_shift)
 
     losses, example_grads = privacy.per_example_grads(example_loss, params, images, labels)
     return (jnp.where(valid, losses, 0).sum(),
@@ -271,7 +282,8 @@ def dp_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                   step_key: jax.Array, *, graphdef: nnx.GraphDef,
                   tx: optax.GradientTransformation, augment: bool, dp: DPConfig,
                   sample_rate: float, capacity: int, prox_mu: float = 0.0,
-                  anchor: nnx.State | None = None) -> tuple[TrainState, jax.Array]:
+                  anchor: nnx.State | None = None,
+                  logit_shift: jax.Array | None = None) -> tuple[TrainState, jax.Array]:
     """One DP-SGD step on a Poisson sample of the whole shard.
 
     Each example is in the step's batch independently with probability
@@ -291,6 +303,7 @@ def dp_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
       step_key: this step's key (sample, shifts, noise).
       sample_rate: q.
       capacity: slots per chunk, 1..N.
+      logit_shift: see ``example_loss_fn``.
 
     Returns:
       (new state, mean loss of the examples drawn; 0 if none was).
@@ -311,7 +324,7 @@ def dp_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
             chunk_images = random_shift(chunk_images, jax.random.fold_in(shift_key, index))
         losses, grads = clipped_gradient_sum(state.params, state.batch_stats, chunk_images,
                                              labels[slots], valid, graphdef=graphdef,
-                                             clip_norm=dp.clip_norm)
+                                             clip_norm=dp.clip_norm, logit_shift=logit_shift)
         return (index + 1, loss_sum + losses,
                 jax.tree_util.tree_map(jnp.add, grad_sum, grads))
 
@@ -363,16 +376,13 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
       prox_mu: FedProx's mu (0: no proximal term).
       anchor: the parameters the proximal term pulls towards (with prox_mu > 0).
       logit_shift: the shard's ``label_log_prior`` for logit adjustment, or
-        None (plain training only: the shift depends on the labels, which
-        DP-SGD's accounting does not cover).
+        None (under DP, the prior of the released noisy counts).
 
     Returns:
       (new state with an advanced key, mean training loss over the steps).
     """
     num_examples = images.shape[0]
     if dp is not None:
-        if logit_shift is not None:
-            raise ValueError("logit adjustment is not allowed with DP-SGD")
         # The middle key (the plain path's shuffle key) goes unused.
         key, _, steps_key = jax.random.split(state.key, 3)
         # Shapes are static here, so these are Python numbers fixed at tracing.
@@ -382,7 +392,8 @@ def train_epoch(state: TrainState, images: jax.Array, labels: jax.Array, *,
         def dp_body(state, step_key):
             return dp_train_step(state, images, labels, step_key, graphdef=graphdef, tx=tx,
                                  augment=augment, dp=dp, sample_rate=sample_rate,
-                                 capacity=capacity, prox_mu=prox_mu, anchor=anchor)
+                                 capacity=capacity, prox_mu=prox_mu, anchor=anchor,
+                                 logit_shift=logit_shift)
 
         state, losses = jax.lax.scan(dp_body, state, jax.random.split(steps_key, num_steps))
         return state._replace(key=key), losses.mean()
@@ -593,8 +604,9 @@ class Learner:
         start of that fit (the model that arrived). 0: plain training.
       logit_adjustment: each ``fit`` adds the shard's ``label_log_prior`` to
         the training logits, so a site's class mix does not pull the shared
-        model towards its own base rate. Not with DP-SGD (the shift depends
-        on the labels, outside the privacy accounting).
+        model towards its own base rate. With DP-SGD only if
+        ``dp.label_prior_epsilon`` > 0: the prior then comes from noisy class
+        counts, released once and counted in ``privacy_spent``.
     """
 
     def __init__(self, model: str = "small-cnn", *, num_classes: int = 2,
@@ -606,9 +618,10 @@ class Learner:
         height, width, channels = image_shape
         if not prox_mu >= 0:
             raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
-        if logit_adjustment and dp is not None:
-            raise ValueError("logit_adjustment is not allowed with DP-SGD: the shift "
-                             "depends on the labels, outside the privacy accounting")
+        if logit_adjustment and dp is not None and not dp.label_prior_epsilon:
+            raise ValueError("logit_adjustment with DP-SGD needs dp.label_prior_epsilon > 0: "
+                             "the shift depends on the labels, which only a noisy release "
+                             "brings under the privacy accounting")
         if height != width:
             raise ValueError(f"images must be square, got image_shape={image_shape}")
         if batch_size < 1:
@@ -623,6 +636,8 @@ class Learner:
         self.logit_adjustment = bool(logit_adjustment)
         # (sample_rate, steps) of each fit with DP, for the accountant.
         self._dp_rounds: list[tuple[float, int]] = []
+        # Under DP with logit adjustment: the shard's noisy class counts, drawn once.
+        self._noisy_counts: np.ndarray | None = None
         initial = _initial_model(model, num_classes, channels, height, seed)
         self.num_params = initial.num_params
         self._graphdef = initial.graphdef
@@ -670,6 +685,9 @@ class Learner:
         labels = self._checked_labels(labels, len(images))
         if len(images) == 0:
             raise ValueError("fit needs at least one image")
+        sample_rate, steps = privacy.batch_sampling(len(images), self.batch_size)
+        if self.dp is not None:  # before logit_shift, which may release the noisy counts
+            self._check_budget(sample_rate, epochs * steps)
         logit_shift = self.logit_shift(labels)
         # One transfer per fit; every epoch reads the data on the device.
         images, labels = jnp.asarray(images), jnp.asarray(labels)
@@ -677,9 +695,6 @@ class Learner:
             self._state = self._state._replace(
                 opt_state=_with_learning_rate(self._state.opt_state, learning_rate))
         batch_size = min(self.batch_size, images.shape[0])
-        sample_rate, steps = privacy.batch_sampling(images.shape[0], self.batch_size)
-        if self.dp is not None:
-            self._check_budget(sample_rate, epochs * steps)
         # A copy: the parameters' own buffers are donated to the first epoch.
         anchor = (jax.tree_util.tree_map(jnp.copy, self._state.params)
                   if self.prox_mu else None)
@@ -698,10 +713,21 @@ class Learner:
 
     def logit_shift(self, labels: np.ndarray) -> jax.Array | None:
         """What ``fit`` adds to the training logits for this shard's labels: its
-        ``label_log_prior`` with ``logit_adjustment``, else None."""
+        ``label_log_prior`` with ``logit_adjustment``, else None. Under DP the prior
+        of the shard's noisy class counts (``privacy.noisy_class_counts`` at
+        ``dp.label_prior_epsilon``), drawn from the secret stream at the first call
+        and kept (a second draw would be a second release): the learner is one
+        site's, trained on one shard."""
         if not self.logit_adjustment:
             return None
-        return jnp.asarray(label_log_prior(labels, self.num_classes))
+        if self.dp is None:
+            return jnp.asarray(label_log_prior(class_counts(labels, self.num_classes)))
+        if self._noisy_counts is None:
+            key, counts_key = jax.random.split(self._state.key)
+            self._state = self._state._replace(key=key)
+            self._noisy_counts = privacy.noisy_class_counts(
+                labels, self.num_classes, self.dp.label_prior_epsilon, counts_key)
+        return jnp.asarray(label_log_prior(self._noisy_counts))
 
     def steps_per_epoch(self, num_examples: int) -> int:
         """Optimizer steps of one epoch over ``num_examples`` examples: whole batches (at
@@ -731,14 +757,18 @@ class Learner:
         """
         if self.dp is None:
             raise ValueError("privacy_spent needs a Learner built with dp=DPConfig(...)")
+        released = self.dp.label_prior_epsilon if self._noisy_counts is not None else 0.0
         return privacy.epsilon_of_rounds(self.dp.noise_multiplier, self._dp_rounds,
-                                self.dp.delta if delta is None else delta)
+                                         self.dp.delta if delta is None else delta, released)
 
     def _check_budget(self, sample_rate: float, steps: int) -> None:
         if self.dp.target_epsilon is None or steps == 0:
             return
+        # A fit with logit adjustment releases the noisy counts if they are not out yet.
+        released = self.dp.label_prior_epsilon if self.logit_adjustment else 0.0
         after = privacy.epsilon_of_rounds(self.dp.noise_multiplier,
-                                 self._dp_rounds + [(sample_rate, steps)], self.dp.delta)
+                                          self._dp_rounds + [(sample_rate, steps)],
+                                          self.dp.delta, released)
         if not privacy.within_budget(after, self.dp.target_epsilon):
             raise privacy.BudgetExceeded(
                 f"privacy budget exceeded: {steps} more steps would spend epsilon="
@@ -897,11 +927,12 @@ class Learner:
 
         Returns:
           {"weight/<name>": ..., "optimizer/<index>": ..., "rng_key": ...,
-          "privacy_rounds": ...}: the weights (FedBN's local BatchNorm tensors
-          among them), the optimizer state's leaves in pytree order, the PRNG
-          key's raw data, and one row (noise multiplier, sample rate, steps)
-          per DP-SGD epoch so far (float64, (0, 3) without DP), so that a
-          resumed learner keeps the privacy already spent.
+          "privacy_rounds": ..., "label_counts": ...}: the weights (FedBN's local
+          BatchNorm tensors among them), the optimizer state's leaves in pytree
+          order, the PRNG key's raw data, one row (noise multiplier, sample rate,
+          steps) per DP-SGD epoch so far (float64, (0, 3) without DP), and the
+          noisy class counts released under DP (int64, (0,) if none), so that a
+          resumed learner keeps the privacy already spent and never draws again.
         """
         state = {f"weight/{name}": value for name, value in self.get_weights().items()}
         for index, leaf in enumerate(jax.tree_util.tree_leaves(self._state.opt_state)):
@@ -911,6 +942,8 @@ class Learner:
         state["privacy_rounds"] = np.array(
             [(noise, rate, steps) for rate, steps in self._dp_rounds],
             np.float64).reshape(-1, 3)
+        state["label_counts"] = (np.zeros(0, np.int64) if self._noisy_counts is None
+                                 else self._noisy_counts.astype(np.int64))
         return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -927,8 +960,9 @@ class Learner:
         expected.update({f"optimizer/{index:04d}": (leaf.dtype, leaf.shape)
                          for index, leaf in enumerate(opt_leaves)})
         expected["rng_key"] = (key_data.dtype, key_data.shape)
-        _check_names("state", state, [*expected, "privacy_rounds"])
+        _check_names("state", state, [*expected, "privacy_rounds", "label_counts"])
         dp_rounds = self._checked_privacy_rounds(state["privacy_rounds"])
+        noisy_counts = self._checked_label_counts(state["label_counts"])
         checked = {name: _check_array(name, state[name], dtype, shape)
                    for name, (dtype, shape) in expected.items()}
         self.set_weights({name[len("weight/"):]: value for name, value in checked.items()
@@ -939,6 +973,21 @@ class Learner:
         self._state = self._state._replace(
             opt_state=opt_state, key=jax.random.wrap_key_data(jnp.array(checked["rng_key"])))
         self._dp_rounds = dp_rounds
+        self._noisy_counts = noisy_counts
+
+    def _checked_label_counts(self, counts) -> np.ndarray | None:
+        counts = np.asarray(counts)
+        if counts.dtype != np.int64 or counts.shape not in ((0,), (self.num_classes,)):
+            raise ValueError(f"tensor 'label_counts' is {counts.dtype}{list(counts.shape)}, "
+                             f"expected int64[0] or int64[{self.num_classes}]")
+        if not len(counts):
+            return None
+        if self.dp is None or not self.logit_adjustment:
+            raise ValueError("state 'label_counts' holds released class counts; this learner "
+                             "trains without DP logit adjustment")
+        if np.any(counts < 0):
+            raise ValueError("state 'label_counts' holds a negative count")
+        return counts.copy()
 
     def _checked_privacy_rounds(self, rows) -> list[tuple[float, int]]:
         rows = np.asarray(rows)
