@@ -418,7 +418,9 @@ class Site:
             "epochs_per_round": self.local_epochs,
             **({} if dp is None else {
                 **self.privacy_fields(), "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
-                "target_epsilon": dp.target_epsilon, "budget_reached_round": self.budget_reached_round}),
+                "target_epsilon": dp.target_epsilon, "budget_reached_round": self.budget_reached_round,
+                # Spent on the noisy class counts of logit adjustment (inside "epsilon"); 0: none.
+                "label_prior_epsilon": dp.label_prior_epsilon}),
             **{f"final_{k}": v for k, v in final.meta.items()},
             "shortfall": shortfall or "",  # why the run did not include the federation ("" : it did)
             **({} if process is None else {"process": process}),

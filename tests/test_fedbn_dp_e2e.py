@@ -170,6 +170,7 @@ def test_dp_ring_reports_epsilon_and_stops_training_at_its_budget(tmp_path):
             privacy_spent(1.0, rate, steps, delta, released), spent, spent])
         assert all(line["delta"] == delta for line in lines)
         assert node["epsilon"] == pytest.approx(spent) and node["epsilon"] <= budget
+        assert node["label_prior_epsilon"] == released
         assert node["budget_reached_round"] == lines[2]["round"]
         assert summary["epsilon"][name] == node["epsilon"]
         assert "privacy budget exceeded" in (out / name / "node.log").read_text()
