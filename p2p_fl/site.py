@@ -233,9 +233,11 @@ class Site:
                      "training.min_local_steps = %d", name, len(data.train), steps, self.local_epochs,
                      topology.training.min_local_steps)
         if self.dp is not None:
-            log.info("%s: DP-SGD with noise multiplier %.4g, clip norm %g, delta %.3g, budget epsilon %s",
+            log.info("%s: DP-SGD with noise multiplier %.4g, clip norm %g, delta %.3g, budget epsilon %s%s",
                      name, self.dp.noise_multiplier, self.dp.clip_norm, self.dp.delta,
-                     self.dp.target_epsilon or "none")
+                     self.dp.target_epsilon or "none",
+                     f", of which {self.dp.label_prior_epsilon:.3g} for the noisy class counts of logit "
+                     "adjustment" if self.dp.label_prior_epsilon else "")
         # FedBN: these tensors never leave the site; the transport knows only the shared ones.
         self.local = frozenset(self.learner.batchnorm_names()) if topology.training.fedbn else frozenset()
         self.protocol = make_protocol(topology, name, curve, initial=self.shared_weights(),
