@@ -204,13 +204,18 @@ def test_a_site_restarted_after_spending_its_privacy_budget_keeps_its_epsilon_an
         tmp_path, shards4):
     """DP-SGD, a budget for two rounds: killed after the round that found the budget spent,
     the restarted site trains no more, reports the same epsilon and the first round."""
-    from p2p_fl.learn.privacy import batch_sampling, default_delta, privacy_spent
+    from p2p_fl.learn.privacy import LABEL_PRIOR_SHARE, batch_sampling, default_delta, privacy_spent
 
     rate, steps = batch_sampling(400, 32)  # shards4's 400 training images, batch 32
-    two_rounds, three_rounds = (privacy_spent(1.0, rate, r * steps, default_delta(400)) for r in (2, 3))
+    without_counts = [privacy_spent(1.0, rate, r * steps, default_delta(400)) for r in (2, 3)]
+    target = sum(without_counts) / 2
+    # Logit adjustment is on by default: the noisy class counts spend their share once.
+    two_rounds, three_rounds = (privacy_spent(1.0, rate, r * steps, default_delta(400), LABEL_PRIOR_SHARE * target)
+                                for r in (2, 3))
+    assert two_rounds < target < three_rounds
     settings = ('protocol = "local"\n[training]\nrounds = 8\nlocal_epochs = 1\nmin_local_steps = 0\nbatch_size = 32\n'
                 '[data]\ntest = ""\n'
-                f'[privacy]\nenabled = true\nnoise_multiplier = 1.0\ntarget_epsilon = {(two_rounds + three_rounds) / 2!r}\n')
+                f'[privacy]\nenabled = true\nnoise_multiplier = 1.0\ntarget_epsilon = {target!r}\n')
     config = write_federation(tmp_path, ["a"], federation="dp-resume", settings=settings)
     fed = Federation(config, {"a": shards4["a"]}, tmp_path / "out")
     fed.start("a")
