@@ -51,7 +51,7 @@ from rich.console import Console
 
 from p2p_fl.config import PROTOCOLS, ConfigError, Topology, dump_topology, load_topology, parse_topology, read_toml
 from p2p_fl.data import parse_partition
-from p2p_fl.launch import INCOMPLETE_EXIT, run_launch, with_overrides
+from p2p_fl.launch import INCOMPLETE_EXIT, run_launch, sigterm_as_interrupt, with_overrides
 
 _TOP_FIELDS = {"seeds", "peers", "partitions", "topology", "dataset", "train_images", "rounds", "local_epochs",
                "set", "centralized", "federations"}
@@ -290,8 +290,14 @@ def run_sweep(runs: list[Run], out: Path, *, only: list[str] | None = None,
     """
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
+    # Stopped with SIGTERM, the runner unwinds as for Ctrl-C: subprocess.run kills the run's
+    # child process instead of leaving it to train on as an orphan.
+    with sigterm_as_interrupt():
+        return _run_selected(runs, select(runs, only), out, console, engine)
+
+
+def _run_selected(runs: list[Run], chosen: list[Run], out: Path, console: Console, engine: str) -> list[str]:
     failed = []
-    chosen = select(runs, only)
     for i, run in enumerate(chosen, 1):
         run_dir = out / run.name
         done = (run_dir / "summary.json").exists()

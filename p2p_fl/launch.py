@@ -221,10 +221,10 @@ def run_launch(topology: Topology, out: Path, *, console: Console | None = None,
     if not console.is_terminal:
         console.width = max(console.width, 140)  # a log file has no width; keep tables readable
     if engine == "inproc":
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             return _run_inproc(topology, out, console, faults)
     groups = site_groups(list(topology.names), processes)
-    with _sigterm_as_interrupt(), (network_hosts(len(groups)) if netns else contextlib.nullcontext()) as hosts:
+    with sigterm_as_interrupt(), (network_hosts(len(groups)) if netns else contextlib.nullcontext()) as hosts:
         return _run_nodes(topology, out, console, hosts, supervision, groups)
 
 
@@ -305,9 +305,10 @@ def summarize_if_finished(out: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """A service manager stops launch with SIGTERM: unwind as for Ctrl-C, so that the nodes
-    are stopped and the namespaces deleted (the default handler would skip both)."""
+def sigterm_as_interrupt():
+    """A service manager stops launch (or an experiment) with SIGTERM: unwind as for Ctrl-C,
+    so that the nodes and child processes are stopped and the namespaces deleted (the
+    default handler would skip all three)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

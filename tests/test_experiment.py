@@ -4,8 +4,15 @@ The real sweep (about 30 s here) launches one 2-site CWT federation on a tiny da
 the centralized reference, then runs the same command again to check it resumes.
 """
 
+import contextlib
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from processes import ROOT, p2p_fl, small_dataset
@@ -215,3 +222,52 @@ set = {{ "data.test" = "{data}", "training.batch_size" = 32, "training.min_local
     assert all(n["final_kept_own"] is False and n["dropped"] == {} for n in summary["nodes"])
     with (out / "results.csv").open() as f:
         assert [r["label"] for r in csv.DictReader(f)] == ["FedAvg"]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_sweep_stopped_with_sigterm_stops_its_run_too(tmp_path):
+    """A service manager or `kill` stops the runner with SIGTERM: it unwinds as for Ctrl-C
+    (exit 130) and takes the run's child process with it, instead of leaving it training."""
+    data = tiny_dataset(tmp_path / "tiny.npz")
+    sweep = write(tmp_path, f"""
+seeds = [0]
+topology = "{ROOT / 'topologies' / 'gossip-3.toml'}"
+dataset = "{data}"
+[[federations]]
+label = "long"
+rounds = 500
+set = {{ "data.test" = "{data}", "training.batch_size" = 32, "training.min_local_steps" = 0 }}
+""")
+    out = tmp_path / "out"
+    runner = subprocess.Popen([sys.executable, "-m", "p2p_fl", "experiment", str(sweep), "--out", str(out),
+                               "--engine", "inproc"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    children = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (children := _children(runner.pid)) and runner.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert children, "the run's child process never started"
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == 130
+        assert "interrupted" in runner.stderr.read()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children), "the run's process outlived the runner"
+    finally:
+        runner.kill()
+        runner.wait()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
