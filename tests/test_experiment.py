@@ -34,6 +34,20 @@ def write(tmp_path, text):
     return path
 
 
+def gossip_3_sweep(tmp_path, *, label, rounds):
+    """A one-run sweep: gossip-3 on the tiny dataset for `rounds` rounds of small batches."""
+    data = tiny_dataset(tmp_path / "tiny.npz")
+    return write(tmp_path, f"""
+seeds = [0]
+topology = "{ROOT / 'topologies' / 'gossip-3.toml'}"
+dataset = "{data}"
+[[federations]]
+label = "{label}"
+rounds = {rounds}
+set = {{ "data.test" = "{data}", "training.batch_size" = 32, "training.min_local_steps" = 0 }}
+""")
+
+
 def test_a_sweep_expands_into_runs_named_by_configuration(tmp_path):
     path = write(tmp_path, f"""
 seeds = [0, 1]
@@ -204,16 +218,7 @@ set = {{ "data.test" = "{data}", "training.batch_size" = 32, "training.min_local
 def test_a_sweep_runs_in_process_with_engine_inproc(tmp_path):
     """`experiment --engine inproc`: every federation of the sweep runs its sites in one child
     process of its own (`launch --engine inproc`), with the same folders and tables."""
-    data = tiny_dataset(tmp_path / "tiny.npz")
-    sweep = write(tmp_path, f"""
-seeds = [0]
-topology = "{ROOT / 'topologies' / 'gossip-3.toml'}"
-dataset = "{data}"
-[[federations]]
-label = "FedAvg"
-rounds = 2
-set = {{ "data.test" = "{data}", "training.batch_size" = 32, "training.min_local_steps" = 0 }}
-""")
+    sweep = gossip_3_sweep(tmp_path, label="FedAvg", rounds=2)
     out = tmp_path / "out"
     proc = p2p_fl("experiment", str(sweep), "--out", str(out), "--engine", "inproc", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -238,16 +243,7 @@ def _children(pid: int) -> list[int]:
 def test_a_sweep_stopped_with_sigterm_stops_its_run_too(tmp_path):
     """A service manager or `kill` stops the runner with SIGTERM: it unwinds as for Ctrl-C
     (exit 130) and takes the run's child process with it, instead of leaving it training."""
-    data = tiny_dataset(tmp_path / "tiny.npz")
-    sweep = write(tmp_path, f"""
-seeds = [0]
-topology = "{ROOT / 'topologies' / 'gossip-3.toml'}"
-dataset = "{data}"
-[[federations]]
-label = "long"
-rounds = 500
-set = {{ "data.test" = "{data}", "training.batch_size" = 32, "training.min_local_steps" = 0 }}
-""")
+    sweep = gossip_3_sweep(tmp_path, label="long", rounds=500)
     out = tmp_path / "out"
     runner = subprocess.Popen([sys.executable, "-m", "p2p_fl", "experiment", str(sweep), "--out", str(out),
                                "--engine", "inproc"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
