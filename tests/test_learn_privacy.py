@@ -15,6 +15,7 @@ from p2p_fl.learn.privacy import (
     batch_sampling,
     clip_per_example,
     clipped_sum,
+    count_noise_sd,
     epsilon_of_rounds,
     noise_for_target,
     noisy_class_counts,
@@ -240,8 +241,7 @@ def test_noisy_class_counts_are_the_geometric_mechanism():
     fifty, forty_nine = released(50, 1), released(49, 2)
     noise = fifty - 50
     assert abs(noise.mean()) < 0.1
-    variance = 2 * np.exp(-epsilon) / np.expm1(-epsilon) ** 2
-    assert noise.var() == pytest.approx(variance, rel=0.05)
+    assert noise.var() == pytest.approx(count_noise_sd(epsilon) ** 2, rel=0.05)
     for value in range(47, 54):  # the outputs drawn often enough to compare (>= 1,000 times)
         ratio = np.mean(fifty == value) / np.mean(forty_nine == value)
         assert np.exp(-epsilon) / 1.15 < ratio < np.exp(epsilon) * 1.15, value
@@ -276,6 +276,8 @@ def test_dp_logit_adjustment_releases_the_counts_once_and_counts_them(shard):
     np.testing.assert_array_equal(adjusted.logit_shift(labels), shift)  # drawn once
     state = adjusted.get_state()
     assert state["label_counts"].shape == (2,)
+    # Smoothed by as many pseudo-counts as the noise's standard deviation (14 at 0.1).
+    np.testing.assert_array_equal(shift, label_log_prior(state["label_counts"], count_noise_sd(0.1)))
     resumed = learner(b"b")
     resumed.set_state(state)  # a restart keeps the release: no second draw, the same epsilon
     np.testing.assert_array_equal(resumed.logit_shift(labels), shift)

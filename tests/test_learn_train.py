@@ -295,6 +295,12 @@ def test_label_log_prior_is_the_smoothed_log_odds_of_the_shard():
                                [np.log(10 / 4)], rtol=1e-6)
     np.testing.assert_allclose(label_log_prior(class_counts(np.array([0, 0, 2]), 3)),
                                np.log(np.array([3, 1, 2]) / 6), rtol=1e-6)
+    # Noisy counts take a pseudo-count as large as their noise: the shift shrinks towards none.
+    np.testing.assert_allclose(label_log_prior(np.array([3, 9]), pseudo_count=5.0), [np.log(14 / 8)], rtol=1e-6)
+    np.testing.assert_allclose(label_log_prior(np.array([0, 2, 1]), pseudo_count=2.0),
+                               np.log(np.array([2, 4, 3]) / 9), rtol=1e-6)
+    shifts = [abs(label_log_prior(np.array([20, 60]), pseudo_count=s)[0]) for s in (1.0, 3.5, 9.4, 28.0)]
+    assert all(more > less for more, less in zip(shifts, shifts[1:]))
 
 
 def test_logit_adjustment_keeps_a_skewed_site_s_base_rate_out_of_its_model(data):

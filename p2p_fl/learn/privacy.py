@@ -49,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -295,6 +296,16 @@ def noisy_class_counts(labels: np.ndarray, num_classes: int, epsilon: float,
     noise = (np.asarray(jax.random.geometric(up, success, (num_classes,)), np.int64)
              - np.asarray(jax.random.geometric(down, success, (num_classes,)), np.int64))
     return np.maximum(counts.astype(np.int64) + noise, 0)
+
+
+def count_noise_sd(epsilon: float) -> float:
+    """The standard deviation of ``noisy_class_counts``' noise at ``epsilon``.
+
+    Discrete Laplace with p = exp(-epsilon) has variance 2p / (1 - p)^2: about 3.5
+    counts at epsilon 0.4, 9.4 at 0.15, 28 at 0.05.
+    """
+    p = math.exp(-epsilon)
+    return math.sqrt(2 * p) / -math.expm1(-epsilon)
 
 
 def within_budget(epsilon: float, budget: float) -> bool:

@@ -144,24 +144,26 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(labels).reshape(-1), minlength=num_classes)[:num_classes]
 
 
-def label_log_prior(counts: np.ndarray) -> np.ndarray:
-    """The logit shift of logit adjustment for a shard's class counts (add-one smoothed).
+def label_log_prior(counts: np.ndarray, pseudo_count: float = 1.0) -> np.ndarray:
+    """The logit shift of logit adjustment for a shard's class counts (smoothed).
 
-    Binary models (2 counts) have one logit: ``[log((positives + 1) / (negatives + 1))]``;
-    K classes: ``log((count_k + 1) / (N + K))`` per class. Added to the
-    training logits, the shift explains the shard's own class mix, so the
-    gradients fit the features rather than the site's base rate (Menon et
-    al. 2021, "Long-tail learning via logit adjustment"; FedLC, Zhang et
-    al. 2022, for label-skewed sites). Prediction uses the raw logits: a
-    model trained so scores as if the classes were equally common.
+    Binary models (2 counts) have one logit: ``[log((positives + s) / (negatives + s))]``
+    with ``s = pseudo_count``; K classes: ``log((count_k + s) / (N + K s))`` per class.
+    Added to the training logits, the shift explains the shard's own class mix, so the
+    gradients fit the features rather than the site's base rate (Menon et al. 2021,
+    "Long-tail learning via logit adjustment"; FedLC, Zhang et al. 2022, for
+    label-skewed sites). Prediction uses the raw logits: a model trained so scores as
+    if the classes were equally common. Exact counts take add-one smoothing; noisy
+    ones a pseudo-count as large as their noise (``privacy.count_noise_sd``), which
+    shrinks the shift towards none as far as the noise could have made it.
 
     Returns:
       float32 of shape (1,) for ``num_classes`` 2, else (num_classes,).
     """
     counts = np.asarray(counts, np.float64)
     if len(counts) == 2:
-        return np.array([np.log((counts[1] + 1.0) / (counts[0] + 1.0))], np.float32)
-    return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
+        return np.array([np.log((counts[1] + pseudo_count) / (counts[0] + pseudo_count))], np.float32)
+    return np.log((counts + pseudo_count) / (counts.sum() + len(counts) * pseudo_count)).astype(np.float32)
 
 
 def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
@@ -715,7 +717,7 @@ class Learner:
         """What ``fit`` adds to the training logits for this shard's labels: its
         ``label_log_prior`` with ``logit_adjustment``, else None. Under DP the prior
         of the shard's noisy class counts (``privacy.noisy_class_counts`` at
-        ``dp.label_prior_epsilon``), drawn from the secret stream at the first call
+        ``dp.label_prior_epsilon``, smoothed by the noise's standard deviation), drawn from the secret stream at the first call
         and kept (a second draw would be a second release): the learner is one
         site's, trained on one shard."""
         if not self.logit_adjustment:
@@ -727,7 +729,8 @@ class Learner:
             self._state = self._state._replace(key=key)
             self._noisy_counts = privacy.noisy_class_counts(
                 labels, self.num_classes, self.dp.label_prior_epsilon, counts_key)
-        return jnp.asarray(label_log_prior(self._noisy_counts))
+        pseudo_count = max(1.0, privacy.count_noise_sd(self.dp.label_prior_epsilon))
+        return jnp.asarray(label_log_prior(self._noisy_counts, pseudo_count))
 
     def steps_per_epoch(self, num_examples: int) -> int:
         """Optimizer steps of one epoch over ``num_examples`` examples: whole batches (at
