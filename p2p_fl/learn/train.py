@@ -717,9 +717,9 @@ class Learner:
         """What ``fit`` adds to the training logits for this shard's labels: its
         ``label_log_prior`` with ``logit_adjustment``, else None. Under DP the prior
         of the shard's noisy class counts (``privacy.noisy_class_counts`` at
-        ``dp.label_prior_epsilon``, smoothed by the noise's standard deviation), drawn from the secret stream at the first call
-        and kept (a second draw would be a second release): the learner is one
-        site's, trained on one shard."""
+        ``dp.label_prior_epsilon``, smoothed by the noise's standard deviation),
+        drawn from the secret stream at the first call and kept (a second draw
+        would be a second release): the learner is one site's, trained on one shard."""
         if not self.logit_adjustment:
             return None
         if self.dp is None:
