@@ -194,10 +194,14 @@ def prepare(topology: Topology, out: Path, console: Console,
 
 
 def node_env(num_processes: int) -> dict[str, str]:
-    """Environment for local node processes: share the cores and one compilation cache."""
+    """Environment for local node processes: share the cores, one compilation cache and,
+    with several processes, the GPU (JAX preallocates 75% of a GPU's memory per process by
+    default, so a second node on the same GPU would fail to start)."""
     env = dict(os.environ)
     cores = os.cpu_count() or 1
     env["P2P_FL_THREADS"] = str(max(1, cores // num_processes))
+    if num_processes > 1:
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     env.setdefault("P2P_FL_XLA_CACHE", str(XLA_CACHE_DIR))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

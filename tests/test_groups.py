@@ -106,3 +106,13 @@ def test_bad_placements_are_one_line_errors(tmp_path):
         proc = p2p_fl(*args)
         assert proc.returncode == 2 and proc.stderr.startswith("p2p-fl: error:"), (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+
+
+def test_local_nodes_sharing_a_gpu_do_not_each_preallocate_most_of_it(monkeypatch):
+    """JAX takes 75% of a GPU's memory per process by default: the second of N local nodes
+    on one GPU would fail to start. A user's own setting wins; one process keeps JAX's."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    assert node_env(3)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in node_env(1)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    assert node_env(3)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
