@@ -250,9 +250,18 @@ def test_a_sweep_stopped_with_sigterm_stops_its_run_too(tmp_path):
                               text=True)
     children = []
     try:
+        # Stopped once the child has written into its run folder: well past the fork, so the
+        # runner is waiting on it, not still starting it.
+        run_dir = out / "long-3-iid-seed0"
         deadline = time.monotonic() + 120
-        while not (children := _children(runner.pid)) and runner.poll() is None and time.monotonic() < deadline:
+
+        def child_at_work():
+            return (run_dir.exists() and any(p.name != "sweep-run.toml" for p in run_dir.iterdir())
+                    and _children(runner.pid))
+
+        while not child_at_work() and runner.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        children = _children(runner.pid)
         assert children, "the run's child process never started"
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=60) == 130
