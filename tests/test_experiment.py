@@ -265,11 +265,12 @@ def test_a_sweep_stopped_with_sigterm_stops_its_run_too(tmp_path):
         assert children, "the run's child process never started"
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=60) == 130
-        assert "interrupted" in runner.stderr.read()
         deadline = time.monotonic() + 30
         while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(Path(f"/proc/{pid}").exists() for pid in children), "the run's process outlived the runner"
+        # Read only now: an orphaned child would hold the pipe open and the read would never end.
+        assert "interrupted" in runner.stderr.read()
     finally:
         runner.kill()
         runner.wait()
