@@ -174,9 +174,6 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0
     clip_norm: float = 1.0  # C: each example's gradient is clipped to this L2 norm
     delta: float = 0.0  # 0: min(1e-5, 1 / (10 x the site's training samples))
-    # Augmentation multiplicity: each drawn example's gradient is the mean over this many
-    # random shifts of it, clipped once (epsilon unchanged, the compute this many times).
-    augmentations: int = 1
 
 
 # network.max_message_mb is an upper cap on a frame (the peer sizes it from the model below it).
@@ -418,9 +415,6 @@ def _check_semantics(t: Topology, fail) -> None:
     if tr.fedbn and t.protocol == "ensemble":
         fail("training.fedbn does not apply to protocol ensemble: its members travel as whole models")
     _check_privacy(t.privacy, fail)
-    if t.privacy.augmentations > 1 and not tr.augment:
-        fail(f"privacy.augmentations = {t.privacy.augmentations} averages random shifts of each "
-             "example: it needs training.augment = true")
     _choice(tr.optimizer, OPTIMIZERS, "training.optimizer", fail)
     _choice(tr.lr_schedule, LR_SCHEDULES, "training.lr_schedule", fail)
     _choice(t.ring.order, RING_ORDERS, "ring.order", fail)
@@ -499,8 +493,6 @@ def _check_privacy(p: PrivacyConfig, fail) -> None:
         fail(f"privacy.clip_norm must be > 0, got {p.clip_norm}")
     if not p.delta < 1:
         fail(f"privacy.delta must be below 1, got {p.delta}")
-    if not (type(p.augmentations) is int and p.augmentations >= 1):
-        fail(f"privacy.augmentations must be an integer >= 1, got {p.augmentations!r}")
     if p.enabled and not (p.target_epsilon or p.noise_multiplier):
         fail("privacy.enabled = true needs privacy.target_epsilon or privacy.noise_multiplier")
 

@@ -99,7 +99,7 @@ def dp_config(topology: Topology, num_train: int) -> DPConfig | None:
         except ValueError as err:
             raise ConfigError(f"privacy.target_epsilon: {err} on {num_train} training samples") from None
     return DPConfig(clip_norm=p.clip_norm, noise_multiplier=noise, target_epsilon=budget, delta=delta,
-                    label_prior_epsilon=label_prior_epsilon, augmentations=p.augmentations)
+                    label_prior_epsilon=label_prior_epsilon)
 
 
 def adopt_model(learner: Learner, weights: dict[str, np.ndarray], *, keep: frozenset,

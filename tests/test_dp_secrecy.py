@@ -189,7 +189,7 @@ def test_padded_slots_add_nothing_to_the_gradient(shard, topology, dp):
 
     def summed(images, valid=valid):
         return jax.jit(clipped_gradient_sum, static_argnames=("graphdef", "clip_norm"))(
-            state.params, state.batch_stats, images[:, None], labels, valid,
+            state.params, state.batch_stats, images, labels, valid,
             graphdef=learner._graphdef, clip_norm=dp.clip_norm)
 
     loss, grads = summed(images)
@@ -233,7 +233,7 @@ def test_a_dp_step_is_the_clipped_mean_over_its_poisson_sample_overflow_included
     mask = np.zeros(SHARD, bool)
     mask[drawn] = True
     loss_sum, grad_sum = jax.jit(clipped_gradient_sum, static_argnames=("graphdef", "clip_norm"))(
-        start.params, start.batch_stats, images[:, None], labels, mask,
+        start.params, start.batch_stats, images, labels, mask,
         graphdef=learner._graphdef, clip_norm=dp.clip_norm)
     expected = [w - g / (rate * SHARD) for w, g in zip(jax.tree_util.tree_leaves(start.params),
                                                        jax.tree_util.tree_leaves(grad_sum))]
@@ -242,48 +242,3 @@ def test_a_dp_step_is_the_clipped_mean_over_its_poisson_sample_overflow_included
         assert loss == pytest.approx(float(loss_sum) / len(drawn), rel=1e-5)
         for got, want in zip(params, expected):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_with_augmentation_multiplicity_one_example_still_moves_the_sum_by_at_most_c(shard, topology, dp):
-    """privacy.augmentations = M: an example's gradient is the mean over its M views, then
-    clipped once, so adding or removing one example (neighbouring shards) changes the
-    clipped sum by at most C whatever M: epsilon's sensitivity is unchanged. Without
-    clipping it is the mean of the views' own gradients."""
-    learner = public_learner(topology, dp)
-    state = learner._state
-    images = np.asarray(shard[0][:4], np.float32) / 255.0
-    labels = np.asarray(shard[1][:4].reshape(-1), np.int32)
-    views = np.stack([np.roll(images, shift, axis=1) for shift in (-2, 0, 1, 2)], axis=1)
-
-    def summed(views, valid, clip_norm):
-        _, grads = jax.jit(clipped_gradient_sum, static_argnames=("graphdef", "clip_norm"))(
-            state.params, state.batch_stats, views, labels[:len(valid)], valid,
-            graphdef=learner._graphdef, clip_norm=clip_norm)
-        return np.concatenate([leaf.ravel() for leaf in jax.tree_util.tree_leaves(grads)])
-
-    every = np.ones(4, bool)
-    without_first = np.array([False, True, True, True])
-    clip_norm = 0.1  # far below the example's own gradient norm (about 0.9 here)
-    unclipped = summed(views[:1], every[:1], 1e12)
-    assert np.linalg.norm(unclipped) > 5 * clip_norm
-    difference = summed(views, every, clip_norm) - summed(views, without_first, clip_norm)
-    assert np.linalg.norm(difference) <= clip_norm * (1 + 1e-5)
-    assert np.linalg.norm(difference) == pytest.approx(clip_norm, rel=1e-4)
-    each_view = [summed(views[:1, m:m + 1], every[:1], 1e12) for m in range(4)]
-    np.testing.assert_allclose(unclipped, np.mean(each_view, axis=0), rtol=1e-4, atol=1e-6)
-
-
-def test_augmentation_multiplicity_spends_the_same_epsilon_and_needs_augmentation(topology, dp, shard):
-    images, labels = shard
-    spent = []
-    for augmentations in (1, 3):
-        many = dataclasses.replace(dp, augmentations=augmentations)
-        learner = public_learner(topology, many)
-        learner.fit(images, labels)
-        spent.append(learner.privacy_spent())
-        assert all(np.all(np.isfinite(w)) for w in learner.get_weights().values())
-    assert spent[0] == spent[1]
-    with pytest.raises(ValueError, match="needs augment=True"):
-        Learner("small-cnn", dp=dataclasses.replace(dp, augmentations=2), augment=False)
-    with pytest.raises(ValueError, match="augmentations must be an integer >= 1"):
-        dataclasses.replace(dp, augmentations=0)

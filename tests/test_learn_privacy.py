@@ -82,7 +82,7 @@ def test_clipped_norms_on_small_cnn_in_dp_mode(shard):
     state = learner._state
 
     def example_loss(params, image, label):
-        return example_loss_fn(params, state.batch_stats, learner._graphdef, image[None], label)
+        return example_loss_fn(params, state.batch_stats, learner._graphdef, image, label)
 
     @jax.jit
     def clipped_norms(params):

@@ -96,10 +96,6 @@ class DPConfig:
       label_prior_epsilon: spent once, on the shard's class counts with
         discrete Laplace noise (``noisy_class_counts``), for logit adjustment
         under DP; 0: no counts are released and the learner trains without it.
-      augmentations: M, random shifts of each drawn example whose gradients are
-        averaged before the one clipping (augmentation multiplicity): each
-        example still moves the sum by at most C, so epsilon is unchanged;
-        M > 1 needs augmentation on.
     """
 
     clip_norm: float = 1.0
@@ -107,7 +103,6 @@ class DPConfig:
     target_epsilon: float | None = None
     delta: float = 1e-5
     label_prior_epsilon: float = 0.0
-    augmentations: int = 1
 
     def __post_init__(self):
         if self.clip_norm <= 0:
@@ -118,8 +113,6 @@ class DPConfig:
             raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
-        if not (isinstance(self.augmentations, int) and self.augmentations >= 1):
-            raise ValueError(f"augmentations must be an integer >= 1, got {self.augmentations!r}")
         if not self.label_prior_epsilon >= 0:
             raise ValueError(f"label_prior_epsilon must be >= 0, got {self.label_prior_epsilon}")
 

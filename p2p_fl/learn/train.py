@@ -194,24 +194,20 @@ def loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
 
 
 def example_loss_fn(params: nnx.State, batch_stats: nnx.State, graphdef: nnx.GraphDef,
-                    views: jax.Array, label: jax.Array,
+                    image: jax.Array, label: jax.Array,
                     logit_shift: jax.Array | None = None) -> jax.Array:
-    """Loss of ONE example for DP-SGD's per-example gradients: the mean over its views.
+    """Loss of ONE example (no batch axis) for DP-SGD's per-example gradients.
 
-    ``views``: (M, H, W, C), M augmented copies of the one example (M = 1: the
-    example itself); their mean loss has the mean of their gradients as its
-    gradient, which DP-SGD then clips as the example's one contribution
-    (augmentation multiplicity, De et al. 2022). The model runs in inference
-    mode: BatchNorm uses its running statistics as constants, so the loss
-    depends on this example alone (see ``privacy``'s module docstring); dropout
-    is off. ``logit_shift``: as in ``loss_fn`` (under DP, from the released
-    noisy counts: a constant here).
+    The model runs in inference mode: BatchNorm uses its running statistics
+    as constants, so the loss depends on this example alone (see
+    ``privacy``'s module docstring); dropout is off. ``logit_shift``: as in
+    ``loss_fn`` (under DP, from the released noisy counts: a constant here).
     """
     model = nnx.merge(graphdef, params, batch_stats)
-    logits = model(views, train=False)
+    logits = model(image[None], train=False)
     if logit_shift is not None:
         logits = logits + logit_shift
-    return cross_entropy(logits, jnp.broadcast_to(label, views.shape[:1]))
+    return cross_entropy(logits, label[None])
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -265,8 +261,7 @@ def clipped_gradient_sum(params: nnx.State, batch_stats: nnx.State,
     Args:
       params: model parameters.
       batch_stats: BatchNorm statistics (constants under DP).
-      images: (K, M, H, W, C) float32: M views of each of K examples, augmented
-        already (``example_loss_fn``).
+      images: (K, H, W, C) float32 images, augmented already.
       labels: (K,) int32 labels.
       valid: (K,) bool, False for padded slots: they add exactly nothing,
         whatever they hold.
@@ -277,8 +272,8 @@ def clipped_gradient_sum(params: nnx.State, batch_stats: nnx.State,
     Returns:
       (sum of the valid examples' losses, sum of their clipped gradients).
     """
-    def example_loss(params, views, label):
-        return example_loss_fn(params, batch_stats, graphdef, views, label, logit_shift)
+    def example_loss(params, image, label):
+        return example_loss_fn(params, batch_stats, graphdef, image, label, logit_shift)
 
     losses, example_grads = privacy.per_example_grads(example_loss, params, images, labels)
     return (jnp.where(valid, losses, 0).sum(),
@@ -300,10 +295,7 @@ def dp_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
     ``lax.while_loop`` runs more only when the sample outgrows it (rare: see
     ``privacy.poisson_capacity``): no drawn example is ever dropped, so the
     accountant's epsilon holds with nothing added to delta. The noisy sum of
-    clipped gradients is divided by the expected batch size q N. With
-    ``dp.augmentations`` M > 1 each drawn example's gradient is the mean over M
-    random shifts of it, clipped once: the same sensitivity C, M times the
-    compute. BatchNorm
+    clipped gradients is divided by the expected batch size q N. BatchNorm
     statistics stay unchanged; FedProx's term is added as in ``train_step``.
 
     Args:
@@ -330,13 +322,9 @@ def dp_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
         slots = jax.lax.dynamic_slice(indices, (start,), (capacity,))
         valid = start + jnp.arange(capacity) < count
         chunk_images = to_float_images(images[slots])
-        chunk_key = jax.random.fold_in(shift_key, index)
-        if dp.augmentations > 1:
-            views = jax.vmap(lambda key: random_shift(chunk_images, key))(
-                jax.random.split(chunk_key, dp.augmentations)).swapaxes(0, 1)
-        else:
-            views = (random_shift(chunk_images, chunk_key) if augment else chunk_images)[:, None]
-        losses, grads = clipped_gradient_sum(state.params, state.batch_stats, views,
+        if augment:
+            chunk_images = random_shift(chunk_images, jax.random.fold_in(shift_key, index))
+        losses, grads = clipped_gradient_sum(state.params, state.batch_stats, chunk_images,
                                              labels[slots], valid, graphdef=graphdef,
                                              clip_norm=dp.clip_norm, logit_shift=logit_shift)
         return (index + 1, loss_sum + losses,
@@ -636,9 +624,6 @@ class Learner:
             raise ValueError("logit_adjustment with DP-SGD needs dp.label_prior_epsilon > 0: "
                              "the shift depends on the labels, which only a noisy release "
                              "brings under the privacy accounting")
-        if dp is not None and dp.augmentations > 1 and not augment:
-            raise ValueError(f"dp.augmentations = {dp.augmentations} averages random shifts "
-                             "of each example: it needs augment=True")
         if height != width:
             raise ValueError(f"images must be square, got image_shape={image_shape}")
         if batch_size < 1:
