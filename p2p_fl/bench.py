@@ -22,7 +22,8 @@ the figure needs to be read (`reference_is`, sizes, repeats). Families:
   of its own (its peak RSS is that child's): 10 sites x 10 rounds x 1 epoch of secure
   gossip, IID, on the embedded data, against `centralized` for the same 10 epochs; its
   round time against plain gossip's in the same settings; bytes each site sent per round
-  against the model's size.
+  against the model's size; the same with chunked sums (gossip.chunked: bytes, and the
+  round against plain gossip's).
 * inproc-large: 100 sites of secure gossip on a 4-regular graph (5 rounds) and 1,000 (3
   rounds): peak RSS, and time per image trained against 10 sites of the same; each site
   scores its final model on the common test set, not the last rounds' ones
@@ -513,6 +514,8 @@ def bench_inproc(quick: bool) -> Iterator[dict]:
                          "rounds": rounds, "secure": True})
         plain = _child({"kind": "inproc", "out": f"{tmp}/plain", "template": "gossip-10.toml", "peers": sites,
                         "rounds": rounds, "secure": False})
+        chunked = _child({"kind": "inproc", "out": f"{tmp}/chunked", "template": "gossip-10.toml", "peers": sites,
+                          "rounds": rounds, "secure": True, "chunked": True})
     common = {"peers": sites, "rounds": rounds, "local_epochs": 1, "partition": "iid"}
     yield figure("inproc", f"inproc_secure_gossip_{sites}sites_wall", secure["wall_s"], central["wall_s"], "s",
                  reference_is=f"centralized training, {rounds} epochs of the same images", **common,
@@ -523,6 +526,13 @@ def bench_inproc(quick: bool) -> Iterator[dict]:
     yield figure("inproc", f"bytes_per_site_round_{sites}sites_complete", secure["bytes_per_site_round"],
                  secure["model_bytes"], "bytes", reference_is="the model's size", **common,
                  plain_bytes_per_site_round=plain["bytes_per_site_round"])
+    # Chunked sums (gossip.chunked): the same federation as a reduce-scatter.
+    yield figure("inproc", f"bytes_per_site_round_{sites}sites_complete_chunked", chunked["bytes_per_site_round"],
+                 chunked["model_bytes"], "bytes", reference_is="the model's size", **common,
+                 full_sums_bytes_per_site_round=secure["bytes_per_site_round"])
+    yield figure("inproc", f"inproc_chunked_secure_vs_plain_round_{sites}sites", chunked["round_s"], plain["round_s"],
+                 "s per round", reference_is="plain gossip, same settings, same engine", **common,
+                 wall_s=chunked["wall_s"], test_auc=chunked["test_auc"])
 
 
 def bench_inproc_large(quick: bool) -> Iterator[dict]:
@@ -603,7 +613,8 @@ def _child_run(spec: dict) -> dict:
         topology = with_overrides(load_topology(root / "topologies" / spec["template"]), peers=spec["peers"],
                                   rounds=spec["rounds"], local_epochs=1)
         topology = dataclasses.replace(
-            topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"]),
+            topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"],
+                                                 chunked=spec.get("chunked", False)),
             training=dataclasses.replace(topology.training, min_local_steps=0),
             data=dataclasses.replace(topology.data, score_last_rounds=spec.get("score_last_rounds",
                                                                                topology.data.score_last_rounds)))

@@ -99,6 +99,11 @@ class GossipConfig:
     # Masked sums of the neighbourhood (docs/protocols.md, Gossip averaging with secure sums);
     # false: plain averaging.
     secure: bool = True
+    # Secure sums on the complete graph as a reduce-scatter: each site sums one slice of the
+    # model over all the others and sends its mix of that slice to each of them, so a site
+    # sends about twice its model a round instead of once per neighbour (docs/protocols.md,
+    # "Chunked sums"). A slice whose site is down stays each site's own that round.
+    chunked: bool = False
     round_timeout_s: float = 120.0  # after its own training, a site waits this long for its neighbours
     # Secure sums encode weights in fixed point in uint32; values beyond +-clip are clipped
     # (and counted). The scale is the finest at which no neighbourhood sum can wrap.
@@ -526,8 +531,11 @@ def _check_gossip(t: Topology, fail) -> None:
         fail(f"gossip.{'edges' if g.graph == 'edges' else 'graph'}: {err}")
     if not mixing.is_connected(graph):
         fail(f"gossip.graph {g.graph!r} is disconnected: every peer must reach every other")
+    if g.chunked and not (g.secure and g.graph == "complete"):
+        fail("gossip.chunked = true needs gossip.secure = true and gossip.graph = \"complete\": each site "
+             "sums one slice of the model over all the others")
     if g.secure:
-        leak = isolating_view(graph)
+        leak = isolating_view(graph, chunked=g.chunked)
         if leak:
             site, other = leak
             fail(f"gossip.graph {g.graph!r}: a secure sum at {site} would reveal {other}'s model alone "

@@ -64,13 +64,15 @@ from p2p_fl.federate.fixed_point import FixedPoint, check_capacity, decode_sum, 
 
 
 class GroupRequest(NamedTuple):
-    """Aggregator -> each member: who takes part in this sum."""
+    """Aggregator -> each member: who takes part in this sum, and over which slice of the
+    flat model ([lo, hi); None: all of it)."""
 
     federation: str
     round: int
     aggregator: str
     members: tuple[str, ...]
     threshold: int
+    span: tuple[int, int] | None = None
 
 
 class MaskedReply(NamedTuple):
@@ -193,38 +195,76 @@ def isolated_sites(rows: list[Mapping[str, float]]) -> list[str]:
             if np.linalg.matrix_rank(np.vstack([matrix, np.eye(len(sites))[i]])) == rank]
 
 
-def round_view(graph: Mapping[str, set[str]], site: str) -> list[dict[str, float]]:
-    """What `site` learns of the others' models in one secure-gossip round, as rows for
-    `isolated_sites`: the one sum it aggregates (members join one sum per round and
-    aggregator, `JoinedRounds`; a site that rejoins does so through that sum), over its
-    neighbours less the most an announcement may drop (`max_dropped`). Nothing else: no
-    message hands a site a neighbour's model or mix. Returns [] where no sum can run."""
-    neighbours = sorted(graph[site])
+def _fewest_survivors(neighbours: list[str]) -> list[str]:
     n = len(neighbours)
-    if n == 0:
+    return neighbours[:max(1, n - max_dropped(n, default_threshold(n)))]
+
+
+def round_view(graph: Mapping[str, set[str]], site: str, chunked: bool = False) -> list[list[dict[str, float]]]:
+    """What `site` learns of the others' models in one secure-gossip round, as groups of rows
+    for `isolated_sites`, one group per set of coordinates (no group's coordinates meet
+    another's).
+
+    Full sums (`chunked` false): the one sum it aggregates (members join one sum per round
+    and aggregator, `JoinedRounds`; a site that rejoins does so through that sum), over its
+    neighbours less the most an announcement may drop (`max_dropped`). Nothing else: no
+    message hands a site a neighbour's model or mix.
+
+    Chunked sums (`chunk_spans`, the complete graph): on each other site k's slice, k's mix
+    as k publishes it (k's own model and k's sum over the fewest survivors), with the site's
+    own model, which it knows, as a row of its own; on its own slice, its sum as above.
+    Each member joins one sum per round and aggregator, and each slice has one aggregator,
+    so no coordinate is in two sums of a round. Returns [] where no sum can run."""
+    neighbours = sorted(graph[site])
+    if not neighbours:
         return []
-    fewest = max(1, n - max_dropped(n, default_threshold(n)))
-    return [{k: 1.0 for k in neighbours[:fewest]}]
+    views = [[{k: 1.0 for k in _fewest_survivors(neighbours)}]]
+    if chunked:
+        for k in neighbours:
+            mix = {k: 1.0, **{j: 1.0 for j in _fewest_survivors(sorted(graph[k]))}}
+            views.append([{site: 1.0}, mix])
+    return views
 
 
-def isolating_view(graph: Mapping[str, set[str]]) -> tuple[str, str] | None:
+def isolating_view(graph: Mapping[str, set[str]], chunked: bool = False) -> tuple[str, str] | None:
     """(site, other) when what `site` learns in a round would reveal `other`'s model alone
     (a cheap rank test over `round_view`); None when no site's view isolates anyone."""
     for site in sorted(graph):
-        isolated = isolated_sites(round_view(graph, site))
-        if isolated:
-            return site, isolated[0]
+        for rows in round_view(graph, site, chunked):
+            isolated = [s for s in isolated_sites(rows) if s != site]
+            if isolated:
+                return site, isolated[0]
     return None
 
 
+def chunk_spans(sites, length: int) -> dict[str, tuple[int, int]]:
+    """Chunked sums: the slice [lo, hi) of the flat model each site aggregates, contiguous
+    and as equal as they can be, in sorted name order: the same on every node, from the
+    topology alone, so no aggregator can choose its slice (nor two the same coordinates).
+
+    Raises:
+        ValueError: fewer coordinates than sites (a slice would be empty).
+    """
+    sites = sorted(sites)
+    if length < len(sites):
+        raise ValueError(f"a flat model of {length} values cannot be cut into {len(sites)} non-empty slices")
+    bounds = [length * i // len(sites) for i in range(len(sites) + 1)]
+    return {site: (bounds[i], bounds[i + 1]) for i, site in enumerate(sites)}
+
+
 def check_request(request: GroupRequest, *, federation: str, me: str,
-                  topology: Mapping[str, set[str]], shared: Mapping[str, bytes]) -> str | None:
+                  topology: Mapping[str, set[str]], shared: Mapping[str, bytes],
+                  span: tuple[int, int] | None = None) -> str | None:
     """Why an honest member refuses this group request (None: it may join), checked as the
-    request arrives, before the member's own model for that round exists."""
+    request arrives, before the member's own model for that round exists. `span`: the slice
+    the topology gives this aggregator (`chunk_spans`; None: the whole model)."""
     if request.federation != federation:
         return f"request is for federation {request.federation!r}, I am in {federation!r}"
     if request.aggregator not in topology:
         return f"aggregator {request.aggregator!r} is not in the topology"
+    if request.span != span:
+        return (f"request is over the slice {request.span} of the model; {request.aggregator!r} "
+                f"sums {span if span is not None else 'the whole model'}")
     members = list(request.members)
     if len(set(members)) != len(members):
         return f"group lists a member twice: {members}"
@@ -362,7 +402,8 @@ class JoinedRounds:
 
 def join(request: GroupRequest, *, federation: str, me: str, topology: Mapping[str, set[str]],
          shared: Mapping[str, bytes], contribution: np.ndarray, weight: float,
-         fixed_point: FixedPoint, joined: JoinedRounds) -> tuple[MemberSession, MaskedReply] | Refusal:
+         fixed_point: FixedPoint, joined: JoinedRounds,
+         span: tuple[int, int] | None = None) -> tuple[MemberSession, MaskedReply] | Refusal:
     """Member side, first step: check the group, mask my weighted model, share my self-mask.
 
     Args:
@@ -371,18 +412,23 @@ def join(request: GroupRequest, *, federation: str, me: str, topology: Mapping[s
         me: my name.
         topology: the gossip graph (adjacency) from the topology file.
         shared: peer -> X25519 secret (`shared_secrets_with`).
-        contribution: my flat float32 model x_me.
+        contribution: my flat float32 model x_me (all of it: the request's slice is taken here).
         weight: my mixing weight w_{aggregator, me}, from the topology (not from the request).
         fixed_point: the federation's encoding, from the topology.
         joined: this node's `JoinedRounds`; the request's round is claimed in it.
+        span: the slice the topology gives this aggregator (None: the whole model).
 
     Returns:
         (session, reply) to keep and to send, or a `Refusal` (also when my own model
         holds NaN or infinity: it is never encoded, and `session.clipped` counts clipping).
     """
-    reason = check_request(request, federation=federation, me=me, topology=topology, shared=shared)
+    reason = check_request(request, federation=federation, me=me, topology=topology, shared=shared, span=span)
     if reason:
         return Refusal(reason)
+    if span is not None:
+        if not 0 <= span[0] < span[1] <= contribution.size:
+            return Refusal(f"slice {span} is outside my model of {contribution.size} values")
+        contribution = contribution[span[0]:span[1]]
     members = tuple(sorted(request.members))
     others = [k for k in members if k != me]
     context = dict(federation=request.federation, round=request.round, aggregator=request.aggregator)
@@ -541,7 +587,7 @@ class AggregatorSession:
 
 def start_sum(*, federation: str, round: int, me: str, members, weights: Mapping[str, float],
               fixed_point: FixedPoint, length: int, threshold: int | None = None,
-              own_weight: float = 0.0) -> AggregatorSession:
+              own_weight: float = 0.0, span: tuple[int, int] | None = None) -> AggregatorSession:
     """Aggregator side, first step: opens a sum over my live neighbours.
 
     Args:
@@ -551,10 +597,11 @@ def start_sum(*, federation: str, round: int, me: str, members, weights: Mapping
         members: my live neighbours, at least 2 (with fewer, keep your own model instead).
         weights: member -> w_{me, member}, from the topology.
         fixed_point: the federation's encoding; its capacity is checked for this group.
-        length: length of the flat model vector.
+        length: length of the flat model vector (of the slice, with `span`).
         threshold: t, default `default_threshold(len(members))`.
         own_weight: w_{me, me}, which `mix_with_own` adds to the sum in fixed point (its
             capacity is checked with the sum's).
+        span: the slice [lo, hi) of the flat model this sum is over (`chunk_spans`), None: all.
 
     Returns:
         The session; send `session.request` to every member.
@@ -576,10 +623,12 @@ def start_sum(*, federation: str, round: int, me: str, members, weights: Mapping
     t = default_threshold(len(members)) if threshold is None else threshold
     if not 2 <= t <= len(members):
         raise ValueError(f"threshold {t} outside [2, {len(members)}]")
+    if span is not None and span[1] - span[0] != length:
+        raise ValueError(f"slice {span} does not hold {length} values")
     check_capacity(fixed_point, num_contributions=len(members) + (own_weight != 0),
                    total_weight=sum(abs(weights[m]) for m in members) + abs(own_weight))
     return AggregatorSession(
-        request=GroupRequest(federation, round, me, members, t),
+        request=GroupRequest(federation, round, me, members, t, span),
         weights={m: float(weights[m]) for m in members}, fixed_point=fixed_point, length=int(length),
         masked_total=np.zeros(int(length), uint_dtype(fixed_point)))
 

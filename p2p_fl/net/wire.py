@@ -54,10 +54,17 @@ GOSSIP_MODEL = "gossip-model"
 #   gossip-release   survivor -> aggregator. meta: shares_of, correction (bool). Tensors:
 #                    share/<k> (uint8, 16: a decrypted share) for k in shares_of, then
 #                    correction (uint32, the flat length) when meta.correction is true.
+# With chunked sums ([gossip] chunked; federate.secure_sum.chunk_spans) gossip-group,
+# gossip-masked and gossip-release also carry meta.span_lo and meta.span_hi (ints, 0 <= lo <
+# hi <= the flat length): the sum is over that slice, and masked and correction hold hi - lo
+# values; without them, over the whole model.
+#   gossip-chunk     aggregator -> every neighbour, after its sum: its mix of its slice.
+#                    meta: span_lo, span_hi. Tensor: mix (float32, hi - lo).
 GOSSIP_GROUP = "gossip-group"
 GOSSIP_MASKED = "gossip-masked"
 GOSSIP_ANNOUNCE = "gossip-announce"
 GOSSIP_RELEASE = "gossip-release"
+GOSSIP_CHUNK = "gossip-chunk"
 # A site's key for this run (federate/masks.py RunKey), sent to every peer at start and
 # again until the peer has it; pairwise mask seeds and share keys mix it in, so no mask
 # repeats across runs. round: 0. meta.have (bool): the sender already holds the receiver's
@@ -74,7 +81,7 @@ HEARTBEAT = "heartbeat"
 ENSEMBLE_MODEL = "ensemble-model"
 MESSAGE_TYPES = frozenset({MODEL, MODEL_AVERAGE, ACK, FINAL, GOSSIP_MODEL, ENSEMBLE_MODEL,
                            GOSSIP_GROUP, GOSSIP_MASKED, GOSSIP_ANNOUNCE, GOSSIP_RELEASE,
-                           GOSSIP_HELLO, HEARTBEAT})
+                           GOSSIP_CHUNK, GOSSIP_HELLO, HEARTBEAT})
 TENSOR_TYPES = frozenset({MODEL, MODEL_AVERAGE, FINAL, GOSSIP_MODEL, ENSEMBLE_MODEL})
 AVERAGE_PREFIX = "average/"
 
@@ -232,8 +239,17 @@ def expected_spec(msg_type: str, tensor_spec: TensorSpec, meta: Mapping[str, Any
             missing or malformed.
     """
     meta = meta or {}
-    flat = ("uint32", (sum(int(np.prod(s, dtype=np.int64)) for _, _, s in tensor_spec),))
+    length = sum(int(np.prod(s, dtype=np.int64)) for _, _, s in tensor_spec)
+    if msg_type in (GOSSIP_GROUP, GOSSIP_MASKED, GOSSIP_RELEASE, GOSSIP_CHUNK):
+        span = span_field(meta, length if tensor_spec else None)
+        if span is not None:
+            length = span[1] - span[0]
+        elif msg_type == GOSSIP_CHUNK:
+            raise WireError("gossip-chunk without meta.span_lo and meta.span_hi")
+    flat = ("uint32", (length,))
     encrypted = ("uint8", (ENCRYPTED_SHARE_BYTES,))
+    if msg_type == GOSSIP_CHUNK:
+        return [("mix", "float32", (length,))]
     if msg_type == GOSSIP_GROUP:
         names_field(meta, "members")
         if not isinstance(meta.get("threshold"), int) or isinstance(meta.get("threshold"), bool):
@@ -308,6 +324,29 @@ def names_field(meta: Mapping[str, Any], key: str) -> tuple[str, ...]:
     if list(names) != sorted(set(names)):
         raise WireError(f"meta.{key} is not sorted or repeats a name")
     return names
+
+
+def span_field(meta: Mapping[str, Any], length: int | None) -> tuple[int, int] | None:
+    """The slice (lo, hi) a secure-sum message is over, from meta.span_lo and meta.span_hi;
+    None when neither is there (the whole model). `length`: the flat model's length (None:
+    not checked against it).
+
+    Raises:
+        WireError: only one of them, not integers, or not 0 <= lo < hi <= length.
+    """
+    lo, hi = meta.get("span_lo"), meta.get("span_hi")
+    if lo is None and hi is None:
+        return None
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in (lo, hi)):
+        raise WireError("meta.span_lo and meta.span_hi are not both integers")
+    if not 0 <= lo < hi or (length is not None and hi > length):
+        raise WireError(f"slice [{lo}, {hi}) is outside the model of {length} values")
+    return lo, hi
+
+
+def span_meta(span: tuple[int, int] | None) -> dict[str, int]:
+    """The meta form of a slice (see `span_field`): nothing for the whole model."""
+    return {} if span is None else {"span_lo": int(span[0]), "span_hi": int(span[1])}
 
 
 def join_names(names) -> str:

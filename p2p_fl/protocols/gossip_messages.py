@@ -21,6 +21,8 @@ the ones it lists. What this module adds is which federate field travels where:
                      named in meta.shares_from); round; aggregator = the sender.
     gossip-release   Release: shares (share/<k>, named in meta.shares_of), correction (tensor,
                      present when meta.correction).
+    gossip-chunk     Chunked sums: the aggregator's mix of its slice (tensor mix), the slice
+                     in meta (as on the three above: `wire.span_meta`).
 
 The gossip protocol builds and reads its messages only here: net knows frames, federate
 knows the values, neither knows the other.
@@ -73,7 +75,8 @@ def parse_hello(msg: wire.Message) -> Hello:
 
 def group(to: str, request: GroupRequest) -> Send:
     """The aggregator's request to member `to` to join its sum."""
-    meta = {"members": wire.join_names(request.members), "threshold": request.threshold}
+    meta = {"members": wire.join_names(request.members), "threshold": request.threshold,
+            **wire.span_meta(request.span)}
     return Send(to, wire.GOSSIP_GROUP, request.round, None, meta)
 
 
@@ -81,22 +84,26 @@ def parse_group(msg: wire.Message, federation: str) -> GroupRequest:
     """The request as the aggregator (the sender) made it; `check_request` judges it."""
     _check_layout(msg, wire.GOSSIP_GROUP)
     return GroupRequest(federation, msg.round, msg.sender, wire.names_field(msg.meta, "members"),
-                        msg.meta["threshold"])
+                        msg.meta["threshold"], wire.span_field(msg.meta, None))
 
 
-def masked(to: str, round: int, reply: MaskedReply) -> Send:
-    """A member's masked model, commitment and encrypted shares for aggregator `to`."""
+def masked(to: str, round: int, reply: MaskedReply, span: tuple[int, int] | None = None) -> Send:
+    """A member's masked model (or slice `span` of it), commitment and encrypted shares for
+    aggregator `to`."""
     others = sorted(reply.encrypted_shares)
     values = {"masked": reply.masked, "commitment": np.frombuffer(reply.seed_commitment, np.uint8),
               **_shares(reply.encrypted_shares)}
-    return _send(to, wire.GOSSIP_MASKED, round, {"share_for": wire.join_names(others)}, values)
+    return _send(to, wire.GOSSIP_MASKED, round, {"share_for": wire.join_names(others), **wire.span_meta(span)},
+                 values)
 
 
-def parse_masked(msg: wire.Message, members: Iterable[str]) -> MaskedReply:
-    """A member's reply to our sum over `members`: its shares must be for the others."""
+def parse_masked(msg: wire.Message, members: Iterable[str], span: tuple[int, int] | None = None) -> MaskedReply:
+    """A member's reply to our sum over `members` (and slice `span`): its shares must be for
+    the others."""
     _check_layout(msg, wire.GOSSIP_MASKED)
     if set(wire.names_field(msg.meta, "share_for")) != set(members) - {msg.sender}:
         raise wire.WireError(f"masked reply from {msg.sender} was made for another group")
+    _check_span(msg, span)
     return MaskedReply(msg.tensors["masked"], _shares_of(msg), as_bytes(msg.tensors["commitment"]))
 
 
@@ -113,19 +120,34 @@ def parse_announce(msg: wire.Message, federation: str) -> Announcement:
                         wire.names_field(msg.meta, "dropped"), _shares_of(msg))
 
 
-def release(to: str, round: int, r: Release) -> Send:
-    """A survivor's opened shares, and its pairwise correction if members dropped."""
+def release(to: str, round: int, r: Release, span: tuple[int, int] | None = None) -> Send:
+    """A survivor's opened shares, and its pairwise correction (of slice `span`) if members
+    dropped."""
     values = _shares(r.shares)
     if r.correction is not None:
         values["correction"] = r.correction
-    meta = {"shares_of": wire.join_names(r.shares), "correction": r.correction is not None}
+    meta = {"shares_of": wire.join_names(r.shares), "correction": r.correction is not None,
+            **wire.span_meta(span)}
     return _send(to, wire.GOSSIP_RELEASE, round, meta, values)
 
 
-def parse_release(msg: wire.Message) -> Release:
+def parse_release(msg: wire.Message, span: tuple[int, int] | None = None) -> Release:
     _check_layout(msg, wire.GOSSIP_RELEASE)
+    _check_span(msg, span)
     correction = np.array(msg.tensors["correction"]) if msg.meta["correction"] else None
     return Release(_shares_of(msg), correction)
+
+
+def chunk(to: str, round: int, span: tuple[int, int], mix: np.ndarray) -> Send:
+    """Chunked sums: the sender's mix of its slice `span` of round `round`, to neighbour `to`."""
+    return _send(to, wire.GOSSIP_CHUNK, round, wire.span_meta(span), {"mix": mix})
+
+
+def parse_chunk(msg: wire.Message, span: tuple[int, int]) -> np.ndarray:
+    """The sender's mix of its slice, which must be `span` (the topology's, not its claim)."""
+    _check_layout(msg, wire.GOSSIP_CHUNK)
+    _check_span(msg, span)
+    return np.array(msg.tensors["mix"])
 
 
 def as_bytes(array: np.ndarray) -> bytes:
@@ -158,6 +180,12 @@ def _check_layout(msg: wire.Message, type: str) -> None:
     names = _names(type, msg.meta)
     if list(msg.tensors) != names:
         raise wire.WireError(f"{type} carries tensors {list(msg.tensors)}, its meta announces {names}")
+
+
+def _check_span(msg: wire.Message, span: tuple[int, int] | None) -> None:
+    got = wire.span_field(msg.meta, None)
+    if got != span:
+        raise wire.WireError(f"{msg.type} from {msg.sender} is over the slice {got}, this sum is over {span}")
 
 
 def _shares(shares: Mapping[str, bytes]) -> dict[str, np.ndarray]:

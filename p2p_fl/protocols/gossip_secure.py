@@ -6,7 +6,11 @@ own training is done; a member checks the request when it arrives and answers on
 round-r training is done with its masked, weighted model; at the deadline (or when all
 replied) the aggregator announces survivors and dropped, the survivors release self-mask
 shares and corrections, and the aggregator mixes the unmasked sum with its own model. Fewer
-than 2 members, or a sum that fails, keeps the site's own model for that round. A neighbour
+than 2 members, or a sum that fails, keeps the site's own model for that round. With chunked
+sums (`SecureSetup.spans`, the complete graph) each sum is over the aggregator's slice of the
+model only: it sends its mix of that slice to every live neighbour (gossip-chunk) and takes
+theirs, until all came or the round's time ran out; a slice that did not come stays the
+site's own that round, and its site is not waited for next round until one comes. A neighbour
 that missed a sum is left out of the next groups until it is heard from again; so is a
 survivor that released nothing (a group of 3 tolerates no dropout).
 
@@ -60,6 +64,17 @@ class _Aggregation:
     member_behind: bool = False  # an outstanding member's heartbeats said it was a round behind
 
 
+@dataclass
+class _Collection:
+    """Chunked sums: our model for the round with our own slice mixed, while the
+    neighbours' mixes of theirs come in (`SecureMixer._chunks`)."""
+
+    deadline: float
+    flat: np.ndarray
+    spec: list
+    record: dict
+
+
 class SecureMixer(Mixer):
     rejoins_with_a_sum = True
 
@@ -78,6 +93,12 @@ class SecureMixer(Mixer):
         self._sum_to_open: object = _NO_SUM  # mixing, sum not opened yet: None, or the round we rejoin from
         self._suspects: set[str] = set()  # neighbours that missed our last sum
         self._serve_until = 0.0  # after the last mix: how long we wait to serve the neighbours' sums
+        # Chunked sums: the neighbours' mixes of their slices by round, ours while they come
+        # in, and the neighbours whose slice missed the last deadline (not waited for again
+        # until one comes).
+        self._chunks: dict[int, dict[str, np.ndarray]] = {}
+        self._collection: _Collection | None = None
+        self._chunk_silent: set[str] = set()
         # Run keys: the peers' (as first received: they never change within a run), the
         # pairwise secrets for this run, and peer -> (next hello, wait after it).
         self._peer_run_keys: dict[str, bytes] = {}
@@ -103,6 +124,8 @@ class SecureMixer(Mixer):
             return self._on_announcement(msg) + self._finish_when_served(now)
         if msg.type in (wire.GOSSIP_MASKED, wire.GOSSIP_RELEASE):
             return self._on_reply(msg, now)
+        if msg.type == wire.GOSSIP_CHUNK:
+            return self._on_chunk(msg, now)
         raise wire.WireError(f"unexpected {msg.type} message in secure gossip")
 
     def trained(self, weights: Weights) -> list[Action]:
@@ -126,6 +149,7 @@ class SecureMixer(Mixer):
 
     def rejoin(self, rejoin_from: int, now: float) -> list[Action]:
         self._waiting_requests = {r: q for r, q in self._waiting_requests.items() if r >= self.site.round}
+        self._collection = None  # a round the federation left
         self._sum_to_open = rejoin_from
         return self._step_sum(now)
 
@@ -211,10 +235,12 @@ class SecureMixer(Mixer):
         if len(members) < 2:
             self._aggregation = None
             return []  # _step_sum keeps the own model
-        length = flatten(site.own if site.own is not None else site.start_model)[0].size
+        span = self._span(site.me)
+        length = (span[1] - span[0] if span is not None
+                  else flatten(site.own if site.own is not None else site.start_model)[0].size)
         session = start_sum(federation=self.setup.federation, round=site.round, me=site.me, members=members,
                             weights={m: site.row[m] for m in members}, fixed_point=self.setup.fixed_point,
-                            length=length, own_weight=site.row[site.me])
+                            length=length, own_weight=site.row[site.me], span=span)
         self._aggregation = _Aggregation(session, now + site.round_timeout_s, rejoin_from=rejoin_from)
         return [messages.group(m, session.request) for m in members]
 
@@ -223,7 +249,8 @@ class SecureMixer(Mixer):
         if agg is None or not self.site.mixing or msg.round != self.site.round:
             raise wire.WireError(f"{msg.type} for round {msg.round}, no sum of ours is open for it")
         if msg.type == wire.GOSSIP_MASKED:
-            reason = agg.session.receive(msg.sender, messages.parse_masked(msg, agg.session.request.members))
+            request = agg.session.request
+            reason = agg.session.receive(msg.sender, messages.parse_masked(msg, request.members, request.span))
         else:
             reason = self._take_release(agg, msg)
         if reason:
@@ -235,7 +262,7 @@ class SecureMixer(Mixer):
             return f"release from {msg.sender}, who is not an announced survivor"
         if msg.sender in agg.releases:
             return f"second release from {msg.sender}"
-        agg.releases[msg.sender] = messages.parse_release(msg)
+        agg.releases[msg.sender] = messages.parse_release(msg, agg.session.request.span)
         return None
 
     def _step_sum(self, now: float) -> list[Action]:
@@ -244,6 +271,8 @@ class SecureMixer(Mixer):
         site = self.site
         if not site.mixing or site.finished:
             return []
+        if self._collection is not None:
+            return self._step_collection(now)
         if self._sum_to_open is not _NO_SUM:
             opened = self._start_sum(now, self._sum_to_open)
             if opened is None:
@@ -297,22 +326,74 @@ class SecureMixer(Mixer):
         if agg is not None and agg.rejoin_from is not None:
             record["rejoined_from"] = agg.rejoin_from
         own = site.own if site.own is not None else site.start_model
+        flat, spec = flatten(own)
+        span = self._span(site.me)
+        lo, hi = span if span is not None else (0, flat.size)
         if result is not None:
-            flat, spec = flatten(own)
             # Rejoining with nothing trained: the neighbours' mean alone.
             own_weight = site.row[site.me] if site.own is not None else 0.0
             try:
-                mixed = unflatten(mix_with_own(flat, own_weight, result), spec)
+                flat[lo:hi] = mix_with_own(flat[lo:hi], own_weight, result)
             except ValueError as err:  # our own model diverged: it joins no sum, ours included
                 result, failure = None, f"my model cannot take part: {err}"
         record["kept_own"] = result is None
         if result is None:
             record["failure"] = failure
-            mixed = own
             if site.own is None:  # a rejoining sum failed: the skeleton does not retry this round
                 site.failed_rejoin = site.round
         self._aggregation = None
-        return site.next_round(mixed, record, now)
+        if span is None:
+            return site.next_round(own if result is None else unflatten(flat, spec), record, now)
+        # Chunked: our slice's mix to every live neighbour, then theirs.
+        sends = [] if result is None else [messages.chunk(n, site.round, span, flat[lo:hi])
+                                           for n in site.live(site.round)]
+        self._collection = _Collection(now + site.round_timeout_s, flat, spec, record)
+        return sends + self._step_collection(now)
+
+    # Chunked sums: the neighbours' slices.
+
+    def _span(self, aggregator: str) -> tuple[int, int] | None:
+        """The slice of the model `aggregator`'s sums are over (None: all of it)."""
+        return None if self.setup.spans is None else self.setup.spans[aggregator]
+
+    def _on_chunk(self, msg: wire.Message, now: float) -> list[Action]:
+        """A neighbour's mix of its slice: kept for its round (ours, or the next while we are
+        behind); one per neighbour and round, finite and within the encoding's range (an
+        honest mix is)."""
+        site = self.site
+        if self.setup.spans is None:
+            raise wire.WireError(f"{msg.type} from {msg.sender}, but this federation's sums are not chunked")
+        mix = messages.parse_chunk(msg, self._span(msg.sender))
+        if msg.round < site.round or (msg.round == site.round and not site.mixing and not site.training):
+            return []  # a round we mixed already: too late to matter, not a fault
+        self.check_round(msg, site.round, site.round + 1)
+        if not np.all(np.isfinite(mix)) or np.max(np.abs(mix), initial=0.0) > self.setup.fixed_point.clip:
+            raise wire.WireError(f"{msg.type} from {msg.sender} holds values no mix can take "
+                                 f"(non-finite, or beyond +-{self.setup.fixed_point.clip:g})")
+        heard = self._chunks.setdefault(msg.round, {})
+        if msg.sender in heard:
+            raise wire.WireError(f"second {msg.type} from {msg.sender} for round {msg.round}")
+        heard[msg.sender] = mix
+        self._chunk_silent.discard(msg.sender)
+        return self._step_sum(now)
+
+    def _step_collection(self, now: float) -> list[Action]:
+        """Puts the round's model together once every expected neighbour's slice came, or at
+        the deadline with what came (a missing slice stays our own), and moves on."""
+        site, collection = self.site, self._collection
+        heard = self._chunks.get(site.round, {})
+        expected = [n for n in site.live(site.round) if n not in self._suspects and n not in self._chunk_silent]
+        if any(n not in heard for n in expected) and now < collection.deadline:
+            return []
+        for sender, mix in heard.items():
+            lo, hi = self._span(sender)
+            collection.flat[lo:hi] = mix
+        missing = sorted(set(site.neighbours) - set(heard))
+        self._chunk_silent = set(missing)
+        record = {**collection.record, "chunks_heard": len(heard), "chunks_missing": ",".join(missing)}
+        self._collection = None
+        self._chunks = {r: c for r, c in self._chunks.items() if r > site.round}
+        return site.next_round(unflatten(collection.flat, collection.spec), record, now)
 
     def _clipped(self) -> int:
         """Values clipped by the fixed-point encoding in the sums we joined this round."""
@@ -328,7 +409,7 @@ class SecureMixer(Mixer):
         self.check_round(msg, self.site.round, self.site.round + 1)
         request = messages.parse_group(msg, self.setup.federation)
         reason = check_request(request, federation=self.setup.federation, me=self.site.me,
-                               topology=self.site.graph, shared=self._run_shared)
+                               topology=self.site.graph, shared=self._run_shared, span=self._span(msg.sender))
         if reason:
             raise wire.WireError(f"group request refused: {reason}")
         self._waiting_requests.setdefault(msg.round, {})[msg.sender] = request
@@ -340,7 +421,7 @@ class SecureMixer(Mixer):
         outcome = join(request, federation=self.setup.federation, me=site.me, topology=site.graph,
                        shared=self._run_shared, contribution=self._contributions[request.round],
                        weight=site.weights[aggregator][site.me], fixed_point=self.setup.fixed_point,
-                       joined=self._joined_rounds)
+                       joined=self._joined_rounds, span=self._span(aggregator))
         if isinstance(outcome, Refusal):
             reason = f"group request of {aggregator} for round {request.round} refused: {outcome.reason}"
             if raise_refusal:
@@ -350,7 +431,7 @@ class SecureMixer(Mixer):
         self._joined = {k: s for k, s in self._joined.items() if k[0] >= site.round - 1}
         self._joined[(request.round, aggregator)] = session
         # The join is on disk before the reply leaves (JoinedRounds: never join twice).
-        return [CHECKPOINT, messages.masked(aggregator, request.round, reply)]
+        return [CHECKPOINT, messages.masked(aggregator, request.round, reply, request.span)]
 
     def _on_announcement(self, msg: wire.Message) -> list[Action]:
         session = self._joined.get((msg.round, msg.sender))
@@ -359,7 +440,7 @@ class SecureMixer(Mixer):
         outcome = session.release(messages.parse_announce(msg, self.setup.federation))
         if isinstance(outcome, Refusal):
             raise wire.WireError(f"announcement refused: {outcome.reason}")
-        return [messages.release(msg.sender, msg.round, outcome)]
+        return [messages.release(msg.sender, msg.round, outcome, session.request.span)]
 
     # The end.
 
