@@ -36,7 +36,8 @@ def setup(tmp_path_factory):
     return tmp, shards
 
 
-def run_gossip(setup, out: Path, *, secure: bool, kill_after_round0: str | None = None) -> dict:
+def run_gossip(setup, out: Path, *, secure: bool, kill_after_round0: str | None = None,
+               chunked: bool = False) -> dict:
     """Runs 4 node processes for 2 rounds; optionally kill -9 one once it trained round 0.
 
     Returns name -> exit code.
@@ -51,7 +52,8 @@ def run_gossip(setup, out: Path, *, secure: bool, kill_after_round0: str | None 
         'federation = "gossip-e2e"\nprotocol = "gossip"\n[training]\nrounds = 2\nlocal_epochs = 1\nbatch_size = 32\n'
         # SGD: a smooth step, so the sums' rounding is not blown up to Adam's step size.
         'optimizer = "sgd"\nlearning_rate = 0.05\n'
-        f'[gossip]\nsecure = {str(secure).lower()}\nround_timeout_s = {ROUND_TIMEOUT_S}\n'
+        f'[gossip]\nsecure = {str(secure).lower()}\nchunked = {str(chunked).lower()}\n'
+        f'round_timeout_s = {ROUND_TIMEOUT_S}\n'
         '[data]\ntest = ""\n' + peers))
     env = node_env(len(SITES))
     procs = {
@@ -134,6 +136,23 @@ def test_secure_gossip_gives_the_plain_models_within_the_fixed_point_error(setup
     # which scales tiny gradient differences up to its step size; masks that failed to
     # cancel, or a wrong encoding, are off by 1e-2 and more.
     assert difference < 1e-4
+
+
+def test_chunked_secure_gossip_gives_every_site_one_model_for_about_twice_the_model_in_bytes(setup, plain_runs,
+                                                                                             tmp_path):
+    out = tmp_path / "chunked"
+    assert run_gossip(setup, out, secure=True, chunked=True) == dict.fromkeys(SITES, 0)
+    chunked, plain = final_models(out, SITES), final_models(plain_runs[0], SITES)
+    assert max_difference({n: chunked["a"] for n in SITES}, chunked) == 0.0  # one model, to the last bit
+    assert max_difference(chunked, plain) < 1e-4  # as full sums (the test above): the same integers
+    model_bytes = sum(a.nbytes for a in chunked["a"].values())
+    for n in SITES:
+        for record in metrics(out, n)[1:]:
+            assert record["kept_own"] is False and record["chunks_heard"] == 3 and record["chunks_missing"] == ""
+        result = json.loads((out / n / "result.json").read_text())
+        # Per round: 3/4 of the model out as masked slices, 3/4 as the mix of its slice (full
+        # sums: 3 whole masked models), plus shares, headers, run keys and heartbeats.
+        assert result["bytes_sent"] / 2 < 2.0 * model_bytes, result["bytes_sent"]
 
 
 def test_secure_gossip_with_a_node_killed_mid_round_finishes_with_correct_sums_of_the_survivors(setup, tmp_path):
