@@ -22,7 +22,7 @@ from p2p_fl.checkpoint import FILENAME as CHECKPOINT_FILE
 from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefixed
 from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, TrainingConfig, gossip_graph, logit_adjustment_applies
 from p2p_fl.data import Dataset, Split
-from p2p_fl.federate import chunk_spans, flatten, shared_secrets_with
+from p2p_fl.federate import Slices, flatten, shared_secrets_with
 from p2p_fl.files import write_json, write_npz
 from p2p_fl.fingerprint import federation_fingerprint
 from p2p_fl.learn import Learner
@@ -137,13 +137,13 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None, initial: Wei
             # sparse graph of N sites costs N x k^2 hellos and secrets, not N^2.
             near = set(graph[me]).union(*(graph[n] for n in graph[me])) - {me}
             keys = {p: k for p, k in curve.peer_keys.items() if p in near}
-            spans = None
+            slices = None
             if t.gossip.chunked:
                 if initial is None:
                     raise ValueError("chunked secure gossip needs the initial model to cut into slices")
-                spans = chunk_spans(graph, flatten(initial)[0].size)
+                slices = Slices.of(graph, flatten(initial)[0].size)
             secure = SecureSetup(t.federation, shared_secrets_with(curve.secret, keys, me),
-                                 secure_fixed_point(graph, t.gossip.clip), spans)
+                                 secure_fixed_point(graph, t.gossip.clip), slices)
         outer = None
         if t.gossip.outer_optimizer != "avg":
             outer = OuterOptimizer(t.gossip.outer_optimizer, t.gossip.outer_learning_rate,

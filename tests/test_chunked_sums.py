@@ -13,7 +13,7 @@ from routing import route
 from test_protocol_gossip import moves, secure_setups, start_all
 
 from p2p_fl.config import ConfigError, parse_topology
-from p2p_fl.federate import chunk_spans, complete, error_bound, isolating_view, start_sum
+from p2p_fl.federate import Slices, chunk_spans, complete, error_bound, isolating_view, start_sum
 from p2p_fl.net import wire
 from p2p_fl.protocols import GossipProtocol, Send
 from p2p_fl.protocols import gossip_messages as messages
@@ -40,8 +40,8 @@ def sent_bytes(sender, send):
 
 def setups(graph, chunked=True):
     plain = secure_setups(graph)
-    spans = chunk_spans(graph, SIZE) if chunked else None
-    return {n: dataclasses.replace(s, spans=spans) for n, s in plain.items()}
+    slices = Slices.of(graph, SIZE) if chunked else None
+    return {n: dataclasses.replace(s, slices=slices) for n, s in plain.items()}
 
 
 def sites_of(graph, rounds, samples, secure, timeout=10.0):
@@ -99,7 +99,7 @@ def test_a_slice_whose_site_is_down_stays_each_site_s_own_and_is_not_waited_for_
     secure = setups(graph)
     sites = sites_of(graph, 2, SAMPLES, secure, timeout=5.0)
     trace = route(sites, train, deliver, silent=frozenset("e"), tick_s=1.0)
-    lo, hi = secure["a"].spans["e"]
+    lo, hi = secure["a"].slices.spans["e"]
     finals = trace.finals
     assert sorted(finals) == list("abcd")
     flat = {n: np.concatenate([finals[n].weights["b"], finals[n].weights["w"]]) for n in finals}
@@ -126,7 +126,7 @@ def test_a_member_refuses_a_sum_over_a_slice_that_is_not_the_aggregators():
     sites, secure = started(graph)
     a = sites["a"]
     a.on_trained(0, model_of("a", 0), 0.0)
-    for span in (secure["a"].spans["c"], None, (0, SIZE)):
+    for span in (secure["a"].slices.spans["c"], None, (0, SIZE)):
         # b, holding its valid key, asks for c's slice (or the whole model) to learn what
         # c's published mix would not tell it.
         session = start_sum(federation="fed", round=0, me="b", members="acde", weights={m: 0.25 for m in "acde"},
@@ -135,8 +135,8 @@ def test_a_member_refuses_a_sum_over_a_slice_that_is_not_the_aggregators():
         with pytest.raises(wire.WireError, match="slice"):
             a.on_message(deliver("b", messages.group("a", session.request)), 0.0)
     session = start_sum(federation="fed", round=0, me="b", members="acde", weights={m: 0.25 for m in "acde"},
-                        fixed_point=secure["b"].fixed_point, length=np.subtract(*secure["b"].spans["b"][::-1]),
-                        span=secure["b"].spans["b"])
+                        fixed_point=secure["b"].fixed_point, length=np.subtract(*secure["b"].slices.spans["b"][::-1]),
+                        span=secure["b"].slices.spans["b"])
     (reply,) = moves(a.on_message(deliver("b", messages.group("a", session.request)), 0.0))
     assert reply.type == wire.GOSSIP_MASKED and reply.weights["masked"].shape == (SIZE // 5,)
 
@@ -146,10 +146,10 @@ def test_a_mix_for_another_slice_out_of_range_or_sent_twice_is_refused():
     sites, secure = started(graph)
     a = sites["a"]
     a.on_trained(0, model_of("a", 0), 0.0)
-    lo, hi = secure["a"].spans["b"]
+    lo, hi = secure["a"].slices.spans["b"]
     good = np.zeros(hi - lo, np.float32)
     with pytest.raises(wire.WireError, match="slice"):  # b claims c's slice
-        a.on_message(deliver("b", messages.chunk("a", 0, secure["a"].spans["c"], good)), 0.0)
+        a.on_message(deliver("b", messages.chunk("a", 0, secure["a"].slices.spans["c"], good)), 0.0)
     for bad in (np.full(hi - lo, np.nan, np.float32), np.full(hi - lo, 1e30, np.float32)):
         with pytest.raises(wire.WireError, match="NaN|no mix can take"):
             a.on_message(deliver("b", messages.chunk("a", 0, (lo, hi), bad)), 0.0)
@@ -211,3 +211,48 @@ def test_slices_cover_the_model_once_in_name_order():
     assert spans == {"a": (0, 3), "b": (3, 6), "c": (6, 10)}
     with pytest.raises(ValueError, match="non-empty"):
         chunk_spans(["a", "b", "c"], 2)
+
+
+def test_the_slice_of_a_site_known_down_is_summed_by_its_backup_and_every_site_ends_with_one_model():
+    graph = complete("abcde")
+    secure = setups(graph)
+    assert secure["a"].slices.backup("e") == "d" and secure["a"].slices.backup("c") == "d"
+    sites = sites_of(graph, 2, SAMPLES, secure, timeout=5.0)
+    for name, site in sites.items():  # the heartbeats have told everyone: e is down
+        site.on_peers({"e"}, set(), {}, 0.0)
+    trace = route(sites, train, deliver, silent=frozenset("e"), tick_s=1.0)
+    finals = trace.finals
+    assert sorted(finals) == list("abcd")
+    for n in finals:
+        assert finals[n].meta["chunks_missing"] == "" and finals[n].meta["survivors"] == 3
+        for k in ("w", "b"):
+            np.testing.assert_array_equal(finals[n].weights[k], finals["a"].weights[k])
+    groups = [s for _, s in trace.sent if s.type == wire.GOSSIP_GROUP]
+    d_span = secure["a"].slices.span("d", down={"e"})
+    assert d_span == (secure["a"].slices.spans["d"][0], SIZE)  # d's slice and e's: the end of the model
+    assert {(s.meta["span_lo"], s.meta["span_hi"]) for s in groups if s.meta["span_hi"] == SIZE} == {d_span}
+
+
+def test_a_member_gives_each_value_to_one_sum_a_round_so_no_two_published_mixes_can_be_subtracted():
+    # b stands in for a (a's backup) claiming a is down while a is not: the members that
+    # answered b's sum over a's slice and b's refuse a's own sum of round 0. Were they to
+    # join both, b's mix and a's would differ by the members a's sum has and b's lacks.
+    graph = complete("abcde")
+    sites, secure = started(graph)
+    c = sites["c"]
+    c.on_trained(0, model_of("c", 0), 0.0)
+    slices = secure["a"].slices
+    weights = {m: 0.25 for m in "acde"}
+    cover = start_sum(federation="fed", round=0, me="b", members="acde", weights=weights,
+                      fixed_point=secure["b"].fixed_point, length=slices.spans["b"][1], span=(0, slices.spans["b"][1]))
+    (reply,) = moves(c.on_message(deliver("b", messages.group("c", cover.request)), 0.0))
+    assert reply.type == wire.GOSSIP_MASKED
+    own = start_sum(federation="fed", round=0, me="a", members="bcde", weights={m: 0.25 for m in "bcde"},
+                    fixed_point=secure["a"].fixed_point, length=slices.spans["a"][1], span=slices.spans["a"])
+    with pytest.raises(wire.WireError, match="one sum a round"):
+        c.on_message(deliver("a", messages.group("c", own.request)), 0.0)
+    # The ledger is in the checkpoint: a restarted c refuses too.
+    state, arrays = c.snapshot()
+    restarted = sites_of(graph, 2, SAMPLES, secure)["c"]
+    restarted.restore(state, arrays, 0.0)
+    assert restarted.mixer._joined_rounds.given == {0: [(0, slices.spans["b"][1])]}

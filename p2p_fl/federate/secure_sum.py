@@ -237,6 +237,51 @@ def isolating_view(graph: Mapping[str, set[str]], chunked: bool = False) -> tupl
     return None
 
 
+@dataclass(frozen=True)
+class Slices:
+    """Chunked sums: the slice of the flat model each site sums (`chunk_spans`), and which
+    site stands in for a site that is down: the next in name order (the last site's, the
+    one before it), so that a site's slice and those it stands in for are one contiguous span.
+
+    Attributes:
+        spans: site -> its slice [lo, hi).
+    """
+
+    spans: dict[str, tuple[int, int]]
+
+    @classmethod
+    def of(cls, sites, length: int) -> Slices:
+        if len(set(sites)) < 2:
+            raise ValueError("chunked sums need at least 2 sites")
+        return cls(chunk_spans(sites, length))
+
+    def backup(self, site: str) -> str:
+        """The site that sums `site`'s slice while `site` is down."""
+        order = sorted(self.spans)
+        i = order.index(site)
+        return order[i + 1] if i + 1 < len(order) else order[i - 1]
+
+    def stood_in_for(self, site: str) -> list[str]:
+        """The sites whose slice `site` sums while they are down, in slice order."""
+        return [k for k in sorted(self.spans) if k != site and self.backup(k) == site]
+
+    def span(self, aggregator: str, down=()) -> tuple[int, int]:
+        """`aggregator`'s slice joined with those of the sites in `down` it stands in for."""
+        covered = [self.spans[aggregator]] + [self.spans[k] for k in self.stood_in_for(aggregator) if k in down]
+        return min(lo for lo, _ in covered), max(hi for _, hi in covered)
+
+    def allowed(self, aggregator: str) -> set[tuple[int, int]]:
+        """Every span `aggregator` may sum (its slice, with any of those it stands in for):
+        what a member joins and a mix may cover, and nothing else."""
+        others = self.stood_in_for(aggregator)
+        subsets = [[k for i, k in enumerate(others) if mask >> i & 1] for mask in range(1 << len(others))]
+        return {self.span(aggregator, down) for down in subsets}
+
+    def owned(self, span: tuple[int, int]) -> list[str]:
+        """The sites whose slices `span` covers."""
+        return [k for k, (lo, hi) in self.spans.items() if span[0] <= lo and hi <= span[1]]
+
+
 def chunk_spans(sites, length: int) -> dict[str, tuple[int, int]]:
     """Chunked sums: the slice [lo, hi) of the flat model each site aggregates, contiguous
     and as equal as they can be, in sorted name order: the same on every node, from the
@@ -254,17 +299,18 @@ def chunk_spans(sites, length: int) -> dict[str, tuple[int, int]]:
 
 def check_request(request: GroupRequest, *, federation: str, me: str,
                   topology: Mapping[str, set[str]], shared: Mapping[str, bytes],
-                  span: tuple[int, int] | None = None) -> str | None:
+                  slices: Slices | None = None) -> str | None:
     """Why an honest member refuses this group request (None: it may join), checked as the
-    request arrives, before the member's own model for that round exists. `span`: the slice
-    the topology gives this aggregator (`chunk_spans`; None: the whole model)."""
+    request arrives, before the member's own model for that round exists. `slices`: chunked
+    sums' slices (None: every sum is over the whole model)."""
     if request.federation != federation:
         return f"request is for federation {request.federation!r}, I am in {federation!r}"
     if request.aggregator not in topology:
         return f"aggregator {request.aggregator!r} is not in the topology"
-    if request.span != span:
-        return (f"request is over the slice {request.span} of the model; {request.aggregator!r} "
-                f"sums {span if span is not None else 'the whole model'}")
+    allowed = {None} if slices is None else slices.allowed(request.aggregator)
+    if request.span not in allowed:
+        return (f"request is over the slice {request.span} of the model; {request.aggregator!r} may sum "
+                f"{sorted(allowed) if slices is not None else 'the whole model'}")
     members = list(request.members)
     if len(set(members)) != len(members):
         return f"group lists a member twice: {members}"
@@ -384,11 +430,18 @@ class JoinedRounds:
     Persist `last` with the node's checkpoint, written before a reply is sent, so a
     restarted node does not join the same round again.
 
+    With chunked sums, a site's slice may also be summed by its backup (`Slices`): no
+    coordinate of ours goes into two sums of one round either, or the two sums' aggregators
+    (and everyone, from their published mixes) could subtract one from the other.
+
     Attributes:
         last: aggregator -> highest round joined.
+        given: round -> the slices of our model already in a sum of that round (the
+            latest two rounds: a member answers an aggregator a round behind).
     """
 
     last: dict[str, int] = field(default_factory=dict)
+    given: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     def claim(self, request: GroupRequest) -> str | None:
         """Records the request's round; returns a reason instead if it is not a new one."""
@@ -396,6 +449,17 @@ class JoinedRounds:
         if previous is not None and request.round <= previous:
             return (f"already joined round {previous} of {request.aggregator!r}; refusing round "
                     f"{request.round}: one sum per round, rounds only go forward")
+        if request.span is not None:
+            given = self.given.get(request.round, [])
+            lo, hi = request.span
+            if any(lo < g_hi and g_lo < hi for g_lo, g_hi in given):
+                return (f"values in {request.span} already went into another sum of round {request.round}: "
+                        "each coordinate joins one sum a round")
+            newest = max([request.round, *self.given])
+            if request.round < newest - 1:
+                return f"round {request.round} is too far behind round {newest}, whose sums I joined"
+            self.given[request.round] = given + [tuple(request.span)]
+            self.given = {r: g for r, g in self.given.items() if r >= newest - 1}
         self.last[request.aggregator] = request.round
         return None
 
@@ -403,7 +467,7 @@ class JoinedRounds:
 def join(request: GroupRequest, *, federation: str, me: str, topology: Mapping[str, set[str]],
          shared: Mapping[str, bytes], contribution: np.ndarray, weight: float,
          fixed_point: FixedPoint, joined: JoinedRounds,
-         span: tuple[int, int] | None = None) -> tuple[MemberSession, MaskedReply] | Refusal:
+         slices: Slices | None = None) -> tuple[MemberSession, MaskedReply] | Refusal:
     """Member side, first step: check the group, mask my weighted model, share my self-mask.
 
     Args:
@@ -416,19 +480,21 @@ def join(request: GroupRequest, *, federation: str, me: str, topology: Mapping[s
         weight: my mixing weight w_{aggregator, me}, from the topology (not from the request).
         fixed_point: the federation's encoding, from the topology.
         joined: this node's `JoinedRounds`; the request's round is claimed in it.
-        span: the slice the topology gives this aggregator (None: the whole model).
+        slices: chunked sums' slices (None: every sum is over the whole model).
 
     Returns:
         (session, reply) to keep and to send, or a `Refusal` (also when my own model
         holds NaN or infinity: it is never encoded, and `session.clipped` counts clipping).
     """
-    reason = check_request(request, federation=federation, me=me, topology=topology, shared=shared, span=span)
+    reason = check_request(request, federation=federation, me=me, topology=topology, shared=shared,
+                           slices=slices)
     if reason:
         return Refusal(reason)
-    if span is not None:
-        if not 0 <= span[0] < span[1] <= contribution.size:
-            return Refusal(f"slice {span} is outside my model of {contribution.size} values")
-        contribution = contribution[span[0]:span[1]]
+    if request.span is not None:
+        lo, hi = request.span
+        if not 0 <= lo < hi <= contribution.size:
+            return Refusal(f"slice {request.span} is outside my model of {contribution.size} values")
+        contribution = contribution[lo:hi]
     members = tuple(sorted(request.members))
     others = [k for k in members if k != me]
     context = dict(federation=request.federation, round=request.round, aggregator=request.aggregator)

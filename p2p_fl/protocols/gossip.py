@@ -96,9 +96,9 @@ class SecureSetup:
     # keys (`run_pair_secret`) before any seed is derived.
     shared: dict[str, bytes]
     fixed_point: FixedPoint
-    # Chunked sums ([gossip] chunked, the complete graph): site -> the slice of the flat
-    # model it aggregates and publishes (`secure_sum.chunk_spans`); None: full sums.
-    spans: dict[str, tuple[int, int]] | None = None
+    # Chunked sums ([gossip] chunked, the complete graph): the slice of the flat model each
+    # site sums and publishes, and who stands in for a site that is down; None: full sums.
+    slices: Slices | None = None
 
 
 class GossipProtocol(Protocol):

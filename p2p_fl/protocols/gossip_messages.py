@@ -30,7 +30,7 @@ knows the values, neither knows the other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -143,11 +143,14 @@ def chunk(to: str, round: int, span: tuple[int, int], mix: np.ndarray) -> Send:
     return _send(to, wire.GOSSIP_CHUNK, round, wire.span_meta(span), {"mix": mix})
 
 
-def parse_chunk(msg: wire.Message, span: tuple[int, int]) -> np.ndarray:
-    """The sender's mix of its slice, which must be `span` (the topology's, not its claim)."""
+def parse_chunk(msg: wire.Message, allowed: Collection[tuple[int, int]]) -> tuple[tuple[int, int], np.ndarray]:
+    """The sender's mix and the slice it is of, which must be one of `allowed` (the slices
+    the topology lets the sender sum, not its claim)."""
     _check_layout(msg, wire.GOSSIP_CHUNK)
-    _check_span(msg, span)
-    return np.array(msg.tensors["mix"])
+    span = wire.span_field(msg.meta, None)
+    if span not in allowed:
+        raise wire.WireError(f"{msg.type} from {msg.sender} is over the slice {span}, it may sum {sorted(allowed)}")
+    return span, np.array(msg.tensors["mix"])
 
 
 def as_bytes(array: np.ndarray) -> bytes:

@@ -7,10 +7,11 @@ round-r training is done with its masked, weighted model; at the deadline (or wh
 replied) the aggregator announces survivors and dropped, the survivors release self-mask
 shares and corrections, and the aggregator mixes the unmasked sum with its own model. Fewer
 than 2 members, or a sum that fails, keeps the site's own model for that round. With chunked
-sums (`SecureSetup.spans`, the complete graph) each sum is over the aggregator's slice of the
-model only: it sends its mix of that slice to every live neighbour (gossip-chunk) and takes
-theirs, until all came or the round's time ran out; a slice that did not come stays the
-site's own that round, and its site is not waited for next round until one comes. A neighbour
+sums (`SecureSetup.slices`, the complete graph) each sum is over the aggregator's slice of
+the model only, and the slices of the sites it stands in for that are down: it sends its mix
+of that span to every live neighbour (gossip-chunk) and takes theirs, until all came or the
+round's time ran out; a slice that came from nobody stays the site's own that round, and a
+neighbour whose mix did not come is not waited for again until one comes. A neighbour
 that missed a sum is left out of the next groups until it is heard from again; so is a
 survivor that released nothing (a group of 3 tolerates no dropout).
 
@@ -73,6 +74,7 @@ class _Collection:
     flat: np.ndarray
     spec: list
     record: dict
+    mixed: tuple[int, int] | None  # the span our own sum mixed in `flat` (None: it failed)
 
 
 class SecureMixer(Mixer):
@@ -167,14 +169,17 @@ class SecureMixer(Mixer):
         return self._finish_when_served(now)
 
     def snapshot(self) -> tuple[dict, Weights]:
-        """The sums joined (never join twice) and the peers' run keys (a restarted node stays
-        in its run)."""
-        state = {"joined": dict(self._joined_rounds.last), "peer_run_keys": sorted(self._peer_run_keys)}
+        """The sums joined and the slices given to them (never join twice, never give a
+        value twice) and the peers' run keys (a restarted node stays in its run)."""
+        state = {"joined": dict(self._joined_rounds.last), "peer_run_keys": sorted(self._peer_run_keys),
+                 "given": {str(r): [list(g) for g in spans] for r, spans in self._joined_rounds.given.items()}}
         arrays = {f"peer_run_key/{p}": np.frombuffer(k, np.uint8) for p, k in self._peer_run_keys.items()}
         return state, arrays
 
     def restore(self, state: dict, arrays: Weights) -> None:
         self._joined_rounds.last = {k: int(v) for k, v in state["joined"].items()}
+        self._joined_rounds.given = {int(r): [(int(lo), int(hi)) for lo, hi in spans]
+                                     for r, spans in state.get("given", {}).items()}
         for peer in state["peer_run_keys"]:
             key = messages.as_bytes(arrays[f"peer_run_key/{peer}"])
             self._peer_run_keys[peer] = key
@@ -235,7 +240,9 @@ class SecureMixer(Mixer):
         if len(members) < 2:
             self._aggregation = None
             return []  # _step_sum keeps the own model
-        span = self._span(site.me)
+        span = None
+        if self.setup.slices is not None:  # our slice, and those of the sites we stand in for that are down
+            span = self.setup.slices.span(site.me, down=set(site.neighbours) - set(site.live(site.round)))
         length = (span[1] - span[0] if span is not None
                   else flatten(site.own if site.own is not None else site.start_model)[0].size)
         session = start_sum(federation=self.setup.federation, round=site.round, me=site.me, members=members,
@@ -327,7 +334,7 @@ class SecureMixer(Mixer):
             record["rejoined_from"] = agg.rejoin_from
         own = site.own if site.own is not None else site.start_model
         flat, spec = flatten(own)
-        span = self._span(site.me)
+        span = session.request.span if session is not None else None
         lo, hi = span if span is not None else (0, flat.size)
         if result is not None:
             # Rejoining with nothing trained: the neighbours' mean alone.
@@ -342,28 +349,30 @@ class SecureMixer(Mixer):
             if site.own is None:  # a rejoining sum failed: the skeleton does not retry this round
                 site.failed_rejoin = site.round
         self._aggregation = None
-        if span is None:
+        if self.setup.slices is None:
             return site.next_round(own if result is None else unflatten(flat, spec), record, now)
-        # Chunked: our slice's mix to every live neighbour, then theirs.
+        # Chunked: our span's mix to every live neighbour, then theirs.
         sends = [] if result is None else [messages.chunk(n, site.round, span, flat[lo:hi])
                                            for n in site.live(site.round)]
-        self._collection = _Collection(now + site.round_timeout_s, flat, spec, record)
+        self._collection = _Collection(now + site.round_timeout_s, flat, spec, record,
+                                       mixed=span if result is not None else None)
         return sends + self._step_collection(now)
 
     # Chunked sums: the neighbours' slices.
 
-    def _span(self, aggregator: str) -> tuple[int, int] | None:
-        """The slice of the model `aggregator`'s sums are over (None: all of it)."""
-        return None if self.setup.spans is None else self.setup.spans[aggregator]
+    def _allowed(self, aggregator: str) -> set:
+        """The slices `aggregator` may sum: {None} (the whole model) without chunked sums."""
+        slices = self.setup.slices
+        return {None} if slices is None else slices.allowed(aggregator)
 
     def _on_chunk(self, msg: wire.Message, now: float) -> list[Action]:
-        """A neighbour's mix of its slice: kept for its round (ours, or the next while we are
-        behind); one per neighbour and round, finite and within the encoding's range (an
-        honest mix is)."""
+        """A neighbour's mix of its slice (and of those it stands in for): kept for its round
+        (ours, or the next while we are behind); one per neighbour and round, finite and
+        within the encoding's range (an honest mix is)."""
         site = self.site
-        if self.setup.spans is None:
+        if self.setup.slices is None:
             raise wire.WireError(f"{msg.type} from {msg.sender}, but this federation's sums are not chunked")
-        mix = messages.parse_chunk(msg, self._span(msg.sender))
+        span, mix = messages.parse_chunk(msg, self._allowed(msg.sender))
         if msg.round < site.round or (msg.round == site.round and not site.mixing and not site.training):
             return []  # a round we mixed already: too late to matter, not a fault
         self.check_round(msg, site.round, site.round + 1)
@@ -373,7 +382,7 @@ class SecureMixer(Mixer):
         heard = self._chunks.setdefault(msg.round, {})
         if msg.sender in heard:
             raise wire.WireError(f"second {msg.type} from {msg.sender} for round {msg.round}")
-        heard[msg.sender] = mix
+        heard[msg.sender] = (span, mix)
         self._chunk_silent.discard(msg.sender)
         return self._step_sum(now)
 
@@ -385,12 +394,22 @@ class SecureMixer(Mixer):
         expected = [n for n in site.live(site.round) if n not in self._suspects and n not in self._chunk_silent]
         if any(n not in heard for n in expected) and now < collection.deadline:
             return []
-        for sender, mix in heard.items():
-            lo, hi = self._span(sender)
-            collection.flat[lo:hi] = mix
-        missing = sorted(set(site.neighbours) - set(heard))
-        self._chunk_silent = set(missing)
-        record = {**collection.record, "chunks_heard": len(heard), "chunks_missing": ",".join(missing)}
+        # Each slice from its own site's mix, else from its backup's (which stands in for it).
+        slices, missing = self.setup.slices, []
+        mine = collection.mixed
+        for owner, (lo, hi) in slices.spans.items():
+            if mine is not None and mine[0] <= lo and hi <= mine[1]:
+                continue  # our own sum mixed it
+            for source in (owner, slices.backup(owner)):
+                if source in heard and heard[source][0][0] <= lo and hi <= heard[source][0][1]:
+                    start = heard[source][0][0]
+                    collection.flat[lo:hi] = heard[source][1][lo - start:hi - start]
+                    break
+            else:
+                if owner != site.me:
+                    missing.append(owner)
+        self._chunk_silent = set(site.neighbours) - set(heard)
+        record = {**collection.record, "chunks_heard": len(heard), "chunks_missing": ",".join(sorted(missing))}
         self._collection = None
         self._chunks = {r: c for r, c in self._chunks.items() if r > site.round}
         return site.next_round(unflatten(collection.flat, collection.spec), record, now)
@@ -409,7 +428,7 @@ class SecureMixer(Mixer):
         self.check_round(msg, self.site.round, self.site.round + 1)
         request = messages.parse_group(msg, self.setup.federation)
         reason = check_request(request, federation=self.setup.federation, me=self.site.me,
-                               topology=self.site.graph, shared=self._run_shared, span=self._span(msg.sender))
+                               topology=self.site.graph, shared=self._run_shared, slices=self.setup.slices)
         if reason:
             raise wire.WireError(f"group request refused: {reason}")
         self._waiting_requests.setdefault(msg.round, {})[msg.sender] = request
@@ -421,7 +440,7 @@ class SecureMixer(Mixer):
         outcome = join(request, federation=self.setup.federation, me=site.me, topology=site.graph,
                        shared=self._run_shared, contribution=self._contributions[request.round],
                        weight=site.weights[aggregator][site.me], fixed_point=self.setup.fixed_point,
-                       joined=self._joined_rounds, span=self._span(aggregator))
+                       joined=self._joined_rounds, slices=self.setup.slices)
         if isinstance(outcome, Refusal):
             reason = f"group request of {aggregator} for round {request.round} refused: {outcome.reason}"
             if raise_refusal:
