@@ -285,8 +285,10 @@ class GossipProtocol(Protocol):
             # mix starts from a model the federation has left: it is adopted as it is.
             mixed = self.outer.step(start, mixed)
         record = {"mixed_round": self.round, **record}
-        self.rounds_mixed += record.get("survivors", 0) > 0 and not record.get("kept_own", False)
-        self.last_alone = self.last_alone + 1 if record.get("survivors", 0) == 0 else 0
+        # Chunked sums: the neighbours' mixes of their slices reach us even when our own sum did not run.
+        heard = record.get("chunks_heard", 0) > 0
+        self.rounds_mixed += heard or record.get("survivors", 0) > 0 and not record.get("kept_own", False)
+        self.last_alone = self.last_alone + 1 if record.get("survivors", 0) == 0 and not heard else 0
         self.own = None
         self.mixing = False
         self.start_model = mixed
