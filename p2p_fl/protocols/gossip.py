@@ -58,7 +58,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2p_fl.federate import FixedPoint, RunKey, fixed_point_for, metropolis_hastings_weights, sample_count_weights
+from p2p_fl.federate import (
+    FixedPoint,
+    RunKey,
+    Slices,
+    fixed_point_for,
+    metropolis_hastings_weights,
+    sample_count_weights,
+)
 from p2p_fl.federate.mixing import Adjacency
 from p2p_fl.federate.robust import AGGREGATIONS
 from p2p_fl.net import wire
