@@ -256,3 +256,39 @@ def test_a_member_gives_each_value_to_one_sum_a_round_so_no_two_published_mixes_
     restarted = sites_of(graph, 2, SAMPLES, secure)["c"]
     restarted.restore(state, arrays, 0.0)
     assert restarted.mixer._joined_rounds.given == {0: [(0, slices.spans["b"][1])]}
+
+
+def test_a_site_back_asking_to_sum_a_round_already_mixed_gets_the_members_published_mixes_once():
+    from p2p_fl.protocols import Refuse
+
+    graph = complete("abcde")
+    secure = setups(graph)
+    sites = sites_of(graph, 2, SAMPLES, secure, timeout=5.0)
+    for site in sites.values():
+        site.on_peers({"e"}, set(), {}, 0.0)
+    route(sites, train, deliver, silent=frozenset("e"), tick_s=1.0)
+    # e is back and rejoins round 1: its members gave e's slice to d, e's backup, that round.
+    request = start_sum(federation="fed", round=1, me="e", members="abcd", weights={m: 0.25 for m in "abcd"},
+                        fixed_point=secure["e"].fixed_point, length=np.subtract(*secure["e"].slices.spans["e"][::-1]),
+                        span=secure["e"].slices.spans["e"]).request
+    actions = sites["a"].on_message(deliver("e", messages.group("a", request)), 100.0)
+    (mix,) = [x for x in actions if isinstance(x, Send)]
+    assert mix.type == wire.GOSSIP_CHUNK and mix.to == "e" and mix.round == 1
+    assert (mix.meta["span_lo"], mix.meta["span_hi"]) == secure["a"].slices.spans["a"]
+    assert any(isinstance(x, Refuse) and "one sum a round" in x.reason for x in actions)
+    with pytest.raises(wire.WireError, match="one sum a round"):  # the mix went once: now just the refusal
+        sites["a"].on_message(deliver("e", messages.group("a", request)), 100.0)
+
+
+def test_mixes_of_at_most_two_rounds_ahead_are_kept():
+    graph = complete("abcde")
+    secure = setups(graph)
+    sites = sites_of(graph, 1000, SAMPLES, secure)
+    start_all(sites)
+    a = sites["a"]
+    span = secure["a"].slices.spans["b"]
+    mix = np.zeros(span[1] - span[0], np.float32)
+    for round_ in (3, 7):  # a is at round 0: kept for a rejoin
+        assert a.on_message(deliver("b", messages.chunk("a", round_, span, mix)), 0.0) == []
+    with pytest.raises(wire.WireError, match="two rounds ahead"):
+        a.on_message(deliver("b", messages.chunk("a", 900, span, mix)), 0.0)

@@ -112,6 +112,26 @@ def test_a_member_killed_inside_a_sum_is_recovered_and_comes_back(tmp_path, smal
             np.testing.assert_array_equal(first[site][k], second[site][k])
 
 
+def test_with_chunked_sums_a_site_killed_inside_a_sum_rejoins_from_the_others_published_mixes(tmp_path, small):
+    """The same fault with chunked sums: while hospital-03 is down its backup sums its slice;
+    back, it asks to join the round it rejoins, its members (who gave its slice to the
+    backup) refuse and send it their mixes of that round instead, and it finishes with the
+    others from the federation's model, not alone (exit 0)."""
+    topology = shipped_topology(tmp_path, "gossip-10.toml", **{"secure = true": "secure = true\nchunked = true"})
+    out = tmp_path / "run"
+    proc = launch(topology, out, "--data", str(small), "--peers", "5", "--rounds", "4", "--local-epochs", "1",
+                  "--engine", "inproc", "--kill", "hospital-03:1:sum:2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nodes = {n["name"]: n for n in json.loads((out / "summary.json").read_text())["nodes"]}
+    assert nodes["hospital-03"]["resumes"] == 1 and nodes["hospital-03"]["rejoined"] >= 1
+    rounds = [json.loads(line) for line in (out / "hospital-03" / "metrics.jsonl").read_text().splitlines()]
+    rejoined = next(r for r in rounds if "rejoined_from" in r)
+    assert rejoined["chunks_heard"] == 4 and rejoined["chunks_missing"] == "", rejoined
+    for name in set(nodes) - {"hospital-03"}:  # while it was down, its backup summed its slice
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert any(r.get("members") == 3 and r.get("chunks_missing") == "" for r in records), records
+
+
 def test_a_kill_option_names_a_site_and_a_round():
     assert Fault.parse("hospital-b:3") == Fault("hospital-b", 3, "train", None)
     assert Fault.parse("hospital-b:3:sum:2") == Fault("hospital-b", 3, "sum", 2)

@@ -98,9 +98,13 @@ class SecureMixer(Mixer):
         # Chunked sums: the neighbours' mixes of their slices by round, ours while they come
         # in, and the neighbours whose slice missed the last deadline (not waited for again
         # until one comes).
-        self._chunks: dict[int, dict[str, np.ndarray]] = {}
+        self._chunks: dict[int, dict[str, tuple[tuple[int, int], np.ndarray]]] = {}
         self._collection: _Collection | None = None
         self._chunk_silent: set[str] = set()
+        # Our last two published mixes: round -> (span, values, the neighbours it went to). A
+        # neighbour that asks us to join a sum of such a round rejoins it: it gets the mix.
+        self._published: dict[int, tuple[tuple[int, int], np.ndarray, set[str]]] = {}
+        self._asked: dict[int, set[str]] = {}  # round -> the neighbours that asked us to join a sum of it
         # Run keys: the peers' (as first received: they never change within a run), the
         # pairwise secrets for this run, and peer -> (next hello, wait after it).
         self._peer_run_keys: dict[str, bytes] = {}
@@ -121,7 +125,15 @@ class SecureMixer(Mixer):
             return self._on_hello(msg, now)
         self._suspects.discard(msg.sender)  # it is alive: ask it again next round
         if msg.type == wire.GOSSIP_GROUP:
-            return self._on_request(msg)
+            self._asked = {r: a for r, a in self._asked.items() if r >= self.site.round - 1}
+            self._asked.setdefault(msg.round, set()).add(msg.sender)
+            resend = self._resend_mix(msg)
+            if not resend:
+                return self._on_request(msg)
+            try:  # the mix, and our answer to the sum (a refusal, if we gave that slice already)
+                return resend + self._on_request(msg)
+            except wire.WireError as err:
+                return resend + [Refuse(str(err))]
         if msg.type == wire.GOSSIP_ANNOUNCE:
             return self._on_announcement(msg) + self._finish_when_served(now)
         if msg.type in (wire.GOSSIP_MASKED, wire.GOSSIP_RELEASE):
@@ -352,13 +364,31 @@ class SecureMixer(Mixer):
         if self.setup.slices is None:
             return site.next_round(own if result is None else unflatten(flat, spec), record, now)
         # Chunked: our span's mix to every live neighbour, then theirs.
-        sends = [] if result is None else [messages.chunk(n, site.round, span, flat[lo:hi])
-                                           for n in site.live(site.round)]
+        sends = []
+        if result is not None:
+            # The live neighbours, and any that asked us to join a sum of this round (one
+            # that rejoins it may not be live to us yet).
+            to = sorted(set(site.live(site.round)) | self._asked.get(site.round, set()))
+            self._published = {r: p for r, p in self._published.items() if r >= site.round - 1}
+            self._published[site.round] = (span, flat[lo:hi].copy(), set(to))
+            sends = [messages.chunk(n, site.round, span, flat[lo:hi]) for n in to]
         self._collection = _Collection(now + site.round_timeout_s, flat, spec, record,
                                        mixed=span if result is not None else None)
         return sends + self._step_collection(now)
 
     # Chunked sums: the neighbours' slices.
+
+    def _resend_mix(self, request: wire.Message) -> list[Action]:
+        """Our published mix of the round a neighbour we did not send it to asks us to sum
+        (it rejoins that round: the members may have given its slice to its backup); sent
+        once. The mix went to every live neighbour already: nothing new is revealed."""
+        if request.round not in self._published:
+            return []
+        span, mix, sent_to = self._published[request.round]
+        if request.sender in sent_to:
+            return []
+        sent_to.add(request.sender)
+        return [messages.chunk(request.sender, request.round, span, mix)]
 
     def _allowed(self, aggregator: str) -> set:
         """The slices `aggregator` may sum: {None} (the whole model) without chunked sums."""
@@ -375,7 +405,11 @@ class SecureMixer(Mixer):
         span, mix = messages.parse_chunk(msg, self._allowed(msg.sender))
         if msg.round < site.round or (msg.round == site.round and not site.mixing and not site.training):
             return []  # a round we mixed already: too late to matter, not a fault
-        self.check_round(msg, site.round, site.round + 1)
+        # Rounds ahead of ours: kept for a rejoin (at most two of them, so a neighbour cannot
+        # fill our memory with mixes of made-up rounds).
+        if msg.round not in self._chunks and len([r for r in self._chunks if r >= site.round]) >= 2:
+            raise wire.WireError(f"{msg.type} for round {msg.round}: mixes of two rounds ahead are kept already")
+        self.check_round(msg, site.round, site.rounds - 1)
         if not np.all(np.isfinite(mix)) or np.max(np.abs(mix), initial=0.0) > self.setup.fixed_point.clip:
             raise wire.WireError(f"{msg.type} from {msg.sender} holds values no mix can take "
                                  f"(non-finite, or beyond +-{self.setup.fixed_point.clip:g})")
