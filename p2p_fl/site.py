@@ -20,7 +20,15 @@ import numpy as np
 
 from p2p_fl.checkpoint import FILENAME as CHECKPOINT_FILE
 from p2p_fl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefixed
-from p2p_fl.config import RING_PROTOCOLS, ConfigError, Topology, TrainingConfig, gossip_graph, logit_adjustment_applies
+from p2p_fl.config import (
+    RING_PROTOCOLS,
+    ConfigError,
+    Topology,
+    TrainingConfig,
+    chunked_sums,
+    gossip_graph,
+    logit_adjustment_applies,
+)
 from p2p_fl.data import Dataset, Split
 from p2p_fl.federate import Slices, flatten, shared_secrets_with
 from p2p_fl.files import write_json, write_npz
@@ -138,7 +146,7 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None, initial: Wei
             near = set(graph[me]).union(*(graph[n] for n in graph[me])) - {me}
             keys = {p: k for p, k in curve.peer_keys.items() if p in near}
             slices = None
-            if t.gossip.chunked:
+            if chunked_sums(t):
                 if initial is None:
                     raise ValueError("chunked secure gossip needs the initial model to cut into slices")
                 slices = Slices.of(graph, flatten(initial)[0].size)

@@ -12,7 +12,7 @@ import pytest
 from routing import route
 from test_protocol_gossip import moves, secure_setups, start_all
 
-from p2p_fl.config import ConfigError, parse_topology
+from p2p_fl.config import ConfigError, chunked_sums, parse_topology
 from p2p_fl.federate import Slices, chunk_spans, complete, error_bound, isolating_view, start_sum
 from p2p_fl.net import wire
 from p2p_fl.protocols import GossipProtocol, Send
@@ -181,29 +181,21 @@ def test_what_a_site_learns_from_the_published_mixes_isolates_nobody():
 
 
 def test_config_takes_chunked_sums_only_secure_on_the_complete_graph():
-    base = """
+    import zmq
+
+    text = """
 federation = "fed"
 protocol = "gossip"
-[[peers]]
-name = "a"
-address = "tcp://127.0.0.1:5001"
-[[peers]]
-name = "b"
-address = "tcp://127.0.0.1:5002"
-[[peers]]
-name = "c"
-address = "tcp://127.0.0.1:5003"
-[[peers]]
-name = "d"
-address = "tcp://127.0.0.1:5004"
-[network]
-insecure = true
 [gossip]
-secure = false
-"""
-    for extra in ("chunked = true\n", "chunked = true\ngraph = \"ring\"\n"):
+secure = true
+chunked = true
+""" + "".join(f'[[peers]]\nname = "{n}"\naddress = "tcp://127.0.0.1:500{i}"\n'
+              f'public_key = "{zmq.curve_keypair()[0].decode()}"\n' for i, n in enumerate("abcd"))
+    assert chunked_sums(parse_topology(tomllib.loads(text)))
+    assert not chunked_sums(parse_topology(tomllib.loads(text.replace("chunked = true", "chunked = false"))))
+    for wrong in ("secure = false", 'secure = true\ngraph = "ring"'):
         with pytest.raises(ConfigError, match="chunked"):
-            parse_topology(tomllib.loads(base + extra))
+            parse_topology(tomllib.loads(text.replace("secure = true", wrong)))
 
 
 def test_slices_cover_the_model_once_in_name_order():

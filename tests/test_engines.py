@@ -117,7 +117,7 @@ def test_with_chunked_sums_a_site_killed_inside_a_sum_rejoins_from_the_others_pu
     back, it asks to join the round it rejoins, its members (who gave its slice to the
     backup) refuse and send it their mixes of that round instead, and it finishes with the
     others from the federation's model, not alone (exit 0)."""
-    topology = shipped_topology(tmp_path, "gossip-10.toml", **{"secure = true": "secure = true\nchunked = true"})
+    topology = shipped_topology(tmp_path, "gossip-10.toml", **{"chunked = false": "chunked = true"})
     out = tmp_path / "run"
     proc = launch(topology, out, "--data", str(small), "--peers", "5", "--rounds", "4", "--local-epochs", "1",
                   "--engine", "inproc", "--kill", "hospital-03:1:sum:2")
