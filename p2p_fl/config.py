@@ -102,9 +102,9 @@ class GossipConfig:
     # Secure sums on the complete graph as a reduce-scatter: each site sums one slice of the
     # model over all the others and sends its mix of that slice to each of them, so a site
     # sends about twice its model a round instead of once per neighbour, and the sites end
-    # with the same model to the last bit (docs/protocols.md, "Chunked sums"). Not yet the
-    # default: a site that restarts and falls two rounds behind may end the run alone.
-    chunked: bool = False
+    # with the same model to the last bit (docs/protocols.md, "Chunked sums"). No effect on
+    # other graphs (each site's neighbourhood is its own) nor on plain gossip (`chunked_sums`).
+    chunked: bool = True
     round_timeout_s: float = 120.0  # after its own training, a site waits this long for its neighbours
     # Secure sums encode weights in fixed point in uint32; values beyond +-clip are clipped
     # (and counted). The scale is the finest at which no neighbourhood sum can wrap.
@@ -300,8 +300,9 @@ def load_topology(path: str | Path) -> Topology:
 
 
 def chunked_sums(t: Topology) -> bool:
-    """Whether this federation's gossip sums are chunked (`gossip.chunked`, which the config
-    takes only with secure sums on the complete graph)."""
+    """Whether this federation's gossip sums are chunked: `gossip.chunked` (the default) with
+    secure sums on the complete graph. Elsewhere each sum is over a site's whole neighbourhood
+    model: on other graphs each site's neighbourhood is its own."""
     return t.protocol == "gossip" and t.gossip.secure and t.gossip.chunked and t.gossip.graph == "complete"
 
 
@@ -538,9 +539,6 @@ def _check_gossip(t: Topology, fail) -> None:
         fail(f"gossip.{'edges' if g.graph == 'edges' else 'graph'}: {err}")
     if not mixing.is_connected(graph):
         fail(f"gossip.graph {g.graph!r} is disconnected: every peer must reach every other")
-    if g.chunked and not (g.secure and g.graph == "complete"):
-        fail("gossip.chunked = true needs gossip.secure = true and gossip.graph = \"complete\": each site "
-             "sums one slice of the model over all the others")
     if g.secure:
         leak = isolating_view(graph, chunked=chunked_sums(t))
         if leak:

@@ -12,7 +12,7 @@ import pytest
 from routing import route
 from test_protocol_gossip import moves, secure_setups, start_all
 
-from p2p_fl.config import ConfigError, chunked_sums, parse_topology
+from p2p_fl.config import chunked_sums, parse_topology
 from p2p_fl.federate import Slices, chunk_spans, complete, error_bound, isolating_view, start_sum
 from p2p_fl.net import wire
 from p2p_fl.protocols import GossipProtocol, Send
@@ -180,7 +180,7 @@ def test_what_a_site_learns_from_the_published_mixes_isolates_nobody():
         assert isolating_view(complete([f"s{i}" for i in range(n)]), chunked=True) is None
 
 
-def test_config_takes_chunked_sums_only_secure_on_the_complete_graph():
+def test_sums_are_chunked_by_default_where_every_site_has_the_same_neighbourhood():
     import zmq
 
     text = """
@@ -188,14 +188,13 @@ federation = "fed"
 protocol = "gossip"
 [gossip]
 secure = true
-chunked = true
 """ + "".join(f'[[peers]]\nname = "{n}"\naddress = "tcp://127.0.0.1:500{i}"\n'
               f'public_key = "{zmq.curve_keypair()[0].decode()}"\n' for i, n in enumerate("abcd"))
     assert chunked_sums(parse_topology(tomllib.loads(text)))
-    assert not chunked_sums(parse_topology(tomllib.loads(text.replace("chunked = true", "chunked = false"))))
-    for wrong in ("secure = false", 'secure = true\ngraph = "ring"'):
-        with pytest.raises(ConfigError, match="chunked"):
-            parse_topology(tomllib.loads(text.replace("secure = true", wrong)))
+    assert not chunked_sums(parse_topology(tomllib.loads(text.replace("secure = true", "secure = true\nchunked = false"))))
+    # Plain gossip holds models in the clear; on a ring each site's neighbourhood is its own.
+    for other in ("secure = false", 'secure = true\ngraph = "ring"'):
+        assert not chunked_sums(parse_topology(tomllib.loads(text.replace("secure = true", other))))
 
 
 def test_slices_cover_the_model_once_in_name_order():
@@ -272,7 +271,7 @@ def test_a_site_back_asking_to_sum_a_round_already_mixed_gets_the_members_publis
         sites["a"].on_message(deliver("e", messages.group("a", request)), 100.0)
 
 
-def test_mixes_of_at_most_two_rounds_ahead_are_kept():
+def test_mixes_of_the_latest_two_rounds_ahead_are_kept():
     graph = complete("abcde")
     secure = setups(graph)
     sites = sites_of(graph, 1000, SAMPLES, secure)
@@ -280,7 +279,8 @@ def test_mixes_of_at_most_two_rounds_ahead_are_kept():
     a = sites["a"]
     span = secure["a"].slices.spans["b"]
     mix = np.zeros(span[1] - span[0], np.float32)
-    for round_ in (3, 7):  # a is at round 0: kept for a rejoin
+    for round_ in (3, 7, 900):  # a is at round 0: the latest two kept for a rejoin
         assert a.on_message(deliver("b", messages.chunk("a", round_, span, mix)), 0.0) == []
-    with pytest.raises(wire.WireError, match="two rounds ahead"):
-        a.on_message(deliver("b", messages.chunk("a", 900, span, mix)), 0.0)
+    assert sorted(a.mixer._chunks) == [7, 900]
+    with pytest.raises(wire.WireError, match="later ones"):
+        a.on_message(deliver("c", messages.chunk("a", 5, secure["a"].slices.spans["c"], mix)), 0.0)

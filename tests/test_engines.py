@@ -88,8 +88,10 @@ def test_a_member_killed_inside_a_sum_is_recovered_and_comes_back(tmp_path, smal
     (before it could release its shares) and restarts from its checkpoint when the others
     reach round 3. Every other site's round-1 sum still opens with it as a survivor (its
     self-mask recovered from the others' shares), it rejoins and finishes with the others.
-    Run twice, the run unfolds the same way to the last bit."""
-    topology = shipped_topology(tmp_path, "gossip-10.toml")  # complete graph: groups of 4 at 5 sites
+    Run twice, the run unfolds the same way to the last bit. Full sums (each over the whole
+    model); the next test runs the same fault with chunked sums, the default."""
+    # Complete graph: groups of 4 at 5 sites.
+    topology = shipped_topology(tmp_path, "gossip-10.toml", **{"chunked = true": "chunked = false"})
     outs = []
     for attempt in range(2):
         out = tmp_path / f"run{attempt}"
@@ -117,7 +119,7 @@ def test_with_chunked_sums_a_site_killed_inside_a_sum_rejoins_from_the_others_pu
     back, it asks to join the round it rejoins, its members (who gave its slice to the
     backup) refuse and send it their mixes of that round instead, and it finishes with the
     others from the federation's model, not alone (exit 0)."""
-    topology = shipped_topology(tmp_path, "gossip-10.toml", **{"chunked = false": "chunked = true"})
+    topology = shipped_topology(tmp_path, "gossip-10.toml")
     out = tmp_path / "run"
     proc = launch(topology, out, "--data", str(small), "--peers", "5", "--rounds", "4", "--local-epochs", "1",
                   "--engine", "inproc", "--kill", "hospital-03:1:sum:2")

@@ -169,7 +169,11 @@ class SecureMixer(Mixer):
 
     def abandon_sum(self) -> bool:
         # Its members no longer hold models for a round the others have left. Closed
-        # unannounced, nothing was released; a rejoining sum is never abandoned.
+        # unannounced, nothing was released; a rejoining sum is never abandoned. Waiting for
+        # the neighbours' mixes (chunked sums: ours went out already) is abandoned too.
+        if self._collection is not None:
+            self._collection = None
+            return True
         agg = self._aggregation
         if agg is None or agg.announced or agg.rejoin_from is not None:
             return False
@@ -302,6 +306,11 @@ class SecureMixer(Mixer):
         if agg is None:
             return self._mix(None, "fewer than 2 live neighbours with run keys", now)
         session = agg.session
+        if (self.setup.slices is not None and not agg.announced and agg.rejoin_from is not None
+                and not self._missing_slices(including_mine=True)):
+            # Rejoining a round whose every slice came in the neighbours' published mixes:
+            # our own sum (its members may have given our slice to our backup) adds nothing.
+            return self._mix(None, "rejoined from the round's published mixes", now)
         if not agg.announced:
             outstanding = set(session.request.members) - set(session.replies) - site.dead
             # Remembered, not judged at the deadline alone: a member that reached our round
@@ -405,11 +414,15 @@ class SecureMixer(Mixer):
         span, mix = messages.parse_chunk(msg, self._allowed(msg.sender))
         if msg.round < site.round or (msg.round == site.round and not site.mixing and not site.training):
             return []  # a round we mixed already: too late to matter, not a fault
-        # Rounds ahead of ours: kept for a rejoin (at most two of them, so a neighbour cannot
-        # fill our memory with mixes of made-up rounds).
-        if msg.round not in self._chunks and len([r for r in self._chunks if r >= site.round]) >= 2:
-            raise wire.WireError(f"{msg.type} for round {msg.round}: mixes of two rounds ahead are kept already")
         self.check_round(msg, site.round, site.rounds - 1)
+        # Rounds ahead of ours: kept for a rejoin, the latest two of them (a site behind
+        # rejoins at the latest; two, so a neighbour cannot fill our memory with mixes of
+        # made-up rounds).
+        ahead = sorted(r for r in self._chunks if r > site.round)
+        if msg.round > site.round and msg.round not in self._chunks and len(ahead) >= 2:
+            if msg.round < ahead[0]:
+                raise wire.WireError(f"{msg.type} for round {msg.round}: mixes of rounds {ahead} are kept, later ones")
+            del self._chunks[ahead[0]]
         if not np.all(np.isfinite(mix)) or np.max(np.abs(mix), initial=0.0) > self.setup.fixed_point.clip:
             raise wire.WireError(f"{msg.type} from {msg.sender} holds values no mix can take "
                                  f"(non-finite, or beyond +-{self.setup.fixed_point.clip:g})")
@@ -428,25 +441,34 @@ class SecureMixer(Mixer):
         expected = [n for n in site.live(site.round) if n not in self._suspects and n not in self._chunk_silent]
         if any(n not in heard for n in expected) and now < collection.deadline:
             return []
-        # Each slice from its own site's mix, else from its backup's (which stands in for it).
-        slices, missing = self.setup.slices, []
-        mine = collection.mixed
-        for owner, (lo, hi) in slices.spans.items():
-            if mine is not None and mine[0] <= lo and hi <= mine[1]:
-                continue  # our own sum mixed it
-            for source in (owner, slices.backup(owner)):
-                if source in heard and heard[source][0][0] <= lo and hi <= heard[source][0][1]:
-                    start = heard[source][0][0]
-                    collection.flat[lo:hi] = heard[source][1][lo - start:hi - start]
-                    break
-            else:
-                if owner != site.me:
-                    missing.append(owner)
+        missing = self._missing_slices(collection.flat, collection.mixed)
         self._chunk_silent = set(site.neighbours) - set(heard)
         record = {**collection.record, "chunks_heard": len(heard), "chunks_missing": ",".join(sorted(missing))}
         self._collection = None
         self._chunks = {r: c for r, c in self._chunks.items() if r > site.round}
         return site.next_round(unflatten(collection.flat, collection.spec), record, now)
+
+    def _missing_slices(self, flat: np.ndarray | None = None, mine: tuple[int, int] | None = None,
+                        including_mine: bool = False) -> list[str]:
+        """The sites whose slice of this round no mix we hold covers (ours only if
+        `including_mine`), each slice taken from its own site's mix, else from its backup's
+        (which stands in for it); with `flat`, written into it. `mine`: the span our own sum
+        mixed (None: none)."""
+        site, slices, missing = self.site, self.setup.slices, []
+        heard = self._chunks.get(site.round, {})
+        for owner, (lo, hi) in slices.spans.items():
+            if mine is not None and mine[0] <= lo and hi <= mine[1]:
+                continue  # our own sum mixed it
+            for source in (owner, slices.backup(owner)):
+                if source in heard and heard[source][0][0] <= lo and hi <= heard[source][0][1]:
+                    if flat is not None:
+                        start = heard[source][0][0]
+                        flat[lo:hi] = heard[source][1][lo - start:hi - start]
+                    break
+            else:
+                if owner != site.me or including_mine:
+                    missing.append(owner)
+        return missing
 
     def _clipped(self) -> int:
         """Values clipped by the fixed-point encoding in the sums we joined this round."""
