@@ -10,7 +10,7 @@ than 2 members, or a sum that fails, keeps the site's own model for that round. 
 sums (`SecureSetup.slices`, the complete graph) each sum is over the aggregator's slice of
 the model only, and the slices of the sites it stands in for that are down: it sends its mix
 of that span to every live neighbour (gossip-chunk) and takes theirs, until all came or the
-round's time ran out; a slice that came from nobody stays the site's own that round, and a
+round's time ran out; a slice that came from nobody keeps the round's start values, and a
 neighbour whose mix did not come is not waited for again until one comes. A neighbour
 that missed a sum is left out of the next groups until it is heard from again; so is a
 survivor that released nothing (a group of 3 tolerates no dropout).
@@ -381,6 +381,14 @@ class SecureMixer(Mixer):
             self._published = {r: p for r, p in self._published.items() if r >= site.round - 1}
             self._published[site.round] = (span, flat[lo:hi].copy(), set(to))
             sends = [messages.chunk(n, site.round, span, flat[lo:hi]) for n in to]
+        # A slice no mix will bring keeps the values the round started from (the federation's
+        # last mix, the same at every site): the sites stay identical, that slice does not move.
+        start = site.start_model if site.start_model is not None else site.initial
+        if start is not None and site.own is not None:
+            base = flatten({name: start[name] for name in own})[0]
+            if result is not None:
+                base[lo:hi] = flat[lo:hi]
+            flat = base
         self._collection = _Collection(now + site.round_timeout_s, flat, spec, record,
                                        mixed=span if result is not None else None)
         return sends + self._step_collection(now)
@@ -435,7 +443,7 @@ class SecureMixer(Mixer):
 
     def _step_collection(self, now: float) -> list[Action]:
         """Puts the round's model together once every expected neighbour's slice came, or at
-        the deadline with what came (a missing slice stays our own), and moves on."""
+        the deadline with what came (a missing slice keeps the round's start values), and moves on."""
         site, collection = self.site, self._collection
         heard = self._chunks.get(site.round, {})
         expected = [n for n in site.live(site.round) if n not in self._suspects and n not in self._chunk_silent]
