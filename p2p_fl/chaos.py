@@ -338,7 +338,10 @@ def _check_ring(topology, metrics: dict, models: dict, faults: list[Fault]) -> l
 def _check_gossip(sites: list[str], metrics: dict, models: dict, results: dict, tolerance: float,
                   violations: list[str]) -> dict:
     last = {site: next((r for r in reversed(metrics[site]) if "mixed_round" in r), None) for site in sites}
-    full = [s for s in sites if last[s] and not last[s].get("kept_own") and last[s]["survivors"] == len(sites) - 1]
+    # With chunked sums a site's model also takes in the others' mixes of their slices: one
+    # that missed a mix, or took a slice from a backup's mix, may hold another model.
+    full = [s for s in sites if last[s] and not last[s].get("kept_own") and last[s]["survivors"] == len(sites) - 1
+            and not last[s].get("chunks_missing") and not last[s].get("chunks_stood_in")]
     for site in full[1:]:
         difference = max(float(np.max(np.abs(models[site][k] - models[full[0]][k]))) for k in models[site])
         if difference > tolerance:

@@ -219,6 +219,7 @@ def test_the_slice_of_a_site_known_down_is_summed_by_its_backup_and_every_site_e
     assert sorted(finals) == list("abcd")
     for n in finals:
         assert finals[n].meta["chunks_missing"] == "" and finals[n].meta["survivors"] == 3
+        assert finals[n].meta["chunks_stood_in"] == "e"
         for k in ("w", "b"):
             np.testing.assert_array_equal(finals[n].weights[k], finals["a"].weights[k])
     groups = [s for _, s in trace.sent if s.type == wire.GOSSIP_GROUP]

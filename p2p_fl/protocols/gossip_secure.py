@@ -307,7 +307,7 @@ class SecureMixer(Mixer):
             return self._mix(None, "fewer than 2 live neighbours with run keys", now)
         session = agg.session
         if (self.setup.slices is not None and not agg.announced and agg.rejoin_from is not None
-                and not self._missing_slices(including_mine=True)):
+                and not self._slice_sources(including_mine=True)[0]):
             # Rejoining a round whose every slice came in the neighbours' published mixes:
             # our own sum (its members may have given our slice to our backup) adds nothing.
             return self._mix(None, "rejoined from the round's published mixes", now)
@@ -449,34 +449,42 @@ class SecureMixer(Mixer):
         expected = [n for n in site.live(site.round) if n not in self._suspects and n not in self._chunk_silent]
         if any(n not in heard for n in expected) and now < collection.deadline:
             return []
-        missing = self._missing_slices(collection.flat, collection.mixed)
+        missing, stood_in = self._slice_sources(collection.flat, collection.mixed)
         self._chunk_silent = set(site.neighbours) - set(heard)
-        record = {**collection.record, "chunks_heard": len(heard), "chunks_missing": ",".join(sorted(missing))}
+        record = {**collection.record, "chunks_heard": len(heard), "chunks_missing": ",".join(sorted(missing)),
+                  "chunks_stood_in": ",".join(sorted(stood_in))}
         self._collection = None
         self._chunks = {r: c for r, c in self._chunks.items() if r > site.round}
         return site.next_round(unflatten(collection.flat, collection.spec), record, now)
 
-    def _missing_slices(self, flat: np.ndarray | None = None, mine: tuple[int, int] | None = None,
-                        including_mine: bool = False) -> list[str]:
-        """The sites whose slice of this round no mix we hold covers (ours only if
-        `including_mine`), each slice taken from its own site's mix, else from its backup's
-        (which stands in for it); with `flat`, written into it. `mine`: the span our own sum
-        mixed (None: none)."""
-        site, slices, missing = self.site, self.setup.slices, []
+    def _slice_sources(self, flat: np.ndarray | None = None, mine: tuple[int, int] | None = None,
+                       including_mine: bool = False) -> tuple[list[str], list[str]]:
+        """(missing, stood in): the sites whose slice of this round no mix covers (ours only
+        if `including_mine`), and those whose slice came from their backup's mix. Each slice
+        is taken from its own site's mix, else from its backup's (which stands in for it), the
+        same choice at every site that heard the same; with `flat`, written into it. `mine`:
+        the span our own sum mixed, already in `flat` (None: none)."""
+        site, slices, missing, stood_in = self.site, self.setup.slices, [], []
         heard = self._chunks.get(site.round, {})
         for owner, (lo, hi) in slices.spans.items():
-            if mine is not None and mine[0] <= lo and hi <= mine[1]:
-                continue  # our own sum mixed it
-            for source in (owner, slices.backup(owner)):
-                if source in heard and heard[source][0][0] <= lo and hi <= heard[source][0][1]:
+            source = None
+            for candidate in (owner, slices.backup(owner)):
+                if candidate == site.me:
+                    if mine is not None and mine[0] <= lo and hi <= mine[1]:
+                        source = candidate
+                        break
+                elif candidate in heard and heard[candidate][0][0] <= lo and hi <= heard[candidate][0][1]:
                     if flat is not None:
-                        start = heard[source][0][0]
-                        flat[lo:hi] = heard[source][1][lo - start:hi - start]
+                        start = heard[candidate][0][0]
+                        flat[lo:hi] = heard[candidate][1][lo - start:hi - start]
+                    source = candidate
                     break
-            else:
+            if source is None:
                 if owner != site.me or including_mine:
                     missing.append(owner)
-        return missing
+            elif source != owner:
+                stood_in.append(owner)
+        return missing, stood_in
 
     def _clipped(self) -> int:
         """Values clipped by the fixed-point encoding in the sums we joined this round."""
