@@ -273,6 +273,13 @@ def test_a_site_back_asking_to_sum_a_round_already_mixed_gets_the_members_publis
     assert any(isinstance(x, Refuse) and "one sum a round" in x.reason for x in actions)
     with pytest.raises(wire.WireError, match="one sum a round"):  # the mix went once: now just the refusal
         sites["a"].on_message(deliver("e", messages.group("a", request)), 100.0)
+    # Requests for rounds no mix of ours can be for are not remembered (memory stays bounded).
+    asked = dict(sites["a"].mixer._asked)
+    for round_ in (50, 900_000):
+        far = request._replace(round=round_)
+        with pytest.raises(wire.WireError):
+            sites["a"].on_message(deliver("e", messages.group("a", far)), 100.0)
+    assert sites["a"].mixer._asked == asked
 
 
 def test_mixes_of_the_latest_two_rounds_ahead_are_kept():

@@ -125,8 +125,9 @@ class SecureMixer(Mixer):
             return self._on_hello(msg, now)
         self._suspects.discard(msg.sender)  # it is alive: ask it again next round
         if msg.type == wire.GOSSIP_GROUP:
-            self._asked = {r: a for r, a in self._asked.items() if r >= self.site.round - 1}
-            self._asked.setdefault(msg.round, set()).add(msg.sender)
+            if abs(msg.round - self.site.round) <= 1:  # the rounds a mix of ours can be for
+                self._asked = {r: a for r, a in self._asked.items() if r >= self.site.round - 1}
+                self._asked.setdefault(msg.round, set()).add(msg.sender)
             resend = self._resend_mix(msg)
             if not resend:
                 return self._on_request(msg)
