@@ -424,21 +424,20 @@ class SecureMixer(Mixer):
         if msg.round < site.round or (msg.round == site.round and not site.mixing and not site.training):
             return []  # a round we mixed already: too late to matter, not a fault
         self.check_round(msg, site.round, site.rounds - 1)
+        if not np.all(np.isfinite(mix)) or np.max(np.abs(mix), initial=0.0) > self.setup.fixed_point.clip:
+            raise wire.WireError(f"{msg.type} from {msg.sender} holds values no mix can take "
+                                 f"(non-finite, or beyond +-{self.setup.fixed_point.clip:g})")
+        if msg.sender in self._chunks.get(msg.round, {}):
+            raise wire.WireError(f"second {msg.type} from {msg.sender} for round {msg.round}")
         # Rounds ahead of ours: kept for a rejoin, the latest two of them (a site behind
         # rejoins at the latest; two, so a neighbour cannot fill our memory with mixes of
-        # made-up rounds).
+        # made-up rounds). Checked last: a refused mix changes nothing.
         ahead = sorted(r for r in self._chunks if r > site.round)
         if msg.round > site.round and msg.round not in self._chunks and len(ahead) >= 2:
             if msg.round < ahead[0]:
                 raise wire.WireError(f"{msg.type} for round {msg.round}: mixes of rounds {ahead} are kept, later ones")
             del self._chunks[ahead[0]]
-        if not np.all(np.isfinite(mix)) or np.max(np.abs(mix), initial=0.0) > self.setup.fixed_point.clip:
-            raise wire.WireError(f"{msg.type} from {msg.sender} holds values no mix can take "
-                                 f"(non-finite, or beyond +-{self.setup.fixed_point.clip:g})")
-        heard = self._chunks.setdefault(msg.round, {})
-        if msg.sender in heard:
-            raise wire.WireError(f"second {msg.type} from {msg.sender} for round {msg.round}")
-        heard[msg.sender] = (span, mix)
+        self._chunks.setdefault(msg.round, {})[msg.sender] = (span, mix)
         self._chunk_silent.discard(msg.sender)
         return self._step_sum(now)
 
