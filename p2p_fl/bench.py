@@ -511,7 +511,7 @@ def bench_inproc(quick: bool) -> Iterator[dict]:
     with tempfile.TemporaryDirectory(prefix="p2p-fl-bench-") as tmp:
         central = _child({"kind": "centralized", "out": f"{tmp}/central", "epochs": rounds})
         secure = _child({"kind": "inproc", "out": f"{tmp}/secure", "template": "gossip-10.toml", "peers": sites,
-                         "rounds": rounds, "secure": True})
+                         "rounds": rounds, "secure": True, "chunked": False})  # full sums: the reference
         plain = _child({"kind": "inproc", "out": f"{tmp}/plain", "template": "gossip-10.toml", "peers": sites,
                         "rounds": rounds, "secure": False})
         chunked = _child({"kind": "inproc", "out": f"{tmp}/chunked", "template": "gossip-10.toml", "peers": sites,
@@ -614,7 +614,7 @@ def _child_run(spec: dict) -> dict:
                                   rounds=spec["rounds"], local_epochs=1)
         topology = dataclasses.replace(
             topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"],
-                                                 chunked=spec.get("chunked", False)),
+                                                 chunked=spec.get("chunked", topology.gossip.chunked)),
             training=dataclasses.replace(topology.training, min_local_steps=0),
             data=dataclasses.replace(topology.data, score_last_rounds=spec.get("score_last_rounds",
                                                                                topology.data.score_last_rounds)))

@@ -277,10 +277,6 @@ class Slices:
         subsets = [[k for i, k in enumerate(others) if mask >> i & 1] for mask in range(1 << len(others))]
         return {self.span(aggregator, down) for down in subsets}
 
-    def owned(self, span: tuple[int, int]) -> list[str]:
-        """The sites whose slices `span` covers."""
-        return [k for k, (lo, hi) in self.spans.items() if span[0] <= lo and hi <= span[1]]
-
 
 def chunk_spans(sites, length: int) -> dict[str, tuple[int, int]]:
     """Chunked sums: the slice [lo, hi) of the flat model each site aggregates, contiguous
