@@ -25,7 +25,8 @@ the figure needs to be read (`reference_is`, sizes, repeats). Families:
   against the model's size; the same with chunked sums (gossip.chunked: bytes, and the
   round against plain gossip's).
 * inproc-large: 100 sites of secure gossip on a 4-regular graph (5 rounds) and 1,000 (3
-  rounds): peak RSS, and time per image trained against 10 sites of the same; each site
+  rounds): peak RSS, and time per image trained against 10 sites of the same; the 100-site
+  round against plain gossip's in the same settings; each site
   scores its final model on the common test set, not the last rounds' ones
   (data.score_last_rounds = 0: that pass per site and round grows with the sites).
 * processes: the process engine's memory and start-up: 10 sites x 3 rounds of secure
@@ -553,6 +554,12 @@ def bench_inproc_large(quick: bool) -> Iterator[dict]:
                          peers=sites, rounds=rounds, score_last_rounds=0, peak_rss_mb=result["peak_rss_mb"],
                          wall_s=result["wall_s"],
                          round_s=result["round_s"], test_auc=result["test_auc"])
+            if sites == runs[1][0]:  # what the secure sums cost at this size: the same run, plain
+                plain = _child({"kind": "inproc", "out": f"{tmp}/k4-{sites}-plain", "template": "gossip-10-k4.toml",
+                                "peers": sites, "rounds": rounds, "secure": False, "score_last_rounds": 0})
+                yield figure("inproc-large", f"inproc_secure_vs_plain_round_{sites}sites_4regular", result["round_s"],
+                             plain["round_s"], "s per round", reference_is="plain gossip, same settings, same engine",
+                             peers=sites, rounds=rounds, wall_s=result["wall_s"], reference_wall_s=plain["wall_s"])
 
 
 def bench_processes(quick: bool) -> Iterator[dict]:

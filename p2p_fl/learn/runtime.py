@@ -1,4 +1,5 @@
-"""Process-wide JAX settings: XLA threads and the persistent compilation cache.
+"""Process-wide JAX settings: XLA threads, the persistent compilation cache, and how
+freed memory is kept.
 
 Call ``configure_jax`` once, at process start, before the first JAX
 computation: XLA reads its thread count when the backend initialises.
@@ -11,7 +12,9 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import jax
 from jax._src import xla_bridge  # backends_are_initialized has no public alias.
@@ -20,6 +23,11 @@ from jax._src import xla_bridge  # backends_are_initialized has no public alias.
 # initialises. Measured with jax 0.10: NPROC=1 holds a process to one core,
 # while --xla_cpu_multi_thread_eigen=false leaves matrix products threaded.
 _THREADS_ENV = "NPROC"
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Freed memory up to this size stays mapped in the process (see keep_freed_memory).
+KEPT_FREED_BYTES = 1 << 30
 
 
 def configure_jax(threads: int | None = None, cache_dir: str | None = None) -> None:
@@ -34,11 +42,14 @@ def configure_jax(threads: int | None = None, cache_dir: str | None = None) -> N
         however small or quick to compile, since a node compiles the same
         few programs and CPU compiles are short but add up at start-up.
 
+    Also keeps freed memory mapped (``keep_freed_memory``).
+
     Raises:
       ValueError: threads < 1.
       RuntimeError: threads given after the JAX backend was initialised
         (the first computation or device query), when it can no longer apply.
     """
+    keep_freed_memory()
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -51,6 +62,32 @@ def configure_jax(threads: int | None = None, cache_dir: str | None = None) -> N
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc keep freed blocks of up to ``KEPT_FREED_BYTES`` for reuse.
+
+    By default glibc maps every block over 32 MB afresh and unmaps it when freed. XLA:CPU
+    allocates each run's temporaries as such a block (one training step of small-cnn on
+    64 images: about 57 MB), so every jitted call paid the page faults of touching it
+    again: 12 of the 35 ms of a one-step epoch on this project's 2-core machine, a third
+    of a small site's training. Kept, the next call reuses the pages already in place.
+    Peak memory is what the largest call needs either way; between calls the process
+    keeps up to that much instead of returning it.
+
+    Returns:
+      True where it applied (Linux with glibc); elsewhere nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # another C library (musl): its own allocator
+        return False
+    # The trim threshold too: a freed block at the heap's top beyond it would be returned.
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEPT_FREED_BYTES)
+                and mallopt(_M_TRIM_THRESHOLD, KEPT_FREED_BYTES))
 
 
 def describe_backend() -> str:

@@ -914,7 +914,7 @@ class Learner:
     def reset_optimizer(self) -> None:
         """Fresh optimizer state (e.g. for a model that arrived from another
         site), keeping the current learning rate and other hyperparameters."""
-        fresh = self._tx.init(self._state.params)
+        fresh = _fresh_optimizer_state(self._state.params, tx=self._tx)
         self._state = self._state._replace(
             opt_state=fresh._replace(hyperparams=dict(self._state.opt_state.hyperparams)))
 
@@ -1050,6 +1050,13 @@ def secret_training_key(secret: bytes) -> jax.Array:
         template.size * template.dtype.itemsize)
     data = np.frombuffer(digest, template.dtype).reshape(template.shape)
     return jax.random.wrap_key_data(jnp.asarray(data))
+
+
+@functools.partial(jax.jit, static_argnames=("tx",))
+def _fresh_optimizer_state(params, *, tx: optax.GradientTransformation):
+    """``tx.init`` as one compiled call: eagerly it is dozens of small JAX operations,
+    1.6 ms for small-cnn's Adam, paid by every site at every round."""
+    return tx.init(params)
 
 
 def _with_learning_rate(opt_state, learning_rate: float):

@@ -20,6 +20,7 @@ Frames 1..n: the raw little-endian bytes of each tensor, C order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -239,7 +240,7 @@ def expected_spec(msg_type: str, tensor_spec: TensorSpec, meta: Mapping[str, Any
             missing or malformed.
     """
     meta = meta or {}
-    length = sum(int(np.prod(s, dtype=np.int64)) for _, _, s in tensor_spec)
+    length = sum(math.prod(s) for _, _, s in tensor_spec)
     if msg_type in (GOSSIP_GROUP, GOSSIP_MASKED, GOSSIP_RELEASE, GOSSIP_CHUNK):
         span = span_field(meta, length if tensor_spec else None)
         if span is not None:
@@ -286,7 +287,7 @@ def seq_ceiling(now_ns: int) -> int:
 def max_frame_bytes(tensor_spec: TensorSpec) -> int:
     """The largest frame a legitimate message can carry for this model: the header (at most
     MAX_HEADER_BYTES), one model tensor, or the secure-sum vector (uint32, the flat model's length)."""
-    tensors = [np.dtype(d).itemsize * int(np.prod(s, dtype=np.int64)) for _, d, s in tensor_spec]
+    tensors = [np.dtype(d).itemsize * math.prod(s) for _, d, s in tensor_spec]
     return max([MAX_HEADER_BYTES, 4 * _flat_length(tensor_spec), ENCRYPTED_SHARE_BYTES, *tensors])
 
 
@@ -300,13 +301,13 @@ def max_frames(tensor_spec: TensorSpec) -> int:
 def max_message_bytes(tensor_spec: TensorSpec) -> int:
     """The largest legitimate message for this model: a header and the model twice (model +
     average), or a secure-sum vector with its commitment and MAX_NAMES encrypted shares."""
-    model = sum(np.dtype(d).itemsize * int(np.prod(s, dtype=np.int64)) for _, d, s in tensor_spec)
+    model = sum(np.dtype(d).itemsize * math.prod(s) for _, d, s in tensor_spec)
     secure = 4 * _flat_length(tensor_spec) + COMMITMENT_BYTES + MAX_NAMES * ENCRYPTED_SHARE_BYTES
     return MAX_HEADER_BYTES + max(2 * model, secure)
 
 
 def _flat_length(tensor_spec: TensorSpec) -> int:
-    return sum(int(np.prod(s, dtype=np.int64)) for _, _, s in tensor_spec)
+    return sum(math.prod(s) for _, _, s in tensor_spec)
 
 
 def names_field(meta: Mapping[str, Any], key: str) -> tuple[str, ...]:
@@ -421,7 +422,7 @@ def _decode_tensors(listed: list, payload: Sequence, expected: TensorSpec) -> di
             raise WireError(f"tensor {name!r} has shape {got_shape!r}, expected {list(shape)}")
         buf = _buffer(frame)
         np_dtype = np.dtype(dtype)
-        if len(buf) != np_dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        if len(buf) != np_dtype.itemsize * math.prod(shape):
             raise WireError(f"tensor {name!r} frame has {len(buf)} bytes, not its shape's size")
         array = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
         if np_dtype.kind == "f" and not np.isfinite(array).all():
