@@ -24,6 +24,7 @@ from p2p_fl.config import ConfigError, Topology
 from p2p_fl.data import Dataset, Split
 from p2p_fl.driver import Driver
 from p2p_fl.files import write_json
+from p2p_fl.learn.runtime import keep_freed_memory
 from p2p_fl.net import Curve, Peer
 from p2p_fl.site import Emit, Site, train_together
 
@@ -123,6 +124,8 @@ def run_group(topology: Topology, members: list[Member], *, common_test: Split |
     """Runs the member sites in this process, each over its own ZeroMQ peer, until each
     finished or gave up; returns site -> its result (result.json's content) or the
     RunTimeout it gave up with. Any other error stops them all (their checkpoints stay)."""
+    if len(members) > 1:
+        keep_freed_memory()  # many short jitted calls: their temporaries stay mapped
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
     hosted: list[_Hosted] = []
     outcomes: dict[str, dict | RunTimeout] = {}

@@ -28,6 +28,7 @@ from typing import Callable
 from p2p_fl.config import ConfigError, Topology
 from p2p_fl.data import Dataset, Split
 from p2p_fl.driver import Driver
+from p2p_fl.learn.runtime import keep_freed_memory
 from p2p_fl.net import Curve, wire
 from p2p_fl.net.memory import MemoryHub
 from p2p_fl.protocols import Train
@@ -107,6 +108,8 @@ def run_sites(topology: Topology, out: Path, data: dict[str, Dataset], curves: d
     unknown = [f.site for f in faults if f.site not in topology.names]
     if unknown:
         raise ConfigError(f"--kill: no site named {', '.join(unknown)} in the topology")
+    if len(topology.names) > 1:
+        keep_freed_memory()  # many short jitted calls: their temporaries stay mapped
     clock = VirtualClock()
     net = topology.network
     sims = {n: _Sim(n, data[n], curves.get(n), out / n) for n in topology.names}
