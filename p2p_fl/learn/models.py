@@ -254,8 +254,10 @@ def available_models() -> dict[str, object]:
 def model_code(name: str) -> str:
     """What code builds model `name`: "p2p_fl" for a builtin, "DIST VERSION" for an
     installed one (every site must run the same: the federation fingerprint holds it)."""
-    entry = available_models().get(name)
-    if entry is None or name in MODELS:
+    if name in MODELS:  # no scan of the installed packages: every site of a study asks
+        return "p2p_fl"
+    entry = installed_models().get(name)
+    if entry is None:
         return "p2p_fl"
     return f"{entry.dist.name} {entry.dist.version}" if entry.dist is not None else entry.value
 
