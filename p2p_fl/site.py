@@ -456,8 +456,9 @@ class Site:
         result.update(self._personalized(final))
         write_json(self.out_dir / "result.json", result)
         self.checkpoint_path.unlink(missing_ok=True)  # the run is over: result.json and the model are its record
-        self.emit({"event": "done", **{k: result[k] for k in ("test_auc", "test_acc", "test_loss", "bytes_sent",
-                                                              "wall_s")}})
+        # A site with no test images (no common test set, an empty shard of it) has no scores.
+        self.emit({"event": "done", **{k: result.get(k) for k in ("test_auc", "test_acc", "test_loss", "bytes_sent",
+                                                                  "wall_s")}})
         return result
 
 

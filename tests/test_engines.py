@@ -189,3 +189,23 @@ def test_a_hundred_sites_run_secure_gossip_in_one_process(tmp_path):
         mixes = [r for r in rounds if "mixed_round" in r]
         assert [(r["mixed_round"], r["members"], r["survivors"], r["kept_own"]) for r in mixes] == \
             [(0, 4, 4, False), (1, 4, 4, False)]
+
+
+def test_a_site_without_test_images_finishes_and_says_it_has_no_score(tmp_path):
+    """No common test set and a test split too small for every site to get an image: the
+    site without one finishes like the others (its result has no test figures) and the
+    federation's figures are the other sites'."""
+    data = small_dataset(tmp_path / "data.npz", train=150, val=30, test=2)
+    topology = shipped_topology(tmp_path, "gossip-3.toml", **{'test = "builtin:pneumoniamnist"': 'test = ""'})
+    proc = launch(topology, tmp_path / "run", "--data", str(data), "--rounds", "1", "--local-epochs", "1",
+                  "--engine", "inproc")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    scored = [n for n in summary["nodes"] if n.get("test_auc") is not None or n.get("test_acc") is not None]
+    unscored = [n for n in summary["nodes"] if n.get("test_acc") is None]
+    assert len(summary["nodes"]) == 3 and unscored and scored
+    for node in unscored:
+        result = json.loads((tmp_path / "run" / node["name"] / "result.json").read_text())
+        assert result.get("test_acc") is None
+        assert (tmp_path / "run" / node["name"] / "final_model.npz").exists()
+    assert summary["final"]["test_acc"] is not None
