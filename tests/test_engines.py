@@ -201,7 +201,8 @@ def test_a_site_without_test_images_finishes_and_says_it_has_no_score(tmp_path):
                   "--engine", "inproc")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    scored = [n for n in summary["nodes"] if n.get("test_auc") is not None or n.get("test_acc") is not None]
+    # Two test images over three sites: at least one site holds none.
+    scored = [n for n in summary["nodes"] if n.get("test_acc") is not None]
     unscored = [n for n in summary["nodes"] if n.get("test_acc") is None]
     assert len(summary["nodes"]) == 3 and unscored and scored
     for node in unscored:

@@ -11,10 +11,9 @@ from processes import shipped_topology, small_dataset
 
 # Bytes glibc holds in separately mapped blocks (mallinfo2's hblkhd) grow by a large
 # array's size when the array is mapped on its own, and not at all when the heap serves it.
-_MAPPED_GROWTH = """
-import ctypes, numpy as np
-import sys
-from p2p_fl.learn import runtime
+_MALLINFO = """
+import ctypes, sys
+import numpy as np
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -30,10 +29,31 @@ def mapped_growth():
     grown = libc.mallinfo2().hblkhd - before
     del block
     return grown
+"""
 
+# The function alone: the block before it, what it says, the block after it.
+_KEEP = _MALLINFO + """
+from p2p_fl.learn.runtime import keep_freed_memory
 default = mapped_growth()
-applied = runtime.configure_jax() if sys.argv[1] == "configure_jax" else runtime.keep_freed_memory()
-print(default, applied, mapped_growth())
+print(default, keep_freed_memory(), mapped_growth())
+"""
+
+# A launch on the in-process engine after configure_jax (what every command runs first):
+# the block before the launch and after it.
+_ENGINE = _MALLINFO + """
+import os
+from pathlib import Path
+from rich.console import Console
+from p2p_fl.config import load_topology
+from p2p_fl.launch import run_launch, with_overrides
+from p2p_fl.learn.runtime import configure_jax
+
+configure_jax()
+before = mapped_growth()
+topology = with_overrides(load_topology(Path(sys.argv[1])), peers=3, rounds=1, local_epochs=1)
+with open(os.devnull, "w") as devnull:
+    run_launch(topology, Path(sys.argv[2]), console=Console(file=devnull), engine="inproc")
+print(before, mapped_growth())
 """
 
 
@@ -52,36 +72,16 @@ def _glibc_with_mallinfo2() -> bool:
 needs_glibc = pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
 
 
-def _growths(setting: str) -> tuple[int, str, int]:
-    out = subprocess.run([sys.executable, "-c", _MAPPED_GROWTH, setting], capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
-    return int(out[0]), out[1], int(out[2])
-
-
 @needs_glibc
 def test_large_blocks_are_served_from_the_kept_heap_after_keep_freed_memory():
     # Without it every XLA:CPU call maps its temporaries afresh and page-faults them in
     # (a third of a small site's training step); with it the heap keeps and reuses them.
-    default_growth, applied, kept_growth = _growths("keep_freed_memory")
+    out = subprocess.run([sys.executable, "-c", _KEEP], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    default_growth, applied, kept_growth = int(out[0]), out[1], int(out[2])
     assert default_growth >= 96 << 20  # glibc's default: a block of its own
     assert applied == "True"
     assert kept_growth == 0
-
-
-# A launch on the in-process engine, the block measured before and after it.
-_ENGINE = _MAPPED_GROWTH.split("default = mapped_growth()")[0] + """
-import os
-from pathlib import Path
-from rich.console import Console
-from p2p_fl.config import load_topology
-from p2p_fl.launch import run_launch, with_overrides
-
-before = mapped_growth()
-topology = with_overrides(load_topology(Path(sys.argv[1])), peers=3, rounds=1, local_epochs=1)
-with open(os.devnull, "w") as devnull:
-    run_launch(topology, Path(sys.argv[2]), console=Console(file=devnull), engine="inproc")
-print(before, mapped_growth())
-"""
 
 
 @needs_glibc
@@ -91,8 +91,7 @@ def test_a_process_hosting_several_sites_keeps_freed_memory_and_a_plain_process_
     data = small_dataset(tmp_path / "data.npz", train=120, val=30, test=30)
     topology = shipped_topology(tmp_path, "gossip-3.toml", **{
         'dataset = "builtin:pneumoniamnist"': f'dataset = "{data}"', 'test = "builtin:pneumoniamnist"': 'test = ""'})
-    setup = ("from p2p_fl.learn.runtime import configure_jax\nconfigure_jax()\n")
-    out = subprocess.run([sys.executable, "-c", setup + _ENGINE, str(topology), str(tmp_path / "run")],
+    out = subprocess.run([sys.executable, "-c", _ENGINE, str(topology), str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = (int(x) for x in out.stdout.split()[-2:])

@@ -95,7 +95,7 @@ def random_regular(names: Iterable[str], k: int, seed: int) -> Adjacency:
 @functools.lru_cache(maxsize=8)
 def _drawn_regular(names: tuple[str, ...], k: int, seed: int) -> dict[str, frozenset[str]]:
     # Drawn once per process and setting: every site of an in-process study draws the same
-    # graph, 3 ms a site at 1,000 sites. Frozen: callers get their own sets.
+    # graph, 2.4 ms a site at 1,000 sites (a copy: 0.3 ms). Frozen: callers get their own sets.
     n = len(names)
     if n * k % 2:
         raise ValueError(f"no {k}-regular graph on {n} peers exists: peers * k = {n * k} is odd")
