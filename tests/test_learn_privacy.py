@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import optimize, stats
+from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 from flax import nnx
 
@@ -113,16 +115,45 @@ def test_noise_has_the_configured_scale(tiny):
     assert np.std(values) == pytest.approx(3.0 * 2.0 / len(inputs), rel=0.15)
 
 
-def test_epsilon_matches_the_library():
-    accountant = rdp_privacy_accountant.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)),
-        1000))
-    expected = accountant.get_epsilon(1e-5)
-    assert privacy_spent(1.1, 0.01, 1000, 1e-5) == pytest.approx(expected, rel=1e-9)
-    assert 0.5 < expected < 2.0
-    assert privacy_spent(1.1, 0.01, 0, 1e-5) == 0.0
-    assert privacy_spent(0.0, 0.01, 10, 1e-5) == float("inf")
+def _gaussian_mechanism_exact_epsilon(noise_multiplier: float, steps: int, delta: float) -> float:
+    """Epsilon of `steps` Gaussian steps without sampling: one Gaussian mechanism of noise
+    sigma / sqrt(steps), whose exact delta(epsilon) is Balle and Wang's (2018, Theorem 8)."""
+    mu = np.sqrt(steps) / noise_multiplier
+
+    def excess(eps):
+        return stats.norm.cdf(mu / 2 - eps / mu) - np.exp(eps) * stats.norm.cdf(-mu / 2 - eps / mu) - delta
+
+    return optimize.brentq(excess, 1e-6, 100.0)
+
+
+@pytest.mark.parametrize(("noise", "steps"), [(1.0, 10), (2.0, 50), (4.0, 3)])
+def test_epsilon_is_the_exact_one_where_it_is_known(noise, steps):
+    """Without sampling the steps compose to one Gaussian mechanism with a closed form:
+    the accountant's epsilon is never below it (an upper bound) and within 1% of it."""
+    exact = _gaussian_mechanism_exact_epsilon(noise, steps, 1e-5)
+    assert exact <= privacy_spent(noise, 1.0, steps, 1e-5) <= exact * 1.01
+
+
+def test_epsilon_is_an_upper_bound_and_tighter_than_rdp():
+    """Subsampled: just above the privacy loss distribution's optimistic estimate (a lower
+    bound on the true epsilon, on a finer grid) and below the RDP accountant's bound."""
+    noise, rate, steps, delta = 1.0, 0.1, 100, 1e-5
+    optimistic = privacy_loss_distribution.from_gaussian_mechanism(
+        noise, pessimistic_estimate=False, value_discretization_interval=1e-4,
+        sampling_prob=rate).self_compose(steps).get_epsilon_for_delta(delta)
+    rdp = rdp_privacy_accountant.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), steps)).get_epsilon(delta)
+    spent = privacy_spent(noise, rate, steps, delta)
+    assert optimistic <= spent <= optimistic * 1.005
+    assert spent < 0.95 * rdp
+    assert privacy_spent(noise, rate, 0, delta) == 0.0
+    assert privacy_spent(0.0, rate, 10, delta) == float("inf")
+
+
+def test_rounds_at_different_rates_compose():
+    one = epsilon_of_rounds(1.0, [(0.1, 30)], 1e-5)
+    assert epsilon_of_rounds(1.0, [(0.1, 10), (0.1, 20)], 1e-5) == one  # the same steps, grouped
+    assert epsilon_of_rounds(1.0, [(0.1, 30), (0.2, 10)], 1e-5) > one
 
 
 @pytest.mark.parametrize("target", [1.0, 8.0])
