@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import optimize, stats
 from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 from flax import nnx
+from scipy import optimize, stats
 
 from p2p_fl.data.sources import load_dataset
 from p2p_fl.learn.privacy import (
