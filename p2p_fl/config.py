@@ -128,6 +128,10 @@ class GossipConfig:
     outer_optimizer: str = "avg"
     outer_learning_rate: float = 1.0
     outer_momentum: float = 0.9  # Nesterov momentum; Adam's b1
+    # After the last training round, this many rounds refit the head alone: each site sends
+    # the head's gradient and Hessian on its own images instead of a model, and every site
+    # takes the same Newton step on the round's average (learn/head_refit.py). 0: none.
+    head_refit_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -560,6 +564,14 @@ def _check_gossip(t: Topology, fail) -> None:
         fail(f"gossip.outer_learning_rate must be > 0, got {g.outer_learning_rate}")
     if not 0 <= g.outer_momentum < 1:
         fail(f"gossip.outer_momentum must be in [0, 1), got {g.outer_momentum}")
+    if g.head_refit_steps < 0:
+        fail(f"gossip.head_refit_steps must be >= 0, got {g.head_refit_steps}")
+    if g.head_refit_steps and t.privacy.enabled:
+        fail("gossip.head_refit_steps: the refit sends exact statistics of each site's images, which DP-SGD's "
+             "noise does not cover; set it to 0 with privacy.enabled = true")
+    if g.head_refit_steps and (g.aggregation != "mean" or g.on_leave != "forget"):
+        fail("gossip.head_refit_steps needs the mean of this round's statistics (gossip.aggregation = \"mean\", "
+             "gossip.on_leave = \"forget\")")
     if g.secure and t.network.insecure:
         fail("gossip.secure = true derives its masks from the CURVE keys; network.insecure = true has none")
     if g.samples:

@@ -529,6 +529,8 @@ def collect_summary(topology: Topology, out: Path, wall_s: float, restarts: dict
         "min_local_steps": topology.training.min_local_steps,
         "prox_mu": topology.training.prox_mu,
         "outer_optimizer": topology.gossip.outer_optimizer if topology.protocol == "gossip" else "avg",
+        # The refit's Newton steps that ran (a site skips it on too few pooled images: result.json says why).
+        "head_refit_steps": max((n.get("head_refit_steps") or 0 for n in nodes), default=0),
         "fedbn": topology.training.fedbn,
         "logit_adjustment": logit_adjustment_applies(topology),
         "keep_optimizer_state": topology.training.keep_optimizer_state,
@@ -570,10 +572,11 @@ def _mean(values):
 
 
 def _options(summary: dict) -> str:
-    """' · FedProx mu=0.01 · FedBN · logit adjustment · optimizer state kept · DP' for the options a run used ('' for none)."""
+    """' · FedProx mu=0.01 · FedAvgM · head refit x5 · FedBN · logit adjustment · optimizer state kept · DP' for the options a run used ('' for none)."""
     options = [f"FedProx mu={summary['prox_mu']:g}"] if summary.get("prox_mu") else []
     outer = summary.get("outer_optimizer", "avg")
     options += [] if outer == "avg" else [{"momentum": "FedAvgM", "adam": "FedAdam"}[outer]]
+    options += [f"head refit x{summary['head_refit_steps']}"] if summary.get("head_refit_steps") else []
     options += ["FedBN"] if summary.get("fedbn") else []
     options += ["logit adjustment"] if summary.get("logit_adjustment") else []
     options += ["optimizer state kept"] if summary.get("keep_optimizer_state") else []

@@ -35,6 +35,7 @@ from p2p_fl.files import write_json, write_npz
 from p2p_fl.fingerprint import federation_fingerprint
 from p2p_fl.learn import Learner
 from p2p_fl.learn.ensemble import evaluate_ensemble
+from p2p_fl.learn.head_refit import BIAS, KERNEL, PREFIX, HeadRefit, head_statistics, refit_applies, statistics_spec
 from p2p_fl.learn.models import model_code
 from p2p_fl.learn.outer import OuterOptimizer
 from p2p_fl.learn.privacy import LABEL_PRIOR_SHARE, BudgetExceeded, DPConfig, batch_sampling, default_delta, noise_for_target
@@ -116,15 +117,21 @@ def adopt_model(learner: Learner, weights: dict[str, np.ndarray], *, keep: froze
     FedBN's local ones), and the optimizer restarts unless `keep_optimizer_state`: the
     arriving model was shaped by other sites' moments, but under DP-SGD momentum built over
     a site's own noisy steps is what averages the noise out (training.keep_optimizer_state)."""
-    learner.set_weights(weights, keep=keep)
+    learner.set_weights(model_part(weights), keep=keep)
     if not keep_optimizer_state:
         learner.reset_optimizer()
 
 
+def model_part(weights: Weights) -> Weights:
+    """A shared model without the head refit's statistics (they never enter a learner)."""
+    return {name: value for name, value in weights.items() if not name.startswith(PREFIX)}
+
+
 def make_protocol(topology: Topology, me: str, curve: Curve | None, initial: Weights | None = None,
-                  statistics: frozenset[str] = frozenset()) -> Protocol:
+                  statistics: frozenset[str] = frozenset(), refit_steps: int = 0) -> Protocol:
     """This site's protocol. Gossip with an outer optimizer also needs the shared part of
-    the initial model and the names of its running statistics (the learner's)."""
+    the initial model and the names of its running statistics (the learner's); `refit_steps`:
+    the head refit's Newton steps that apply (`Site.refit_steps`)."""
     t = topology
     if t.protocol in RING_PROTOCOLS:
         cycles = ring_cycles(t.names, t.training.rounds, t.ring.order, t.seed, t.absences())
@@ -156,11 +163,13 @@ def make_protocol(topology: Topology, me: str, curve: Curve | None, initial: Wei
         if t.gossip.outer_optimizer != "avg":
             outer = OuterOptimizer(t.gossip.outer_optimizer, t.gossip.outer_learning_rate,
                                    t.gossip.outer_momentum, statistics)
+        refit = HeadRefit(refit_steps) if refit_steps else None
         return GossipProtocol(me, graph, mixing_weights(graph, t.gossip.samples), t.training.rounds,
                               round_timeout_s=t.gossip.round_timeout_s, secure=secure,
                               aggregation=t.gossip.aggregation, trim=t.gossip.trim, away=t.absences(),
                               on_leave=t.gossip.on_leave, resume_wait_s=3 * t.network.heartbeat_interval_s,
-                              hello_interval_s=t.network.heartbeat_interval_s, outer=outer, initial=initial)
+                              hello_interval_s=t.network.heartbeat_interval_s, outer=outer, initial=initial,
+                              refit=refit)
     raise ValueError(f"protocol {t.protocol!r} has no implementation")
 
 
@@ -253,8 +262,25 @@ class Site:
                      "adjustment" if self.dp.label_prior_epsilon else "")
         # FedBN: these tensors never leave the site; the transport knows only the shared ones.
         self.local = frozenset(self.learner.batchnorm_names()) if topology.training.fedbn else frozenset()
+        # The head refit's statistics travel beside the model in every round (zeros while
+        # training). Whether it runs depends on the topology and the model alone: every site
+        # decides alike.
+        self.refit_spec: list = []
+        self.refit_steps, self.refit_off = 0, ""
+        if topology.protocol == "gossip" and topology.gossip.head_refit_steps:
+            try:
+                off = refit_applies(self.learner.weight_spec(), topology.gossip.samples)
+            except ValueError as err:
+                raise ConfigError(f"gossip.head_refit_steps with model {topology.training.model!r}: {err}") from None
+            if off is None:
+                self.refit_steps = topology.gossip.head_refit_steps
+                self.refit_spec = statistics_spec(self.learner.weight_spec())
+            else:
+                self.refit_off = off
+                log.info("%s: no head refit: %s", name, off)
         self.protocol = make_protocol(topology, name, curve, initial=self.shared_weights(),
-                                      statistics=frozenset(self.learner.statistic_names()))
+                                      statistics=frozenset(self.learner.statistic_names()),
+                                      refit_steps=self.refit_steps)
         self.fingerprint = federation_fingerprint(topology, data.image_shape, data.num_classes,
                                                   self.learner.weight_spec(), model_code(topology.training.model))
         listed = topology.gossip.samples.get(name) if topology.protocol == "gossip" else None
@@ -277,7 +303,8 @@ class Site:
 
     def shared_spec(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, shape) of the tensors that leave the site (not FedBN's local ones)."""
-        return [spec for spec in self.learner.weight_spec() if spec[0] not in self.local]
+        model = [spec for spec in self.learner.weight_spec() if spec[0] not in self.local]
+        return sorted(model + self.refit_spec)
 
     # Checkpoints.
 
@@ -316,6 +343,8 @@ class Site:
 
     def train(self, step: Train) -> tuple[Weights, dict]:
         """Trains one hop or round as `step` asks; returns (shared weights, metrics record)."""
+        if "head_refit_step" in step.meta:
+            return self.refit_statistics(step)
         learning_rate = self.begin_training(step)
         t0 = time.monotonic()
 
@@ -338,6 +367,22 @@ class Site:
                             self.name, err, step.round)
             losses = [None]
         return self.end_training(step, losses, time.monotonic() - t0)
+
+    def refit_statistics(self, step: Train) -> tuple[Weights, dict]:
+        """A head refit round (learn/head_refit.py): the model the round started from goes back
+        as it came, with the head's gradient and Hessian on this site's training images."""
+        t0 = time.monotonic()
+        if step.weights is not None:
+            self.learner.set_weights(model_part(step.weights), keep=self.local)
+        weights = self.learner.get_weights()
+        features = self.learner.head_features(self.data.train.images)
+        validation = (self.learner.head_features(self.data.val.images), self.data.val.labels)
+        statistics, loss = head_statistics(features, self.data.train.labels, weights[KERNEL], weights[BIAS],
+                                           validation)
+        val = self.learner.evaluate(self.data.val.images, self.data.val.labels)
+        record = {"round": step.round, **step.meta, "epochs": 0, "train_loss": loss, "val_loss": _plain(val["loss"]),
+                  "val_auc": _plain(val["auc"]), "train_s": time.monotonic() - t0}
+        return {**self.shared_weights(), **statistics}, record
 
     def begin_training(self, step: Train) -> float:
         """Takes the model the step starts from; returns the step's learning rate."""
@@ -371,7 +416,9 @@ class Site:
 
     def shared_weights(self) -> Weights:
         """The learner's model as the federation sees it: without FedBN's site-local tensors."""
-        return {k: v for k, v in self.learner.get_weights().items() if k not in self.local}
+        weights = {k: v for k, v in self.learner.get_weights().items() if k not in self.local}
+        weights.update({name: np.zeros(shape, dtype) for name, dtype, shape in self.refit_spec})
+        return {name: weights[name] for name, _, _ in self.shared_spec()}
 
     def trained(self, record: dict) -> None:
         """A training's record is final (bytes and time added): log it; the learner's state
@@ -394,7 +441,7 @@ class Site:
         """The protocol finished: gossip's last mix gets its metrics line, like the others'."""
         if "mixed_round" in final.meta:
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"round": self.topology.training.rounds, **final.meta,
+                f.write(json.dumps({"round": final.meta["rounds"], **final.meta,
                                     **self.privacy_fields()}) + "\n")
 
     def write_result(self, final: Finish, traffic: dict, process: dict | None = None) -> dict:
@@ -408,7 +455,7 @@ class Site:
         if shortfall:
             log.warning("%s: the run ended without the federation: %s", self.name, shortfall)
         if final.weights is not None:
-            learner.set_weights(final.weights, keep=self.local)
+            learner.set_weights(model_part(final.weights), keep=self.local)
         result = _evaluate(learner, self.data, self.common_test, final.members)
         result.update({
             "name": self.name,
@@ -431,6 +478,9 @@ class Site:
             "logit_adjustment": self.learner.logit_adjustment,
             "keep_optimizer_state": topology.training.keep_optimizer_state,
             "epochs_per_round": self.local_epochs,
+            # Newton steps of the head refit run (0: none; `head_refit_off` says why when asked for).
+            "head_refit_steps": self.refit_steps,
+            **({"head_refit_off": self.refit_off} if self.refit_off else {}),
             **({} if dp is None else {
                 **self.privacy_fields(), "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
                 "target_epsilon": dp.target_epsilon, "budget_reached_round": self.budget_reached_round,
@@ -507,7 +557,7 @@ def train_together(steps: list[tuple[Site, Train]]) -> list[tuple[Weights, dict]
     outcomes: dict[int, tuple[Weights, dict]] = {}
     by_epochs: dict[int, list[tuple[Site, Train]]] = {}
     for site, step in steps:
-        if site.dp is None:
+        if site.dp is None and "head_refit_step" not in step.meta:  # a refit round trains nothing
             by_epochs.setdefault(site.local_epochs, []).append((site, step))
     for epochs, together in by_epochs.items():
         if len(together) == 1:

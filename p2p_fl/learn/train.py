@@ -512,6 +512,21 @@ def predict_step(params: nnx.State, batch_stats: nnx.State, images: jax.Array, *
     return jax.nn.softmax(logits)
 
 
+class _Identity(nnx.Module):
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def features_step(params: nnx.State, batch_stats: nnx.State, images: jax.Array, *,
+                  graphdef: nnx.GraphDef) -> jax.Array:
+    """The head's inputs for one batch in inference mode: the model with its `head` made the
+    identity (learn/head_refit.py)."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    model.head = _Identity()
+    return model(to_float_images(images), train=False)
+
+
 def _leaf_name(path: tuple) -> str:
     """'conv1/kernel' from a pytree path into an nnx.State."""
     parts = []
@@ -817,6 +832,18 @@ class Learner:
             while len(_PREDICTIONS) > _PREDICTIONS_KEPT:
                 _PREDICTIONS.popitem(last=False)
         return result
+
+    def head_features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, F) the inputs of the model's `head` layer in inference mode, as float32."""
+        images = self._checked_images(images)
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = images[i:i + batch_size]
+            bucket = max(8, 1 << (len(batch) - 1).bit_length()) if len(batch) < batch_size else batch_size
+            padded = np.concatenate([batch, np.zeros((bucket - len(batch),) + batch.shape[1:], batch.dtype)])
+            out.append(np.asarray(features_step(self._state.params, self._state.batch_stats, padded,
+                                                graphdef=self._graphdef))[:len(batch)])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def _prediction_key(self, images: np.ndarray, batch_size: int) -> bytes:
         digest = hashlib.sha256(repr((self.model_name, self.num_classes, self.image_shape, batch_size,

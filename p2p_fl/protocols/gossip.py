@@ -129,6 +129,10 @@ class GossipProtocol(Protocol):
         outer: the outer optimizer (learn/outer.py: `step(start, average)`, `snapshot`,
             `restore`), or None to adopt each round's mix as it is (FedAvg).
         initial: the model every site starts round 0 from (the outer step's first start).
+        refit: the head refit (learn/head_refit.py: `rounds`, `step(start, mix, usable, last)`,
+            `snapshot`, `restore`), or None. Its rounds come after the `rounds` of training: their Trains carry
+            meta `head_refit_step` (the site sends the head's statistics, not a trained
+            model) and their mixes go through `refit.step` instead of the outer optimizer.
 
     For the mixers (gossip_mixer.py): the settings above, the round state they read (`round`,
     `own`, `start_model`, `mixing`, `training`, `deadline`, `dead`, `final`, `finished`,
@@ -145,7 +149,7 @@ class GossipProtocol(Protocol):
                  round_timeout_s: float, secure: SecureSetup | None = None, aggregation: str = "mean",
                  trim: float = 0.2, away: dict[str, frozenset[int]] | None = None, on_leave: str = "forget",
                  resume_wait_s: float = 3.0, hello_interval_s: float = 1.0, run_key: RunKey | None = None,
-                 outer=None, initial: Weights | None = None):
+                 outer=None, initial: Weights | None = None, refit=None):
         if me not in graph:
             raise ValueError(f"{me!r} is not a node of the gossip graph")
         if rounds < 1:
@@ -155,7 +159,9 @@ class GossipProtocol(Protocol):
         self.neighbours = sorted(graph[me])
         self.weights = weights
         self.row = weights[me]
-        self.rounds = rounds
+        self.train_rounds = rounds
+        self.refit = refit
+        self.rounds = rounds + (refit.rounds if refit is not None else 0)  # the rounds mixed, refit ones included
         self.round_timeout_s = round_timeout_s
         self.secure = secure
         if aggregation not in AGGREGATIONS or (secure is not None and aggregation != "mean"):
@@ -287,7 +293,14 @@ class GossipProtocol(Protocol):
         order = self.own if self.own is not None else (self.start_model or mixed)
         mixed = {name: mixed[name] for name in order}  # the model's order, as the wire expects
         start = self.start_model if self.start_model is not None else self.initial
-        if self.outer is not None and self.own is not None and "rejoined_from" not in record:
+        if self.round >= self.train_rounds:
+            # A refit round: the same Newton step at every site from the pooled statistics; a
+            # sum that failed (our own statistics alone) or a rejoining mix moves no head.
+            usable = (self.own is not None and "rejoined_from" not in record and not record.get("kept_own", False)
+                      and (record.get("survivors", 0) > 0 or record.get("chunks_heard", 0) > 0))
+            mixed, done = self.refit.step(start, mixed, usable, last=self.round + 1 >= self.rounds)
+            record = {**record, **done}
+        elif self.outer is not None and self.own is not None and "rejoined_from" not in record:
             # A regular round: step from where it started along start - mix. A rejoining
             # mix starts from a model the federation has left: it is adopted as it is.
             mixed = self.outer.step(start, mixed)
@@ -412,7 +425,11 @@ class GossipProtocol(Protocol):
 
     def _train_round(self, meta: dict | None = None) -> Train:
         self.training = True
-        return Train(self.round, self.start_model, progress=self.round / self.rounds, meta=meta or {})
+        meta = dict(meta or {})
+        if self.round >= self.train_rounds:
+            meta["head_refit_step"] = self.round - self.train_rounds + 1
+        # Progress is that of the training (the learning-rate schedule): 1 in the refit rounds.
+        return Train(self.round, self.start_model, progress=min(1.0, self.round / self.train_rounds), meta=meta)
 
     # Checkpoints: the round, the model it starts from, our run key, and the mixer's part
     # (secure: the sums joined, never joined twice, and the peers' run keys).
@@ -428,6 +445,8 @@ class GossipProtocol(Protocol):
         arrays.update(mixer_arrays)
         if self.outer is not None:
             arrays.update(self.outer.snapshot())
+        if self.refit is not None:
+            arrays.update(self.refit.snapshot())
         return state, arrays
 
     def restore(self, state: dict, arrays: Weights, now: float) -> None:
@@ -441,6 +460,8 @@ class GossipProtocol(Protocol):
         self.mixer.restore(state, arrays)
         if self.outer is not None:
             self.outer.restore(arrays, self.start_model if self.start_model is not None else self.initial)
+        if self.refit is not None:
+            self.refit.restore(arrays)
         self._resume_until = now + self.resume_wait_s
 
     @property
