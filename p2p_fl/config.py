@@ -569,6 +569,9 @@ def _check_gossip(t: Topology, fail) -> None:
     if g.head_refit_steps and t.privacy.enabled:
         fail("gossip.head_refit_steps: the refit sends exact statistics of each site's images, which DP-SGD's "
              "noise does not cover; set it to 0 with privacy.enabled = true")
+    if g.head_refit_steps and not all(len(nbrs) == len(graph) - 1 for nbrs in graph.values()):
+        fail(f"gossip.head_refit_steps needs the complete graph (gossip.graph is {g.graph!r}): only there is a "
+             "round's average the pooled mean every site steps from alike")
     if g.head_refit_steps and (g.aggregation != "mean" or g.on_leave != "forget"):
         fail("gossip.head_refit_steps needs the mean of this round's statistics (gossip.aggregation = \"mean\", "
              "gossip.on_leave = \"forget\")")

@@ -222,6 +222,8 @@ def test_a_refit_that_would_leak_or_could_not_average_is_refused_in_one_line():
         _topology("head_refit_steps = 5\n", "[privacy]\nenabled = true\ntarget_epsilon = 8.0\n")
     with pytest.raises(ConfigError, match="needs the mean"):
         _topology('head_refit_steps = 5\naggregation = "median"\n')
+    with pytest.raises(ConfigError, match="needs the complete graph"):
+        _topology('head_refit_steps = 5\ngraph = "edges"\nedges = [["a", "b"], ["b", "c"]]\n')
     with pytest.raises(ConfigError, match=">= 0"):
         _topology("head_refit_steps = -1\n")
     head = _spec_of_head(2)
