@@ -620,7 +620,8 @@ def _child_run(spec: dict) -> dict:
         topology = with_overrides(load_topology(root / "topologies" / spec["template"]), peers=spec["peers"],
                                   rounds=spec["rounds"], local_epochs=1)
         topology = dataclasses.replace(
-            topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"],
+            # Engines and sums are measured, not the head refit: its rounds would count as rounds.
+            topology, gossip=dataclasses.replace(topology.gossip, secure=spec["secure"], head_refit_steps=0,
                                                  chunked=spec.get("chunked", topology.gossip.chunked)),
             training=dataclasses.replace(topology.training, min_local_steps=0),
             data=dataclasses.replace(topology.data, score_last_rounds=spec.get("score_last_rounds",
