@@ -227,8 +227,8 @@ def test_a_refit_that_would_leak_or_could_not_average_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=">= 0"):
         _topology("head_refit_steps = -1\n")
     head = _spec_of_head(2)
-    assert refit_applies(head, {"a": 100, "b": 41}) is None  # 141 >= 20 x 7 parameters
-    assert "fewer than 20 per head parameter" in refit_applies(head, {"a": 100, "b": 39})
+    assert refit_applies(head, {"a": 200, "b": 45}) is None  # 245 >= 35 x 7 parameters
+    assert "fewer than 35 per head parameter" in refit_applies(head, {"a": 200, "b": 44})
     assert "gossip.samples is not listed" in refit_applies(head, {})
     with pytest.raises(ValueError, match="no `head` Linear layer"):
         statistics_spec([("dense/kernel", "float32", (4, 1)), ("dense/bias", "float32", (1,))])
