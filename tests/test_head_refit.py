@@ -125,6 +125,11 @@ def test_whatever_the_average_holds_a_step_moves_the_head_at_most_the_cap():
         moved = np.sqrt(np.sum((kernel - head[KERNEL]) ** 2) + np.sum((bias - head[BIAS]) ** 2))
         assert np.isfinite(kernel).all() and np.isfinite(bias).all()
         assert moved <= MAX_STEP * (1 + 1e-5)
+    # A plain average of huge values overflows float32: no step, and nothing raised.
+    overflow = np.full(shapes[HESSIAN], np.inf, np.float32)
+    kernel, bias, norm = newton_step(head[KERNEL], head[BIAS], np.zeros(shapes[GRADIENT], np.float32), overflow)
+    np.testing.assert_array_equal(kernel, head[KERNEL])
+    assert norm == np.inf
 
 
 def _refit_sites(graph, samples, steps, secure):

@@ -148,7 +148,7 @@ def head_statistics(features: np.ndarray, labels: np.ndarray, kernel: np.ndarray
 def pooled_validation_loss(validation: np.ndarray) -> float:
     """The pooled validation loss from an average of `head_statistics`' VALIDATION (inf: none)."""
     total, count = (float(v) for v in validation)
-    return total / count if count > 0 and np.isfinite(total) else float("inf")
+    return total / count if 0 < count < np.inf and np.isfinite(total) else float("inf")
 
 
 def newton_step(kernel: np.ndarray, bias: np.ndarray, gradient: np.ndarray,
@@ -161,6 +161,8 @@ def newton_step(kernel: np.ndarray, bias: np.ndarray, gradient: np.ndarray,
     """
     features, logits = kernel.shape
     block = features + 1
+    if not (np.isfinite(gradient).all() and np.isfinite(hessian).all()):
+        return kernel, bias, float("inf")  # an average that overflowed (plain sums of huge values): no step
     head = np.vstack([kernel, bias[None, :]]).astype(np.float64)  # (F + 1, C)
     gradient = np.asarray(gradient, np.float64).reshape(logits, block)
     upper = np.triu_indices(block)
