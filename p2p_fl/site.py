@@ -380,8 +380,10 @@ class Site:
         statistics, loss = head_statistics(features, self.data.train.labels, weights[KERNEL], weights[BIAS],
                                            validation)
         val = self.learner.evaluate(self.data.val.images, self.data.val.labels)
-        record = {"round": step.round, **step.meta, "epochs": 0, "train_loss": loss, "val_loss": _plain(val["loss"]),
-                  "val_auc": _plain(val["auc"]), "train_s": time.monotonic() - t0}
+        # Nothing was trained ("train_loss" None keeps the round out of the report's training
+        # curve); the head's loss on the site's own training images at the round's start.
+        record = {"round": step.round, **step.meta, "epochs": 0, "train_loss": None, "head_refit_train_loss": loss,
+                  "val_loss": _plain(val["loss"]), "val_auc": _plain(val["auc"]), "train_s": time.monotonic() - t0}
         return {**self.shared_weights(), **statistics}, record
 
     def begin_training(self, step: Train) -> float:
