@@ -295,8 +295,10 @@ class GossipProtocol(Protocol):
         start = self.start_model if self.start_model is not None else self.initial
         if self.round >= self.train_rounds:
             # A refit round: the same Newton step at every site from the pooled statistics; a
-            # sum that failed (our own statistics alone) or a rejoining mix moves no head.
+            # sum that failed (our own statistics alone), an average missing a slice (chunked
+            # sums: that slice holds the start's zeros) or a rejoining mix moves no head.
             usable = (self.own is not None and "rejoined_from" not in record and not record.get("kept_own", False)
+                      and not record.get("chunks_missing")
                       and (record.get("survivors", 0) > 0 or record.get("chunks_heard", 0) > 0))
             mixed, done = self.refit.step(start, mixed, usable, last=self.round + 1 >= self.rounds)
             record = {**record, **done}
