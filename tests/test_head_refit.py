@@ -265,6 +265,11 @@ def test_the_head_kept_is_the_one_with_the_lowest_pooled_validation_loss_also_ac
     fresh = HeadRefit(1)
     model, record = fresh.step(heads[1], _mix(0.1, heads[1]), usable=False, last=False)
     assert record["head_refit"] == "skipped" and fresh.best is None and fresh.taken == 0
+    # An average with no validation images scores nothing a metrics line cannot hold.
+    no_validation = _mix(0.1, heads[1])
+    no_validation[VALIDATION] = np.zeros(2, np.float32)
+    model, record = fresh.step(heads[1], no_validation, usable=True, last=False)
+    assert record["head_refit_validation_loss"] is None and json.dumps(record, allow_nan=False)
 
 
 @pytest.mark.parametrize("kill", [None, "hospital-02:2:sum:2"], ids=["whole", "killed-in-a-refit-sum"])

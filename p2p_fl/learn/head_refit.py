@@ -50,8 +50,9 @@ RIDGE = 1e-3
 # The refit runs only where the pooled training set holds at least this many images per head
 # parameter (gossip.samples, summed). For small-cnn's 129 (docs/results.md, "The head refit";
 # 10 label-skewed sites unless said): 4,707 images (36 a parameter) gained on 3 seeds of 4
-# (+0.0009 to +0.0066, -0.0005 on the fourth); 2,600 (20) lost on 2 of 3 (-0.012, -0.005,
-# +0.0014); 300 over 3 sites separated the pooled set and lost on 5 of 6.
+# (+0.0009 to +0.0067, -0.0005 on the fourth); 2,600 (20) lost on 2 of 3 (-0.012, -0.005,
+# +0.0014); 300 over 3 sites separated the pooled set and lost on 4 of 6 (6 of 6 without
+# the validation choice).
 MIN_IMAGES_PER_PARAMETER = 35
 # At most this far (Euclidean norm over the head's parameters) per refit step. Honest steps
 # measured on gossip-10 (seed 0): 3.8, 1.5, 0.7, 0.5, 0.09; seed 5: 3.4, 0.6, 0.2, 0.05.
@@ -185,6 +186,11 @@ def newton_step(kernel: np.ndarray, bias: np.ndarray, gradient: np.ndarray,
     return head[:-1].astype(kernel.dtype), head[-1].astype(bias.dtype), norm
 
 
+def _finite_or_none(value: float) -> float | None:
+    """For a record (metrics.jsonl): JSON has no infinity."""
+    return value if np.isfinite(value) else None
+
+
 class HeadRefit:
     """The refit rounds' step for the gossip skeleton: `step(start, mix, usable, last)` -> model.
 
@@ -214,7 +220,7 @@ class HeadRefit:
         record: dict = {}
         if usable:
             loss = pooled_validation_loss(mix[VALIDATION])
-            record["head_refit_validation_loss"] = loss
+            record["head_refit_validation_loss"] = _finite_or_none(loss)
             if self.best is None or loss < self.best[0]:
                 self.best = (loss, start[KERNEL].copy(), start[BIAS].copy(), self.taken)
         else:
@@ -228,7 +234,7 @@ class HeadRefit:
             kernel, bias, norm = newton_step(start[KERNEL], start[BIAS], mix[GRADIENT], mix[HESSIAN])
             model[KERNEL], model[BIAS] = kernel, bias
             self.taken += 1
-            record.update(head_refit_step_norm=norm, head_refit_capped=bool(norm > MAX_STEP))
+            record.update(head_refit_step_norm=_finite_or_none(norm), head_refit_capped=bool(norm > MAX_STEP))
         return model, record
 
     def snapshot(self) -> dict[str, np.ndarray]:
