@@ -14,7 +14,7 @@ from processes import ROOT
 
 from p2p_fl.learn.catalog import BUILTIN_MODELS, model_names
 from p2p_fl.learn.conv import conv_general_dilated, max_pool_2x2
-from p2p_fl.learn.models import MODELS, build_model, count_params, has_batchnorm
+from p2p_fl.learn.models import MODELS, SCATTER_FEATURE_NORM, build_model, count_params, has_batchnorm
 
 
 def conv(k, cin, cout, bias=True):
@@ -38,6 +38,8 @@ def expected_params(name, outputs):
     if name in ("small-cnn-dp", "small-cnn-gn"):  # GroupNorm: a scale and a bias per channel, like BatchNorm
         return (conv(3, 1, 32) + batch_norm(32) + conv(3, 32, 64) + batch_norm(64)
                 + dense(3 * 3 * 64, 128) + dense(128, outputs))
+    if name == "scatter-linear":  # fixed scattering: 81 channels at 7x7; GroupNorm without scale or bias
+        return dense(81 * 7 * 7, outputs)
     if name == "seed-cnn":
         widths = [1, 32, 64, 64, 128, 256]
         convs = sum(conv(3, a, b) + batch_norm(b) for a, b in zip(widths, widths[1:]))
@@ -83,6 +85,26 @@ def test_train_mode_traces(name):
                                           rngs=nnx.Rngs(dropout=key))
 
     assert jax.eval_shape(train_call, state, jax.random.key(0)).shape == (3, 1)
+
+
+def test_scatter_features_are_fixed_and_their_norm_bounded_at_any_image_size():
+    """scatter-linear learns its head alone: its features are the same for every seed, and
+    each example's have norm at most SCATTER_FEATURE_NORM at any image size or channel count
+    (GroupNorm'd groups, each of unit variance at most): unscaled, the random RGB images'
+    would reach 233."""
+    from p2p_fl.data.sources import load_dataset
+
+    xrays = load_dataset("builtin:pneumoniamnist").train.images[:16].astype(np.float32) / 255.0
+    rgb = np.random.default_rng(0).uniform(size=(4, 64, 64, 3)).astype(np.float32)
+    for images in (xrays.reshape(16, 28, 28, 1), rgb):
+        _, side, _, channels = images.shape
+        models = [build_model("scatter-linear", num_classes=3, in_channels=channels,
+                              image_size=side, seed=seed) for seed in (0, 1)]
+        first, second = (jax.jit(lambda x, m=m: m.features(x))(images) for m in models)
+        np.testing.assert_array_equal(first, second)
+        norms = np.linalg.norm(first, axis=1)
+        assert norms.max() <= SCATTER_FEATURE_NORM * (1 + 1e-5)
+        assert norms.min() > 0
 
 
 def test_modes_dropout_and_batch_statistics():
@@ -169,10 +191,11 @@ def test_checking_a_topology_s_model_imports_no_jax():
 
 
 def test_a_node_imports_only_what_every_run_uses():
-    """What only DP runs (dp-accounting, scipy.stats) or DICOM folders (pydicom) need is
+    """What only DP runs (dp-accounting, scipy.stats), DICOM folders (pydicom) or scatter-linear
+    (kymatio) need is
     imported where they need it: each was ~0.2-1.1 s of every node's start on 2 cores."""
     code = ("import sys, p2p_fl.node, p2p_fl.cli; "
-            "print(sorted(m for m in ('scipy.stats', 'pydicom', 'dp_accounting') if m in sys.modules))")
+            "print(sorted(m for m in ('scipy.stats', 'pydicom', 'dp_accounting', 'kymatio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -17,6 +17,7 @@ BUILTIN_MODELS: dict[str, bool] = {
     "small-cnn-dp": False,
     "seed-cnn": True,
     "resnet8": True,
+    "scatter-linear": False,
 }
 
 # Models a site installs: a package lists its Flax NNX model classes under this entry-point

@@ -22,7 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import math
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from p2p_fl.learn.catalog import installed_models
@@ -33,6 +38,16 @@ from p2p_fl.learn.conv import conv_general_dilated, max_pool_2x2
 BATCHNORM_MOMENTUM = 0.9
 # Channels per group 4 (conv1) and 8 (conv2).
 GROUPNORM_GROUPS = 8
+# Wavelet scattering with 2 scales and 8 orientations: 1 + 2*8 + 8*8 = 81 channels per image
+# channel at a quarter of the side, normalised in groups of 9 channels (Tramer and Boneh
+# 2021 used 27 groups for CIFAR-10's 3 x 81).
+SCATTER_SCALES = 2
+SCATTER_ORIENTATIONS = 8
+SCATTER_GROUP_CHANNELS = 9
+# The bound on each example's feature norm, whatever the image size: that of a 28 x 28 grey
+# image's 3,969 features were each GroupNorm'd group of unit variance. GroupNorm's epsilon
+# (1e-6) keeps faint groups faint, so X-rays' features have norms of 9-14.
+SCATTER_FEATURE_NORM = 63.0
 
 
 def head_width(num_classes: int) -> int:
@@ -191,6 +206,65 @@ class SmallCNNForDP(nnx.Module):
         return self.head(x)
 
 
+@functools.lru_cache(maxsize=None)
+def _scattering(height: int, width: int):
+    """kymatio's JAX scattering for images of this size (its filters are NumPy constants,
+    built once). Imported from the 2D frontend: ``kymatio.jax`` also loads the 3D
+    transform, which needs a SciPy function SciPy 1.15 removed."""
+    from kymatio.scattering2d.frontend.jax_frontend import ScatteringJax2D
+
+    return ScatteringJax2D(J=SCATTER_SCALES, shape=(height, width), L=SCATTER_ORIENTATIONS)
+
+
+def scatter_features(x: jax.Array) -> jax.Array:
+    """NHWC images -> their wavelet scattering coefficients, NHWC (channels = 81 per image
+    channel, a quarter of the side): fixed, translation-stable edge and texture features
+    with nothing to learn."""
+    s = _scattering(x.shape[1], x.shape[2]).scattering(jnp.moveaxis(x, -1, 1))  # B C K h w
+    s = s.reshape(x.shape[0], -1, *s.shape[-2:])
+    return jnp.moveaxis(s, 1, -1)
+
+
+class ScatterLinear(nnx.Module):
+    """A linear classifier on fixed wavelet scattering features: the model for DP-SGD.
+
+    DP-SGD's noise grows with the number of trained weights while each example's clipped
+    gradient does not, and a few hundred images cannot teach a CNN's filters through that
+    noise. Scattering features (Mallat 2012) are fixed in advance, so DP-SGD trains only a
+    linear head on them: 3,970 weights at 28 x 28 against small-cnn-dp's 92,993 (Tramer and
+    Boneh 2021, "Differentially private learning needs better features (or much more
+    data)"). The features are GroupNorm'd per example (no batch statistics, nothing
+    learned, as theirs) and scaled by the square root of 3,969 over their number, so their
+    norm is bounded by ``SCATTER_FEATURE_NORM`` at any image size. The linear layer is the
+    ``head``.
+    """
+
+    def __init__(self, *, num_classes: int, in_channels: int, image_size: int,
+                 rngs: nnx.Rngs):
+        if image_size < 2 ** SCATTER_SCALES:
+            raise ValueError(f"scatter-linear needs image_size >= {2 ** SCATTER_SCALES}, got {image_size}")
+        shape = jax.eval_shape(scatter_features,
+                               jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32))
+        channels = shape.shape[-1]
+        self.norm = nnx.GroupNorm(channels, num_groups=channels // SCATTER_GROUP_CHANNELS,
+                                  use_scale=False, use_bias=False, rngs=rngs)
+        features = math.prod(shape.shape[1:])
+        self.feature_scale = SCATTER_FEATURE_NORM / math.sqrt(features)
+        # Zeros: the loss is convex in the head, so no symmetry to break.
+        self.head = nnx.Linear(features, head_width(num_classes),
+                               kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The head's input: each example's normalised scattering coefficients, flattened."""
+        z = self.norm(scatter_features(x))
+        return z.reshape(x.shape[0], -1) * self.feature_scale
+
+    def __call__(self, x: jax.Array, *, train: bool,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        del train, rngs  # No batch statistics, no dropout.
+        return self.head(self.features(x))
+
+
 class BasicBlock(nnx.Module):
     """ResNet basic block: two 3x3 conv-BN, identity or 1x1-conv shortcut."""
 
@@ -243,6 +317,7 @@ MODELS: dict[str, type[nnx.Module]] = {
     "small-cnn-dp": SmallCNNForDP,
     "seed-cnn": SeedCNN,
     "resnet8": ResNet8,
+    "scatter-linear": ScatterLinear,
 }
 
 
@@ -254,6 +329,8 @@ def available_models() -> dict[str, object]:
 def model_code(name: str) -> str:
     """What code builds model `name`: "p2p_fl" for a builtin, "DIST VERSION" for an
     installed one (every site must run the same: the federation fingerprint holds it)."""
+    if name == "scatter-linear":  # its features are kymatio's filters: every site needs the same
+        return f"p2p_fl, kymatio {importlib.metadata.version('kymatio')}"
     if name in MODELS:  # no scan of the installed packages: every site of a study asks
         return "p2p_fl"
     entry = installed_models().get(name)

@@ -14,7 +14,8 @@ statistics, held constant, and those statistics are neither trained nor
 updated from private data (they stay as initialized or as received from the
 federation). Each per-example gradient then depends on its own example only.
 Inference mode also turns dropout off. A model frozen that way runs unnormalised;
-``small-cnn-dp`` (GroupNorm, per example) is the one to train with DP-SGD.
+``scatter-linear`` (a linear head on fixed scattering features) and ``small-cnn-dp``
+(GroupNorm, per example) are the ones to train with DP-SGD.
 
 What the reported epsilon means: the (epsilon, delta) of the Poisson-
 subsampled Gaussian mechanism with sampling rate q = batch_size / N, composed
