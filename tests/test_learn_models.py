@@ -192,8 +192,8 @@ def test_checking_a_topology_s_model_imports_no_jax():
 
 def test_a_node_imports_only_what_every_run_uses():
     """What only DP runs (dp-accounting, scipy.stats), DICOM folders (pydicom) or scatter-linear
-    (kymatio) need is
-    imported where they need it: each was ~0.2-1.1 s of every node's start on 2 cores."""
+    (kymatio) need is imported where they need it: each of the first three was ~0.2-1.1 s of
+    every node's start on 2 cores."""
     code = ("import sys, p2p_fl.node, p2p_fl.cli; "
             "print(sorted(m for m in ('scipy.stats', 'pydicom', 'dp_accounting', 'kymatio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
