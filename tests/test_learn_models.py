@@ -94,7 +94,7 @@ def test_scatter_features_are_fixed_and_their_norm_bounded_at_any_image_size():
     would reach 233."""
     from p2p_fl.data.sources import load_dataset
 
-    xrays = load_dataset("builtin:pneumoniamnist").train.images[:16].astype(np.float32) / 255.0
+    xrays = load_dataset("builtin:pneumoniamnist").train.images[:16]  # float32 in [0, 1]
     rgb = np.random.default_rng(0).uniform(size=(4, 64, 64, 3)).astype(np.float32)
     for images in (xrays.reshape(16, 28, 28, 1), rgb):
         _, side, _, channels = images.shape

@@ -46,7 +46,7 @@ SCATTER_ORIENTATIONS = 8
 SCATTER_GROUP_CHANNELS = 9
 # The bound on each example's feature norm, whatever the image size: that of a 28 x 28 grey
 # image's 3,969 features were each GroupNorm'd group of unit variance. GroupNorm's epsilon
-# (1e-6) keeps faint groups faint, so X-rays' features have norms of about 9-14.
+# (1e-6) keeps the faintest groups below that: X-rays' features have norms of 36-51.
 SCATTER_FEATURE_NORM = 63.0
 
 
