@@ -210,7 +210,7 @@ class SmallCNNForDP(nnx.Module):
 def _scattering(height: int, width: int):
     """kymatio's JAX scattering for images of this size (its filters are NumPy constants,
     built once). Imported from the 2D frontend: ``kymatio.jax`` also loads the 3D
-    transform, which needs a SciPy function SciPy 1.15 removed."""
+    transform, which needs ``scipy.special.sph_harm``, absent from SciPy 1.17."""
     from kymatio.scattering2d.frontend.jax_frontend import ScatteringJax2D
 
     return ScatteringJax2D(J=SCATTER_SCALES, shape=(height, width), L=SCATTER_ORIENTATIONS)
